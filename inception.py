@@ -33,8 +33,6 @@ Left out: the aux classifier, torchvision's (non-FID) Inception weights, the 64/
 intermediate feature blocks, clean-fid's PIL resize, reading image folders (metrics.py does that).
 """
 import os
-import sys
-import time
 
 import numpy as np
 import torch
@@ -315,32 +313,3 @@ def random_state_dict(seed=0):
             raise KeyError(f"random_state_dict: no rule for {k}")
         out[k] = torch.from_numpy(a.astype(np.float32))
     return out
-
-
-@torch.inference_mode()
-def extract_features(net, images, batch_size=50, device=None, progress=False, total=None):
-    """Pool3 features (N, 2048) float32 on CPU for many images, in batches, with optional progress.
-
-    `images`: a (N, 3, H, W) tensor in [-1, 1], or an iterable of such batches (e.g. a loader over
-    an image folder; then `total` = number of images, if known, improves the progress line).
-    Progress goes to stderr at most every 2 s. `device` defaults to the network's device."""
-    device = device if device is not None else next(net.parameters()).device
-    if torch.is_tensor(images):
-        tensor, total = images, images.shape[0]
-        batches = (tensor[i:i + batch_size] for i in range(0, total, batch_size))
-    else:
-        batches = images
-    feats, done, t0, last = [], 0, time.time(), 0.0
-    for batch in batches:
-        feats.append(net(batch.to(device)).float().cpu())
-        done += batch.shape[0]
-        if progress and (time.time() - last > 2.0):
-            last = time.time()
-            of = f"/{total}" if total else ""
-            print(f"\rinception features: {done}{of} images ({done / (last - t0 + 1e-9):.1f} img/s)",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(f"\rinception features: {done} images in {time.time() - t0:.1f} s", file=sys.stderr)
-    if not feats:
-        return torch.zeros(0, FEATURE_DIM)
-    return torch.cat(feats)
