@@ -10,6 +10,7 @@ import diffusion
 import encoders
 import uvit
 from semantica import Semantica
+from test_uvit import randomize  # random weights everywhere (zero-init outputs would hide dependencies)
 
 # 16 px target images, one conv level and a 2-block cross-attention transformer at 8x8; the "tiny"
 # DINOv2-architecture encoder (random weights, 128-dim, 65 tokens) provides the condition.
@@ -24,14 +25,6 @@ def encoder():
 
 def images(b, size, seed):
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def test_encoder_is_frozen_and_outside_the_module_tree(encoder):
