@@ -244,7 +244,7 @@ def run_mode(args, mode, device, flops_img=None):
         row.update(time_parts(model, opt, ema, device, backward))
         dt_fb = dt - 1e-3 * (row["adam_ms"] + row.get("ema_ms", 0.0))  # what accumulation approaches
         row["mfu_fwd_bwd"] = flops / dt_fb / 1e12 / peak_tf if peak_tf and dt_fb > 0 else None
-    del model, opt, ema, step, x, cond
+    model = opt = ema = step = x = cond = None  # drop the references before freeing memory
     free_memory(device)
     return row, flops_img
 
