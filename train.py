@@ -352,8 +352,8 @@ def main(cfg):
     if not cfg.encoder_weights and encoder_state is None:
         encoder_state = {k: v.clone() for k, v in encoder.state_dict().items()}  # random encoders travel along
     raw = build_model(cfg, encoder)
-    dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)  # filtering runs the CPU encoder
     raw.to(d.device)  # Semantica.to also moves its (unregistered) encoder
+    dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)  # filtering runs on d.device
     if cfg.grad_checkpoint:
         raw.net.grad_checkpoint = True
     ema = copy.deepcopy(raw).eval().requires_grad_(False)  # Semantica.__deepcopy__ shares the frozen encoder
