@@ -153,11 +153,58 @@ def test_dropping_modes_lowers_recall_keeps_precision():
     assert p_half >= p_all - 0.05
 
 
+@pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("block", [37, 64, 250, metrics.BLOCK])
-def test_tiled_equals_full_matrix_float64(block):
+def test_tiled_equals_full_matrix_float64(block, screen):
     real, fake = gaussian(300, 48, 18), gaussian(250, 48, 19, scale=1.2, shift=0.1)
-    ours = metrics.precision_recall(real, fake, k=3, block=block)
+    ours = metrics.precision_recall(real, fake, k=3, block=block, screen=screen)
     assert ours == pytest.approx(brute_force_pr(real, fake, 3), abs=0)
+
+
+def screen_cases():
+    """Data on which a loose or wrong bf16 error bound would flip decisions."""
+    real, labels, means = classes(40, 10, 64, 30)
+    copies = np.repeat(real[::10], 10, axis=0)                                  # one-shot copy model
+    return {
+        "gaussian": (gaussian(400, 64, 31), gaussian(400, 64, 32)),            # P, R far from 0 and 1
+        "offset 1e3": (gaussian(400, 64, 33, shift=1e3), gaussian(400, 64, 34, shift=1e3)),
+        "copies": (real, copies),
+        "jittered copies": (real, copies + 1e-4 * gaussian(len(copies), 64, 35)),
+        "same set": (real, real.copy()),
+        "heavy tails": (gaussian(400, 64, 36) ** 3, gaussian(400, 64, 37) ** 3),
+        "class means": (real, means[labels] + 0.9 * gaussian(len(real), 64, 38)),
+    }
+
+
+@pytest.mark.parametrize("case", list(screen_cases()))
+def test_bf16_screen_gives_the_float32_answer(case):
+    """The screen changes the work, never the result: equal to the float32 path and to float64."""
+    real, fake = screen_cases()[case]
+    exact = metrics.precision_recall(real, fake, block=96, screen=False)
+    assert metrics.precision_recall(real, fake, block=96, screen=True) == exact
+    assert exact == brute_force_pr(real, fake, 3)
+
+
+def test_bf16_screen_fallback_to_float32_rows(monkeypatch):
+    """With every pair undecided (identical points; or MAX_OPEN = 0) the rows are redone in float32."""
+    same = np.ones((50, 8))
+    assert metrics.precision_recall(same, same, block=16, screen=True) == (1.0, 1.0)
+    monkeypatch.setattr(metrics, "MAX_OPEN", 0)
+    real, fake = screen_cases()["gaussian"]
+    assert metrics.precision_recall(real, fake, block=96, screen=True) == brute_force_pr(real, fake, 3)
+
+
+@pytest.mark.parametrize("shift, power", [(0.0, 1), (30.0, 1), (0.0, 3)])
+def test_bf16_tile_error_bound_holds(shift, power):
+    """|bf16 tile − exact squared distance| ≤ the returned bound, uncentred inputs included."""
+    x = torch.tensor(gaussian(256, 512, 40, shift=shift) ** power, dtype=torch.float32)
+    y = torch.tensor(gaussian(192, 512, 41, shift=shift) ** power, dtype=torch.float32)
+    p, q = (metrics._screen(t, t.square().sum(1), metrics._bf16_norms(t, 64), slice(None)) for t in (x, y))
+    d2, err = metrics._screened_sq_dists(p, q)
+    exact = torch.cdist(x.double(), y.double()).square()
+    assert (d2.double() - exact).abs().max().item() <= err
+    if not shift:                    # precision_recall centres the data: then the bound is tight enough
+        assert err < 0.05 * exact.mean().item()                  # to decide most pairs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
