@@ -217,6 +217,12 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
+        """Frozen use (Semantica §3.2): `encode` without autograd."""
+        return self.encode(images)
+
+    def encode(self, images):
+        """[-1, 1] images (B, 3, H, W) -> (global (B, D), tokens (B, T, D)), float32; with autograd,
+        for the rare caller that trains an encoder (experiments/features.py)."""
         B, _, H, W = images.shape
         p = self.patch_size
         if H % p or W % p:

@@ -57,12 +57,11 @@ def page_bank(num_pages, seed, size=32, clean=False):
 
 
 def _trainable_tiny(seed):
-    """A randomly initialised `tiny` encoder with gradients on, and its forward without no_grad."""
+    """A randomly initialised `tiny` encoder with gradients on, and its differentiable encode."""
     enc = encoders.load_encoder("tiny", seed=seed).requires_grad_(True).train()
-    # encoders.VisionEncoder.forward is @torch.no_grad (it is meant to be frozen); training calls the
-    # undecorated function, so the architecture and its normalisation stay exactly encoders.py's.
-    forward = encoders.VisionEncoder.forward.__wrapped__
-    return enc, lambda x: forward(enc, x)[0]          # global (CLS) embedding (B, D)
+    # forward() is no_grad (the encoder is frozen in Semantica); encode() is the same computation
+    # with autograd, so the architecture and its normalisation stay exactly encoders.py's.
+    return enc, lambda x: enc.encode(x)[0]            # global (CLS) embedding (B, D)
 
 
 def _two_per_page(page, batch_pages, gen):

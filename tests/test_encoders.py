@@ -165,6 +165,16 @@ def test_frozen_and_bf16_autocast():
     assert F.cosine_similarity(t16.flatten(1), tokens.flatten(1)).min() > 0.99
 
 
+def test_encode_is_forward_with_autograd():
+    """encode() (for training an encoder, experiments/features.py) equals the frozen forward()."""
+    enc = E.load_encoder("tiny").requires_grad_(True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    g, tokens = enc.encode(x)
+    g.sum().backward()
+    assert enc.patch_embed.proj.weight.grad is not None
+    assert torch.equal(g.detach(), enc(x)[0]) and torch.equal(tokens.detach(), enc(x)[1])
+
+
 def test_errors_name_the_file_and_the_mismatch(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         E.from_checkpoint(tmp_path / "nope.pth")
