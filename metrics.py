@@ -219,17 +219,19 @@ def _radii_sq(x, sq, k, block, floor):
 def _inside(d2, err, r2, x, y):
     """Which row points of a tile lie in some column point's ball, d2 ≤ r2 — exact, given that d2 is
     within ±err of the true squared distances: only rows the bound cannot decide are recomputed."""
-    lo = torch.sub(d2, r2[None, :]).amin(1)                     # slack to the nearest ball's surface
+    slack = torch.sub(d2, r2[None, :])                          # ≤ 0: inside that ball
+    lo = slack.amin(1)
     inside = lo <= -err
     undecided = (lo <= err) & ~inside
     if err and undecided.any():
         rows = undecided.nonzero().squeeze(1)
-        r, c = (d2[rows] - r2[None, :] <= err).nonzero(as_tuple=True)
+        r, c = (slack[rows] <= err).nonzero(as_tuple=True)
         if len(r) <= MAX_OPEN * len(d2):                           # pair by pair, from the differences
             hit = (x[rows[r]] - y[c]).square_().sum(1) <= r2[c]
             inside[rows[r[hit]]] = True
         else:                                                     # float32 GEMM for those rows
-            exact = _sq_dists(x[rows], y, x[rows].square().sum(1), y.square().sum(1))
+            xr = x[rows]
+            exact = _sq_dists(xr, y, xr.square().sum(1), y.square().sum(1))
             inside[rows] = (exact - r2[None, :]).amin(1) <= 0
     return inside
 
@@ -262,9 +264,10 @@ def precision_recall(real, fake, k=K_NN, *, block=None, device=None, screen=None
         sq_r, sq_f = (torch.linalg.vector_norm(x, dim=1).square() for x in (real, fake))  # ‖x‖²
         floor = DUPLICATE_RTOL * max(sq_r.max().item(), sq_f.max().item())
         # DESIGN: radius tiles are half of `block`: the diagonal tiles, computed in full, then waste
-        # 1/4 of their area instead of 1/2 (measured 1.4 s against 1.8 s per 10k set on 2 CPU cores)
-        r2_real = _radii_sq(real, sq_r, k, max(block // 2, 1), floor)   # (N,)
-        r2_fake = _radii_sq(fake, sq_f, k, max(block // 2, 1), floor)   # (M,)
+        # 1/4 of their area instead of 1/2 (one 10k set on 2 CPU cores: 1.78 s against 2.30 s)
+        radius_block = max(block // 2, 1)
+        r2_real = _radii_sq(real, sq_r, k, radius_block, floor)  # (N,)
+        r2_fake = _radii_sq(fake, sq_f, k, radius_block, floor)  # (M,)
         if screen:
             norms_r, norms_f = _bf16_norms(real, block), _bf16_norms(fake, block)
         fake_in_real = torch.zeros(len(fake), dtype=torch.bool, device=device)
