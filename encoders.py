@@ -1,8 +1,9 @@
-"""Frozen image encoders for Semantica: DINOv2 and SigLIP vision transformers, from scratch.
+"""Frozen image encoders for Semantica: DINOv2, SigLIP, CLIP and MAE vision transformers, from scratch.
 
 Semantica conditions its denoiser on the tokens of a frozen, pre-trained image encoder and filters
 training pairs with the cosine similarity of its global embedding (Semantica §3.2, §5, §6.2, App. D;
 arXiv:2405.14857). §6.2 compares DINOv2 and SigLIP at B and L size; DINOv2 wins and is the default.
+App. E trains on a frozen MAE ViT-L; §8.2 and App. F measure alignment in CLIP B/16 and DINOv2 space.
 
     encoder = load_encoder("dinov2-b14", "dinov2_vitb14_pretrain.pth")   # or from_checkpoint(path)
     g, tokens = encoder(encoder.preprocess(images))                       # images in [-1, 1]
@@ -17,15 +18,32 @@ arXiv:2405.14857). §6.2 compares DINOv2 and SigLIP at B and L size; DINOv2 wins
   learned table, tanh GELU, eps 1e-6, post-LayerNorm, MAP head. Input normalised with mean = std = 0.5
   (so [-1, 1] passes unchanged). Output: global = MAP head output (B, D); tokens = post-LayerNorm patch
   tokens (B, N, D). Eval preprocessing: squash-resize to the native size (HF SiglipImageProcessor).
+- CLIP image tower (openai/CLIP @ 0845fc4, clip/model.py VisionTransformer): patch conv without bias,
+  class token, learned table, `ln_pre` before the blocks, QuickGELU x*sigmoid(1.702x), LayerNorm eps
+  1e-5, `ln_post`, projection (D, E). Input normalised with the CLIP mean (0.48145466, 0.4578275,
+  0.40821073) and std (0.26862954, 0.26130258, 0.27577711). Output: global = ln_post(CLS) @ proj (B, E)
+  (the CLIP image embedding, E = 512 for B/16, 768 for L/14); tokens = ln_post of the final sequence
+  [CLS, patches] (B, 1+N, D), not projected. Eval preprocessing: Resize(224, bicubic) + CenterCrop(224).
+- MAE encoder (facebookresearch/mae models_mae.py, encoder half, no masking): timm ViT with CLS, eps
+  1e-6, exact GELU, no LayerScale, final norm. ImageNet mean/std. Output: global = final-normed CLS
+  (B, D); tokens = the final-normed sequence [CLS, patches] (B, 1+N, D). Eval preprocessing as DINOv2
+  (mae util/datasets.py: Resize(256, bicubic) + CenterCrop(224)).
 
-Checkpoints are read from a local path only: the official DINOv2 `.pth` (a flat state dict with the
-facebookresearch key names, which this module's DINOv2 `state_dict()` reproduces) and the Hugging
-Face `google/siglip-*` folder (config.json + model.safetensors; text tower ignored).
-Left out: big_vision `.npz` files, HF-format DINOv2 files, MAE/CLIP, SigLIP at non-native sizes.
+Checkpoints are read from a local path only (OFFICIAL_FILES lists what each preset expects): the
+official DINOv2 `.pth` (a flat state dict with the facebookresearch key names, which this module's
+DINOv2 and MAE `state_dict()` reproduce), the Hugging Face `google/siglip-*` and `openai/clip-vit-*`
+folders (config.json + model.safetensors or pytorch_model.bin; text tower ignored), the OpenAI CLIP
+`.pt` (a TorchScript archive) or an OpenCLIP state dict (`visual.*` keys; text tower ignored), and the
+MAE release `{"model": state_dict}` (decoder keys, if any, ignored).
+Left out: big_vision `.npz` files, HF-format DINOv2/MAE files, SigLIP at non-native sizes, OpenCLIP
+models trained with exact GELU when read from a `visual.*` file (not recorded in the file; the HF
+folder's config.json does record it).
 """
 import json
 import math
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,11 +54,15 @@ from einops import rearrange
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # dinov2/data/transforms.py
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)                  # HF SiglipImageProcessor
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)                              # openai/CLIP clip/clip.py
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NORMALISATION = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD),
+                 "clip": (CLIP_MEAN, CLIP_STD), "mae": (IMAGENET_MEAN, IMAGENET_STD)}  # mae util/datasets.py
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    family: str             # "dinov2" | "siglip"
+    family: str             # "dinov2" | "siglip" | "clip" | "mae"
     dim: int                # width D
     depth: int
     heads: int              # D / 64 for every released model
@@ -50,7 +72,10 @@ class EncoderConfig:
     mlp_hidden: int
     registers: int = 0      # DINOv2 *_reg4 models: 4
     swiglu: bool = False    # DINOv2 g/14 only
-    crop_ratio: float = 224 / 256  # DINOv2 Resize(256) + CenterCrop(224); SigLIP does not crop
+    crop_ratio: float = 224 / 256  # DINOv2/MAE Resize(256) + CenterCrop(224); CLIP 1.0; SigLIP does not crop
+    act: str = "gelu"       # MLP: "gelu" (exact erf), "gelu_tanh" (SigLIP, Flax nn.gelu), "quick_gelu" (CLIP)
+    norm_eps: float = 1e-6  # CLIP: 1e-5 (torch default in clip/model.py)
+    embed_dim: int = 0      # CLIP: width E of the projected global embedding; 0 = no projection
 
 
 def _dino(d, depth, heads, hidden, swiglu=False):    # dinov2/hub/backbones.py, encoders.md §1.1
@@ -58,7 +83,12 @@ def _dino(d, depth, heads, hidden, swiglu=False):    # dinov2/hub/backbones.py, 
 
 
 def _siglip(d, depth, heads, hidden, res):              # big_vision vit.decode_variant, B and L
-    return EncoderConfig("siglip", d, depth, heads, 16, res, res // 16, hidden, crop_ratio=1.0)
+    return EncoderConfig("siglip", d, depth, heads, 16, res, res // 16, hidden, crop_ratio=1.0, act="gelu_tanh")
+
+
+def _clip(d, depth, heads, patch, embed):               # clip/model.py build_model: heads = width // 64
+    return EncoderConfig("clip", d, depth, heads, patch, 224, 224 // patch, 4 * d, crop_ratio=1.0,
+                         act="quick_gelu", norm_eps=1e-5, embed_dim=embed)
 
 
 _DINOV2 = {"s": _dino(384, 12, 6, 1536), "b": _dino(768, 12, 12, 3072), "l": _dino(1024, 24, 16, 4096),
@@ -68,10 +98,24 @@ ENCODER_PRESETS = {
     **{f"dinov2-{s}14-reg": replace(c, registers=4) for s, c in _DINOV2.items()},
     **{f"siglip-b16-{r}": _siglip(768, 12, 12, 3072, r) for r in (224, 256, 384, 512)},
     **{f"siglip-l16-{r}": _siglip(1024, 24, 16, 4096, r) for r in (256, 384)},
+    "clip-b16": _clip(768, 12, 12, 16, 512),              # OpenAI ViT-B/16 (§8.2, App. F alignment space)
+    "clip-l14": _clip(1024, 24, 16, 14, 768),             # OpenAI ViT-L/14
+    # App. E: models_mae.py mae_vit_large_patch16_dec512d8b, encoder half (mlp_ratio 4, eps 1e-6), eval at 224
+    "mae-l16": EncoderConfig("mae", 1024, 24, 16, 16, 224, 14, 4096),
     # DESIGN: a DINOv2-architecture ViT small enough for CPU tests and the default 32x32 job; its
     # table is stored at the eval grid (8x8) and it does not crop (synthetic pages are pre-framed).
     "tiny": EncoderConfig("dinov2", 128, 4, 2, 4, 32, 8, 512, crop_ratio=1.0),
 }
+OFFICIAL_FILES = {  # what `load_encoder(name, weights=...)` / train.py --encoder-weights expects
+    **{f"dinov2-{s}14{r}": f"dinov2_vit{s}14{'_reg4' if r else ''}_pretrain.pth" for s in "sblg" for r in ("", "-reg")},
+    **{n: f"the Hugging Face folder google/siglip-{'base' if n[7] == 'b' else 'large'}-patch16-{n[-3:]}"
+       for n in ENCODER_PRESETS if n.startswith("siglip")},
+    **{f"clip-{s}": f"the OpenAI {v}.pt (TorchScript), an OpenCLIP {v} state dict (visual.* keys) or the Hugging "
+                    f"Face folder openai/clip-vit-{'base' if s == 'b16' else 'large'}-patch{s[1:]}"
+       for s, v in (("b16", "ViT-B-16"), ("l14", "ViT-L-14"))},
+    "mae-l16": "mae_pretrain_vit_large.pth (facebookresearch/mae, {'model': state_dict})",
+}
+FAMILY_NAMES = {"dinov2": "DINOv2", "siglip": "SigLIP", "clip": "CLIP image tower", "mae": "MAE encoder"}
 
 
 def interpolate_pos_embed(table, gh, gw, antialias, offset):
@@ -117,12 +161,17 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden, approximate):         # DINOv2: exact GELU; SigLIP: Flax nn.gelu = tanh
+    def __init__(self, dim, hidden, act):   # DINOv2/MAE: exact GELU; SigLIP: Flax nn.gelu = tanh; CLIP: QuickGELU
         super().__init__()
-        self.fc1, self.fc2, self.approximate = nn.Linear(dim, hidden), nn.Linear(hidden, dim), approximate
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), act
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        x = self.fc1(x)
+        if self.act == "quick_gelu":                      # clip/model.py QuickGELU
+            x = x * torch.sigmoid(1.702 * x)
+        else:
+            x = F.gelu(x, approximate="tanh" if self.act == "gelu_tanh" else "none")
+        return self.fc2(x)
 
 
 class SwiGLU(nn.Module):
@@ -151,12 +200,12 @@ class Block(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        dino = c.family == "dinov2"
-        self.norm1 = nn.LayerNorm(c.dim, eps=1e-6)
+        dino = c.family == "dinov2"                       # LayerScale: DINOv2 only
+        self.norm1 = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.attn = Attention(c.dim, c.heads)
         self.ls1 = LayerScale(c.dim) if dino else nn.Identity()
-        self.norm2 = nn.LayerNorm(c.dim, eps=1e-6)
-        self.mlp = SwiGLU(c.dim, c.mlp_hidden) if c.swiglu else Mlp(c.dim, c.mlp_hidden, "none" if dino else "tanh")
+        self.norm2 = nn.LayerNorm(c.dim, eps=c.norm_eps)
+        self.mlp = SwiGLU(c.dim, c.mlp_hidden) if c.swiglu else Mlp(c.dim, c.mlp_hidden, c.act)
         self.ls2 = LayerScale(c.dim) if dino else nn.Identity()
 
     def forward(self, x):
@@ -172,7 +221,7 @@ class MAPHead(nn.Module):
         self.probe = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.attn = Attention(c.dim, c.heads)
         self.norm = nn.LayerNorm(c.dim, eps=1e-6)
-        self.mlp = Mlp(c.dim, c.mlp_hidden, "tanh")
+        self.mlp = Mlp(c.dim, c.mlp_hidden, c.act)
 
     def forward(self, tokens):
         x = self.attn(self.probe.expand(tokens.shape[0], -1, -1), context=tokens)
@@ -180,39 +229,55 @@ class MAPHead(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """A frozen DINOv2 or SigLIP ViT: images in [-1, 1] -> (global (B, D), tokens (B, T, D))."""
+    """A frozen ViT: images in [-1, 1] -> (global (B, E), tokens (B, T, D)); E = D except CLIP (`.embed_dim`).
+
+    Attributes: `.name` (preset), `.config` (EncoderConfig), `.dim` (token width D, the cond_dim of
+    Semantica's cross-attention), `.embed_dim` (global width E), `.weights` (path or None), `.seed`
+    (seed of a random init, None when weights were loaded), `.num_tokens` at `.image_size`.
+    """
 
     def __init__(self, config, name="custom"):
         super().__init__()
         c = self.config = config
-        self.name, self.family, self.dim, self.weights = name, c.family, c.dim, None
+        self.name, self.family, self.dim, self.embed_dim = name, c.family, c.dim, c.embed_dim or c.dim
+        self.weights, self.seed = None, None
         self.image_size, self.patch_size = c.image_size, c.patch_size
-        dino = c.family == "dinov2"
-        self.num_tokens = (1 + c.registers if dino else 0) + (c.image_size // c.patch_size) ** 2
-        self.mean, self.std = (IMAGENET_MEAN, IMAGENET_STD) if dino else (SIGLIP_MEAN, SIGLIP_STD)
-        # Attribute names are the official DINOv2 checkpoint keys (encoders.md §1.3).
-        if dino:
+        cls = c.family != "siglip"                                # SigLIP has no class token
+        self.num_tokens = int(cls) + c.registers + (c.image_size // c.patch_size) ** 2
+        self.mean, self.std = NORMALISATION[c.family]
+        # Attribute names are the official DINOv2 (= MAE) checkpoint keys (encoders.md §1.3); CLIP and
+        # SigLIP files are renamed on load (_HF, _OPENAI below).
+        if cls:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        if c.family == "dinov2":
             self.mask_token = nn.Parameter(torch.zeros(1, c.dim))   # iBOT training only: loaded, unused
             if c.registers:
                 self.register_tokens = nn.Parameter(torch.zeros(1, c.registers, c.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, int(dino) + c.pos_grid ** 2, c.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, int(cls) + c.pos_grid ** 2, c.dim))
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, c.dim, c.patch_size, c.patch_size)
+        self.patch_embed.proj = nn.Conv2d(3, c.dim, c.patch_size, c.patch_size, bias=c.family != "clip")
+        if c.family == "clip":
+            self.norm_pre = nn.LayerNorm(c.dim, eps=c.norm_eps)       # ln_pre
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
-        self.norm = nn.LayerNorm(c.dim, eps=1e-6)
-        if not dino:
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)               # CLIP: ln_post
+        if c.family == "siglip":
             self.head = MAPHead(c)
+        if c.embed_dim:
+            self.proj = nn.Parameter(torch.zeros(c.dim, c.embed_dim))  # CLIP: x @ proj
 
     def positions(self, gh, gw):
         """Position table for a (gh, gw) patch grid (encoders.md §1.4); SigLIP only at its native grid."""
-        if self.family == "siglip":
-            if (gh, gw) != (self.config.pos_grid,) * 2:
+        c = self.config
+        if c.family == "siglip":
+            if (gh, gw) != (c.pos_grid,) * 2:
                 raise ValueError(f"{self.name}: SigLIP runs only at its native {self.image_size}px "
-                                 f"({self.config.pos_grid}x{self.config.pos_grid} patches), got {gh}x{gw} patches")
+                                 f"({c.pos_grid}x{c.pos_grid} patches), got {gh}x{gw} patches")
             return self.pos_embed
-        reg = self.config.registers > 0      # *_reg4 hub models: antialias, no offset; others: offset 0.1
-        grid = interpolate_pos_embed(self.pos_embed[:, 1:], gh, gw, antialias=reg, offset=0.0 if reg else 0.1)
+        if c.family == "dinov2":             # *_reg4 hub models: antialias, no offset; others: offset 0.1
+            antialias, offset = (True, 0.0) if c.registers else (False, 0.1)
+        else:  # CLIP, MAE: bicubic size= (HF CLIP/ViTMAE interpolate_pos_encoding, mae util/pos_embed.py)
+            antialias, offset = False, 0.0
+        grid = interpolate_pos_embed(self.pos_embed[:, 1:], gh, gw, antialias=antialias, offset=offset)
         return torch.cat([self.pos_embed[:, :1], grid], dim=1)
 
     @torch.no_grad()
@@ -221,24 +286,30 @@ class VisionEncoder(nn.Module):
         return self.encode(images)
 
     def encode(self, images):
-        """[-1, 1] images (B, 3, H, W) -> (global (B, D), tokens (B, T, D)), float32; with autograd,
+        """[-1, 1] images (B, 3, H, W) -> (global (B, E), tokens (B, T, D)), float32; with autograd,
         for the rare caller that trains an encoder (experiments/features.py)."""
         B, _, H, W = images.shape
-        p = self.patch_size
+        p, c = self.patch_size, self.config
         if H % p or W % p:
             raise ValueError(f"{self.name}: image size {H}x{W} is not a multiple of the patch size {p}")
         mean, std = (images.new_tensor(m).view(1, 3, 1, 1) for m in (self.mean, self.std))
         x = ((images + 1) / 2 - mean) / std                       # [-1, 1] -> the encoder's own normalisation
         x = rearrange(self.patch_embed.proj(x), "b d h w -> b (h w) d")
-        if self.family == "dinov2":
+        if c.family != "siglip":
             x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
         x = x + self.positions(H // p, W // p).to(x.dtype)
-        if self.config.registers:                                 # registers carry no position embedding
+        if c.registers:                                           # registers carry no position embedding
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+        if c.family == "clip":
+            x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x)
+        # INTERPRETATION (CLIP): the tokens are ln_post of the whole final sequence, unprojected, as
+        # open_clip's output_tokens (ln_post before pooling); CLIP itself only returns ln_post(CLS) @ proj.
         x = self.norm(x)
-        g = x[:, 0] if self.family == "dinov2" else self.head(x)
+        g = self.head(x) if c.family == "siglip" else x[:, 0]
+        if c.embed_dim:
+            g = g @ self.proj.to(g.dtype)
         return g.float(), x.float()     # DESIGN: float32 out, also under bf16 autocast
 
     def preprocess(self, images):
@@ -246,7 +317,7 @@ class VisionEncoder(nn.Module):
         s, (h, w) = self.image_size, images.shape[-2:]
         if self.family == "siglip":                                # squash-resize, no crop
             return _resize(images, (s, s))
-        short = round(s / self.config.crop_ratio)                  # 224 -> Resize(256)
+        short = round(s / self.config.crop_ratio)                  # 224 -> Resize(256); CLIP: Resize(224)
         size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # torchvision rounding
         x = _resize(images, size)
         top, left = int(round((size[0] - s) / 2)), int(round((size[1] - s) / 2))    # CenterCrop(s)
@@ -265,7 +336,7 @@ def _random_init(enc, seed):
     "tiny" is the same network every time it is rebuilt from its name."""
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(enc.named_parameters()):
-        if name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight")):
+        if name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight", "norm_pre.weight")):
             nn.init.ones_(p)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
@@ -287,41 +358,84 @@ def _freeze(enc):
 
 
 # ---------------------------------------------------------------- checkpoint files
-_SIGLIP_HF = [  # HF SiglipVisionModel names (encoders.md §2.2) -> our DINOv2-style names
+_HF = [  # HF SiglipVisionModel / CLIPVisionModel names (4.x hub files, encoders.md §2.2) -> ours
     (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
     (r"^embeddings\.position_embedding\.weight$", "pos_embed"),
+    (r"^embeddings\.class_embedding$", "cls_token"),
+    (r"^pre_layrnorm\.", "norm_pre."),                                           # sic: HF CLIP's spelling
     (r"^encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"blocks.\1.norm\2."),
     (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"blocks.\1.attn.\2."),   # concatenated below
     (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
     (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
     (r"^post_layernorm\.", "norm."),
+    (r"^visual_projection\.weight$", "proj"),                                    # nn.Linear (E, D): transposed
     (r"^head\.attention\.in_proj_(weight|bias)$", r"head.attn.qkv.\1"),         # rows already [q; k; v]
     (r"^head\.attention\.out_proj\.", "head.attn.proj."),
     (r"^head\.layernorm\.", "head.norm."),
 ]
+_OPENAI = [  # OpenAI CLIP / OpenCLIP `visual.*` names (clip/model.py VisionTransformer) -> ours
+    (r"^conv1\.", "patch_embed.proj."),
+    (r"^class_embedding$", "cls_token"),
+    (r"^positional_embedding$", "pos_embed"),
+    (r"^ln_pre\.", "norm_pre."),
+    (r"^transformer\.resblocks\.(\d+)\.ln_(\d)\.", r"blocks.\1.norm\2."),
+    (r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_", r"blocks.\1.attn.qkv."),   # nn.MultiheadAttention [q; k; v]
+    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc2."),
+    (r"^ln_post\.", "norm."),
+]
+_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
-def _from_hf_siglip(sd):
-    """Rename the vision tower of an HF SigLIP state dict; concatenate q, k, v into qkv; drop the text tower."""
-    if any(k.startswith("vision_model.") for k in sd):
-        sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+def _rename(sd, table):
+    """Apply a rename table; CLIP's (D,) class embedding and (N, D) tables get our (1, 1, D) / (1, N, D)."""
     out = {}
     for k, v in sd.items():
-        if k.endswith("position_ids"):                             # old non-persistent buffer
-            continue
-        for pattern, repl in _SIGLIP_HF:
+        for pattern, repl in table:
             k = re.sub(pattern, repl, k)
-        out[k] = v[None] if k == "pos_embed" else v                # nn.Embedding (N, D) -> (1, N, D)
+        out[k] = v.reshape(1, 1, -1) if k == "cls_token" else v[None] if k == "pos_embed" and v.ndim == 2 else v
+    return out
+
+
+def _from_hf(sd):
+    """HF SigLIP/CLIP: keep the vision tower (+ CLIP's visual_projection), rename, concatenate q, k, v."""
+    if any(k.startswith("vision_model.") for k in sd):
+        sd = {k.removeprefix("vision_model."): v for k, v in sd.items()
+              if k.startswith("vision_model.") or k == "visual_projection.weight"}
+    out = _rename({k: v for k, v in sd.items() if not k.endswith("position_ids")}, _HF)  # old buffer
+    if "proj" in out:
+        out["proj"] = out["proj"].T
     for k in [k for k in out if re.fullmatch(r"blocks\.\d+\.attn\.q\.(weight|bias)", k)]:
         pre, kind = k.rsplit(".q.", 1)
         out[f"{pre}.qkv.{kind}"] = torch.cat([out.pop(f"{pre}.{c}.{kind}") for c in "qkv"])
     return out
 
 
+def _family(sd):
+    """Which encoder a state dict in our names holds (None: none of them)."""
+    if "head.probe" in sd:
+        return "siglip"
+    if "norm_pre.weight" in sd:                                     # ln_pre: CLIP only
+        return "clip"
+    if (any(re.fullmatch(r"blocks\.\d+\.ls[12]\.gamma", k) for k in sd) or "register_tokens" in sd
+            or getattr(sd.get("mask_token"), "ndim", 0) == 2):        # DINOv2's iBOT mask token is (1, D)
+        return "dinov2"
+    if "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
+        return "mae"
+    return None
+
+
+def _is_torchscript(file):
+    with zipfile.ZipFile(file) as z:                                # torch.serialization's own test
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
 def _read(path):
-    """Return (state dict in our names, heads from config.json or None, the file read)."""
+    """Return (state dict in our names, family or None, HF vision config dict or None, the file read)."""
     path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
+    names = ("model.safetensors", "pytorch_model.bin")             # Hugging Face folder
+    file = next((path / n for n in names if (path / n).is_file()), path / names[0]) if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: checkpoint file not found")
     try:
@@ -332,46 +446,68 @@ def _read(path):
                 raise ImportError(f"{file}: reading .safetensors needs the optional extra: "
                                   "pip install safetensors") from e
             sd = load_file(str(file))
+        elif zipfile.is_zipfile(file) and _is_torchscript(file):     # the OpenAI CLIP .pt: only its tensors
+            with warnings.catch_warnings():                          # "torch.jit.load is deprecated": the
+                warnings.simplefilter("ignore", DeprecationWarning)  # release is TorchScript all the same
+                sd = torch.jit.load(str(file), map_location="cpu").state_dict()
         else:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except ImportError:
         raise
     except Exception as e:
         raise ValueError(f"{file}: cannot read checkpoint (corrupt or truncated?): {type(e).__name__}: {e}") from e
+    if isinstance(sd, dict) and isinstance(sd.get("model", sd.get("state_dict")), dict):
+        sd = sd.get("model", sd.get("state_dict"))                   # MAE {"model": ...}; OpenCLIP training files
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{file}: expected a flat state dict of tensors (the official backbone file)")
-    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}  # chunked blocks.c.N
-    if any(k.startswith(("vision_model.", "embeddings.patch_embedding")) for k in sd):
-        sd = _from_hf_siglip(sd)
-    heads, cfg = None, file.parent / "config.json"
-    if file.suffix == ".safetensors" and cfg.is_file():
-        c = json.loads(cfg.read_text())
-        heads = c.get("vision_config", c).get("num_attention_heads")
-    return sd, heads, file
+        raise ValueError(f"{file}: expected a state dict of tensors (an official weights file)")
+    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k.removeprefix("module.")): v
+          for k, v in sd.items()}                                   # DINOv2 chunked blocks.c.N; DDP prefix
+    hf = None
+    if any(k.startswith("visual.") for k in sd):                    # OpenAI / OpenCLIP: drop the text tower
+        sd = _rename({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}, _OPENAI)
+    elif any(k.startswith(("vision_model.", "embeddings.patch_embedding")) for k in sd):
+        sd, cfg = _from_hf(sd), file.parent / "config.json"
+        if cfg.is_file():
+            c = json.loads(cfg.read_text())
+            hf = c.get("vision_config", c)
+    family = _family(sd)
+    if family == "mae":                                             # decoder of the full pretraining model
+        sd = {k: v for k, v in sd.items() if not k.startswith(("decoder_", "mask_token"))}
+    return sd, family, hf, file
 
 
-def _infer_config(sd, heads, file):
-    """Architecture from tensor shapes (+ heads from config.json, else D / 64)."""
+def _infer_config(sd, family, hf, heads, file):
+    """Architecture from tensor shapes (+ heads, activation and eps from an HF config.json)."""
     need = [k for k in ("pos_embed", "patch_embed.proj.weight", "norm.weight", "blocks.0.norm1.weight") if k not in sd]
-    if need:
-        raise ValueError(f"{file}: not a DINOv2 or SigLIP vision checkpoint: missing keys {need}")
+    if need or family is None:
+        raise ValueError(f"{file}: not a DINOv2, SigLIP, CLIP or MAE vision checkpoint"
+                         + (f": missing keys {need}" if need else ""))
+    hf = hf or {}
     D, _, p, _ = sd["patch_embed.proj.weight"].shape
-    siglip = "head.probe" in sd
-    n = sd["pos_embed"].shape[1] - (0 if siglip else 1)
+    n = sd["pos_embed"].shape[1] - (family != "siglip")
     grid = math.isqrt(n)
     if grid * grid != n:
         raise ValueError(f"{file}: position table of {n} entries is not a square grid")
-    heads = heads or D // 64
+    heads = heads or hf.get("num_attention_heads") or D // 64       # clip/model.py: heads = width // 64
     if heads < 1 or D % heads:
         raise ValueError(f"{file}: cannot infer the head count for width {D}; pass heads=")
+    if hf.get("hidden_act", "gelu") not in _HF_ACT:
+        raise ValueError(f"{file}: config.json hidden_act {hf['hidden_act']!r} is not one of {sorted(_HF_ACT)}")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     swiglu = "blocks.0.mlp.w12.weight" in sd
     hidden = sd["blocks.0.mlp.w3.weight"].shape[1] if swiglu else sd["blocks.0.mlp.fc1.weight"].shape[0]
-    if siglip:
-        return EncoderConfig("siglip", D, depth, heads, p, grid * p, grid, hidden, crop_ratio=1.0)
+    size, act = grid * p, _HF_ACT.get(hf.get("hidden_act"))
+    if family == "siglip":
+        return EncoderConfig("siglip", D, depth, heads, p, size, grid, hidden, crop_ratio=1.0,
+                             act=act or "gelu_tanh", norm_eps=hf.get("layer_norm_eps", 1e-6))
+    if family == "clip":
+        return EncoderConfig("clip", D, depth, heads, p, size, grid, hidden, crop_ratio=1.0, act=act or "quick_gelu",
+                             norm_eps=hf.get("layer_norm_eps", 1e-5), embed_dim=sd["proj"].shape[1] if "proj" in sd else 0)
+    if family == "mae":                                             # mae util/datasets.py: crop 224/256 up to 224
+        return EncoderConfig("mae", D, depth, heads, p, size, grid, hidden, crop_ratio=224 / 256 if size <= 224 else 1.0)
     official = p == 14 and grid == 37                              # 518px table, evaluated at 224
     reg = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    return EncoderConfig("dinov2", D, depth, heads, p, 224 if official else grid * p, grid, hidden, reg, swiglu,
+    return EncoderConfig("dinov2", D, depth, heads, p, 224 if official else size, grid, hidden, reg, swiglu,
                          224 / 256 if official else 1.0)
 
 
@@ -390,9 +526,10 @@ def _load_state(enc, sd, file):
 
 
 def from_checkpoint(path, heads=None):
-    """Build the encoder that an official file describes (DINOv2 .pth, SigLIP HF folder/.safetensors)."""
-    sd, cfg_heads, file = _read(path)
-    config = _infer_config(sd, heads or cfg_heads, file)
+    """Build the encoder that an official file describes (DINOv2 .pth, SigLIP/CLIP HF folder, OpenAI CLIP
+    .pt, OpenCLIP state dict, MAE .pth); its name is the matching preset's, else "<family>-custom"."""
+    sd, family, hf, file = _read(path)
+    config = _infer_config(sd, family, hf, heads, file)
     name = next((n for n, c in ENCODER_PRESETS.items() if c == config), f"{config.family}-custom")
     enc = _load_state(_build(config, name), sd, file)
     enc.weights = str(path)                  # identifier to store next to the name in checkpoints
@@ -400,17 +537,30 @@ def from_checkpoint(path, heads=None):
 
 
 def load_encoder(name, weights=None, seed=0):
-    """Preset by name; with `weights` the file must match it exactly, without them the weights are random
-    (deterministic in `seed`). An unknown name with `weights` falls back to from_checkpoint."""
+    """Preset by name; with `weights` the file must hold that preset exactly (a file of another encoder
+    family is a ValueError naming what was expected and found); without them the weights are random,
+    deterministic in `seed` (`.seed`). An unknown name with `weights` falls back to from_checkpoint."""
     if name not in ENCODER_PRESETS:
         if weights is not None:
             return from_checkpoint(weights)
         raise KeyError(f"unknown encoder {name!r}; presets: {sorted(ENCODER_PRESETS)}")
-    enc = _random_init(_build(ENCODER_PRESETS[name], name), seed)
-    if weights is not None:
-        sd, _, file = _read(weights)
-        _load_state(enc, sd, file)
-    enc.weights = None if weights is None else str(weights)
+    config = ENCODER_PRESETS[name]
+    if weights is None:
+        enc = _random_init(_build(config, name), seed)
+        enc.seed = seed
+        return _freeze(enc)
+    sd, family, hf, file = _read(weights)
+    if family != config.family:
+        found = f"a {FAMILY_NAMES[family]} checkpoint" if family else "no known encoder"
+        want = OFFICIAL_FILES.get(name, f"a {FAMILY_NAMES[config.family]} checkpoint")
+        raise ValueError(f"{file}: {name} expects {want}, found {found}")
+    if hf:                                   # what only config.json records must agree with the preset
+        got = _infer_config(sd, family, hf, None, file)
+        if (got.act, got.norm_eps) != (config.act, config.norm_eps):
+            raise ValueError(f"{file}: config.json has activation {got.act}, LayerNorm eps {got.norm_eps}; "
+                             f"{name} uses {config.act}, {config.norm_eps}")
+    enc = _load_state(_build(config, name), sd, file)
+    enc.weights = str(weights)
     return _freeze(enc)
 
 

@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release asset
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")          # where users get it (pytorch-fid 0.3.0)
 INPUT_SIZE = 299    # TF graph input size; pytorch-fid resizes every image to it
 FEATURE_DIM = 2048  # pool3
 NUM_CLASSES = 1008  # the TF graph's classifier width (pytorch-fid: num_classes=1008)
@@ -237,8 +239,7 @@ class InceptionV3FID(nn.Module):
 
     def _pool3(self, x):
         with torch.autocast(x.device.type, enabled=False):  # float32 features even under bf16 autocast
-            if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):    # same-size resize is the identity: skip it
-                x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            x = preprocess(x)
             x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
             x = F.max_pool2d(x, kernel_size=3, stride=2)
             x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -246,6 +247,14 @@ class InceptionV3FID(nn.Module):
             for block in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
                 x = getattr(self, f"Mixed_{block}")(x)
             return x.mean(dim=(2, 3))  # pool3: global average over the 8x8 grid
+
+
+def preprocess(images):
+    """pytorch-fid's input resize: bilinear to 299x299, align_corners=False, no antialiasing;
+    (B, 3, H, W) -> (B, 3, 299, 299). A 299x299 input is returned as is (the identity)."""
+    if images.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
+        return images
+    return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
 
 
 def load_inception(path, map_location="cpu"):
@@ -256,8 +265,8 @@ def load_inception(path, map_location="cpu"):
     difference is absent BatchNorm `num_batches_tracked` counters (an older-PyTorch state dict;
     the counter has no effect in eval mode, and PyTorch itself accepts such files)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights not found: {path} (expected pytorch-fid's "
-                                f"{WEIGHTS_FILE}; it cannot be downloaded here, pass a local copy)")
+        raise FileNotFoundError(f"Inception weights not found: {path} (get pytorch-fid's {WEIGHTS_FILE} "
+                                f"from {WEIGHTS_URL}; nothing is downloaded automatically)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -282,6 +291,13 @@ def load_inception(path, map_location="cpu"):
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = expected[k]
     net.load_state_dict(state, strict=True)
+    return net
+
+
+def random_inception(seed=0):
+    """InceptionV3FID with random_state_dict(seed): smoke tests only (its features mean nothing)."""
+    net = InceptionV3FID()
+    net.load_state_dict(random_state_dict(seed), strict=True)
     return net
 
 

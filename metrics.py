@@ -1,124 +1,94 @@
-"""FID, improved precision/recall and the K-shot evaluation of image variations (Semantica §7, §8.2).
+"""FID, improved precision/recall, the K-shot protocol and alignment (Semantica §7, §8.2).
 
-Semantica (arXiv 2405.14857v3) §7 argues that full-set FID and recall reward a model that copies its
-conditioning image, and proposes the K-shot protocol: from N test images pick K conditioning images,
-generate N/K samples from each, and compare the N test images with the N samples (§8.2: one-shot
-ImageNet, ten test images per class, one conditioning image per class). §8.2 (Fig. 5) adds alignment:
-cosine similarity between a conditioning image and its samples in an encoder's embedding space.
-
-Everything below is a pure function over feature arrays (numpy or torch, CPU or CUDA), arguments
-real first:
-- FID (Heusel et al. 2017), the formula of pytorch-fid / clean-fid / torchmetrics: float64 mean and
-  unbiased covariance, tr √(Σ₁Σ₂) from the eigenvalues of the symmetric Lᵀ Σ₂ L (Σ₁ = L Lᵀ)
-  instead of scipy's sqrtm (slow, and broken in several scipy releases).
-- Improved precision/recall (Kynkäänniemi et al. 2019, kynkaat/improved-precision-and-recall-metric
-  @b0247ea): Euclidean k-NN radius excluding the point itself, k = 3, membership with ≤; distances
-  in tiles, so memory stays O(tile + N) instead of the N × N matrix (10 GB at N = 50k), and the
-  real–fake tiles screened in bfloat16 under a rigorous error bound (same answer as float32).
-- The K-shot plan (which test images condition how many samples), alignment, feature networks
-  (Inception-v3 pool3 from inception.py, DINOv2 global embedding from encoders.py) and a CLI.
-Shapes: N real / M generated samples, D feature width. FID values are comparable only for the same
-feature network, preprocessing and N (FID's bias is ≈ ∝ 1/N).
-Not implemented: KID, density/coverage, the realism score, FD∞ extrapolation.
+The paper's definitions, in the order they are written below (real/test features R (N, D),
+generated features G (M, D)):
+- FID (Heusel et al. 2017; §7, §8.2, Tables 1-2):  ‖μ_R − μ_G‖² + tr Σ_R + tr Σ_G − 2 tr √(Σ_R Σ_G),
+  μ the mean and Σ the unbiased covariance, float64 (pytorch-fid / clean-fid / torchmetrics).
+- Precision/recall (Kynkäänniemi et al. 2019, recapped in §7): r_k(x; S) = distance from x to its k-th
+  nearest neighbour in its own set S, x itself not counted (copies of x count, at distance 0), k = 3.
+  precision = (1/M) Σ_g 1[∃ r ∈ R: ‖g − r‖ ≤ r_k(r; R)]   (quality: fakes inside the real manifold)
+  recall    = (1/N) Σ_r 1[∃ g ∈ G: ‖r − g‖ ≤ r_k(g; G)]   (diversity: reals inside the fake manifold)
+  "≤", as the reference code: an exact copy is inside (§7: "the distance ... is zero, which will
+  always be less than its threshold"). Distances are Σ(x − y)² in float64, row-chunked.
+- K-shot plan (§7): of N test images pick K at random and generate N/K samples from each; compare
+  the N test images with the N samples. §8.2's one-shot ImageNet: per class 10 images, K = 1.
+- Alignment (§8.2, Fig. 5): mean cosine similarity between each sample's global embedding and the
+  embedding of ITS OWN conditioning image.
+The fast precision/recall path (GEMM screening under a per-pair error bound, same answer) is in
+metrics_fast.py; feature networks (Inception-v3 pool3: inception.py; encoders.py's global embedding),
+folder extraction and the CLI come last. FID values are comparable only for the same feature
+network, preprocessing and N (its bias is ≈ ∝ 1/N). Not implemented: KID, density/coverage, FD∞.
 """
 import argparse
 import json
-import sys
-import time
+import math
+import numbers
 import warnings
 from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-K_NN = 3                 # Kynkäänniemi et al. 2019 (nhood_sizes=[3]); Semantica §7 "Kth nearest neighbor"
-BLOCK = 2048             # DESIGN: 2048 × 2048 float32 distance tiles (16 MiB): GEMM-efficient, memory flat in N
-BLOCK_CUDA = 8192        # DESIGN: 256 MiB tiles on GPUs, where small tiles would leave the GEMMs launch-bound
-DUPLICATE_RTOL = 1e-5    # DESIGN: squared distances below 1e-5 · max‖x − mean‖² are float32 rounding noise
-                         # of ‖x‖² + ‖y‖² − 2x·y (measured ≤ 1e-6); they count as 0 so copies tie exactly
+import data
+import encoders
+import inception
+import metrics_fast
 
+K_NN = 3                # Kynkäänniemi et al. 2019 (nhood_sizes=[3]); §7 "Kth nearest neighbor"
+CHUNK = 1 << 24         # DESIGN: float64 elements per distance chunk of the plain path (128 MiB)
+PLAIN_MAX = 1 << 25     # DESIGN: below ~3e7 difference elements the plain pass beats the fast path's overhead
 PrecisionRecall = namedtuple("PrecisionRecall", "precision recall")
 
 
-def _features(x, name, min_rows=2):
-    """(N, D) numpy array or tensor -> tensor on its own device; clear errors for bad input."""
-    x = torch.from_numpy(np.ascontiguousarray(x)) if not torch.is_tensor(x) else x.detach()
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected features of shape (N, D), got {tuple(x.shape)}")
-    if len(x) < min_rows:
-        raise ValueError(f"{name}: needs at least {min_rows} samples, got {len(x)}")
-    if x.dtype not in (torch.float32, torch.float64):               # ints, float16, bfloat16
-        x = x.float()
-    if not torch.isfinite(x.sum(0)).all():            # NaN/inf reach the column sums; no N × D temporary
-        bad = x.numel() - torch.isfinite(x).sum().item()
-        if bad:
-            raise ValueError(f"{name}: {bad} NaN/inf values in the features")
-    return x
-
-
-def _same_width(a, b):
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dimensions differ: real D={a.shape[1]}, fake D={b.shape[1]}")
-
-
-# ----------------------------------------------------------------------------------------------- FID
+# ------------------------------------------------------------------------------------- FID (§7, §8.2)
 def feature_stats(feats, block_rows=4096):
-    """Mean and unbiased covariance (np.cov(x, rowvar=False)) in float64, as numpy arrays.
-
-    CPU: numpy over row blocks, so memory is O(block · D + D²) rather than a float64 copy of all
-    N × D features (numpy's `a.T @ a` is a symmetric rank-k update, 2× faster than torch's float64
-    GEMM on our CPUs). GPU: one float64 GEMM."""
+    """Mean (D,) and unbiased covariance (D, D) = np.cov(x, rowvar=False), float64 numpy arrays,
+    summed over row blocks (memory O(block · D + D²); numpy's xᵀx is a symmetric rank-k update,
+    2× torch's float64 GEMM on our CPUs). GPU: one float64 GEMM."""
     x = _features(feats, "features")
     n = len(x)
     if x.device.type != "cpu":
         x = x.double()
-        mu = x.mean(0)
-        xc = x - mu                                              # (N, D)
-        return mu.cpu().numpy(), (xc.T @ xc / (n - 1)).cpu().numpy()
+        xc = x - x.mean(0)                                         # (N, D)
+        return x.mean(0).cpu().numpy(), (xc.T @ xc / (n - 1)).cpu().numpy()
     x = x.numpy()
     mu = sum(x[i:i + block_rows].sum(0, dtype=np.float64) for i in range(0, n, block_rows)) / n
     sigma = np.zeros((x.shape[1], x.shape[1]))
     for i in range(0, n, block_rows):
-        xc = x[i:i + block_rows].astype(np.float64) - mu         # (b, D)
+        xc = x[i:i + block_rows].astype(np.float64) - mu           # (b, D)
         sigma += xc.T @ xc
     return mu, sigma / (n - 1)
 
 
-def _trace_sqrt_product(sigma1, sigma2):
-    """tr √(Σ₁Σ₂) = Σᵢ √λᵢ(Lᵀ Σ₂ L) for any factor Σ₁ = L Lᵀ.
+def fid_from_stats(mu1, sigma1, mu2, sigma2):
+    """FID = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂)  (Heusel et al. 2017). Not clamped at 0.
 
-    Σ₁Σ₂ = L (Lᵀ Σ₂) and (Lᵀ Σ₂) L share their non-zero eigenvalues, and Lᵀ Σ₂ L is symmetric PSD, so
-    eigvalsh applies and nothing complex can leak out. L is the Cholesky factor (fast); when Σ₁ is
-    singular (N ≤ D) it is V·diag(√w) from eigh(Σ₁) with negative rounding in w clipped to 0."""
+    tr √(Σ₁Σ₂) = Σᵢ √λᵢ(Lᵀ Σ₂ L) for Σ₁ = L Lᵀ: Σ₁Σ₂ = L(LᵀΣ₂) and (LᵀΣ₂)L share their eigenvalues and
+    LᵀΣ₂L is symmetric PSD, so eigvalsh applies (no scipy sqrtm, no complex parts). L = Cholesky
+    factor, or V·√w from eigh when Σ₁ is singular (N ≤ D)."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"FID statistics {name}: {a.size - np.isfinite(a).sum()} NaN/inf values")
     try:
         L = np.linalg.cholesky(sigma1)
     except np.linalg.LinAlgError:
         w, V = np.linalg.eigh(sigma1)
         L = V * np.sqrt(np.clip(w, 0, None))
     M = L.T @ sigma2 @ L
-    lam = np.linalg.eigvalsh((M + M.T) / 2)                        # symmetrise rounding before eigvalsh
-    return np.sqrt(np.clip(lam, 0, None)).sum()
-
-
-def fid_from_stats(mu1, sigma1, mu2, sigma2):
-    """FID = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂)  (Heusel et al. 2017).
-
-    Not clamped: identical sets give ≈ ±1e-9 rather than exactly 0."""
-    mu1, mu2 = (np.asarray(m, dtype=np.float64) for m in (mu1, mu2))
-    sigma1, sigma2 = (np.asarray(s, dtype=np.float64) for s in (sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-                 - 2 * _trace_sqrt_product(sigma1, sigma2))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def frechet_distance(real, fake):
-    """FID between two feature sets (N, D) and (M, D); N ≤ D works but is dominated by bias."""
-    real, fake = _features(real, "real"), _features(fake, "fake")
-    _same_width(real, fake)
+    """FID between feature sets real (N, D) and fake (M, D); N ≤ D works but is mostly bias."""
+    real, fake = _pair(real, fake, 2)
     if min(len(real), len(fake)) <= real.shape[1]:
         warnings.warn(f"FID with {min(len(real), len(fake))} samples ≤ D = {real.shape[1]}: "
                       "singular covariance, the value is mostly sample-size bias")
@@ -137,192 +107,72 @@ def load_stats(path):
         return f["mu"], f["sigma"]
 
 
-# ------------------------------------------------------------------------------ precision / recall
-# Squared distances ‖x‖² + ‖y‖² − 2x·y in float32 (the reference's convention), in tiles.
-# Screening (DESIGN, exact): the real–fake tiles, which only feed ≤ tests against known radii, run
-# their GEMM in bfloat16 (2.5× the float32 rate on CPUs with AVX512-BF16, far more on GPUs) with a
-# rigorous bound on the error; the few pairs the bound leaves undecided are recomputed in float32.
-# The answer is the float32 answer. The radii (k-th smallest distances) stay float32 throughout.
-BF16_U, FP32_U = 2.0 ** -8, 2.0 ** -24   # unit roundoffs: 8- and 24-bit significands
-MAX_OPEN = 16            # DESIGN: undecided pairs per tile row, on average, before those rows are redone
-                         # as a float32 GEMM instead of pair by pair (many near-ties, e.g. copies)
-
-Screen = namedtuple("Screen", "x16 sq a b")   # a tile's rows: bf16 copy x̃ of x, ‖x‖², ‖x̃‖, ‖x − x̃‖
+# ---------------------------------------------------------------- precision / recall (§7, plain)
+def sq_dists(a, b):
+    """(B, D), (C, D) -> (B, C) float64 squared distances Σ(a − b)², from the differences (identical
+    points are exactly 0; no ‖a‖² + ‖b‖² − 2a·b cancellation)."""
+    return (a.double()[:, None, :] - b.double()[None, :, :]).square().sum(-1)
 
 
-def _fast_bf16(device):
-    """bf16 GEMMs beat float32 on GPUs and on CPUs with AVX512-BF16 or AMX, not elsewhere."""
-    if device.type == "cuda":
-        return True
-    cpu = torch.cpu
-    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)()
-                                        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+def knn_radii_sq(x, k=K_NN):
+    """r_k(x; X)² for every row of x (N, D): the (k+1)-th smallest squared distance in its row, whose
+    smallest is the 0 to itself. -> (N,) float64."""
+    step = max(1, CHUNK // (len(x) * x.shape[1]))
+    return torch.cat([sq_dists(x[i:i + step], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), step)])
 
 
-def _bf16_norms(x, block):
-    """‖x̃‖ and ‖x − x̃‖ per row, x̃ = bf16(x), built in row blocks."""
-    a, b = torch.empty(len(x), device=x.device), torch.empty(len(x), device=x.device)
-    for s in range(0, len(x), block):
-        rounded = x[s:s + block].bfloat16().float()
-        a[s:s + block] = torch.linalg.vector_norm(rounded, dim=1)
-        b[s:s + block] = torch.linalg.vector_norm(rounded.sub_(x[s:s + block]), dim=1)
-    return a, b
+def precision_recall_plain(real, fake, k=K_NN):
+    """Kynkäänniemi et al.'s precision and recall by the definition, memory O(CHUNK + N + M)."""
+    r2_real, r2_fake = knn_radii_sq(real, k), knn_radii_sq(fake, k)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    step = max(1, CHUNK // (len(real) * real.shape[1]))
+    for i in range(0, len(fake), step):
+        d2 = sq_dists(fake[i:i + step], real)                            # (b, N)
+        fake_in[i:i + step] = (d2 <= r2_real[None, :]).any(1)           # g inside some real ball
+        real_in |= (d2 <= r2_fake[i:i + step, None]).any(0)             # r inside some fake ball
+    return PrecisionRecall(fake_in.sum().item() / len(fake), real_in.sum().item() / len(real))
 
 
-def _screen(x, sq, norms, rows):
-    """Screen of rows `rows`; the bf16 copy is made per tile, so no bf16 copy of the set is kept."""
-    return Screen(x[rows].bfloat16(), sq[rows], norms[0][rows], norms[1][rows])
+def precision_recall(real, fake, k=K_NN, *, fast=None, device=None, block=None, bf16=None):
+    """-> PrecisionRecall(precision, recall) of real (N, D) and fake (M, D) features (numpy or torch).
 
-
-def _sq_dists(x, y, sq_x, sq_y):
-    """(b, D), (c, D) -> (b, c) squared Euclidean distances ‖x‖² + ‖y‖² − 2 x·y (may dip below 0)."""
-    return torch.addmm(sq_y[None, :], x, y.T, alpha=-2).add_(sq_x[:, None])
-
-
-def _screened_sq_dists(p, q):
-    """bf16 squared distances between the rows of Screens p and q, and a bound on the absolute error
-    against exact arithmetic on the float32 inputs (plus the float32 recomputation's own rounding)."""
-    g = p.x16 @ q.x16.T                                          # float32 accumulation, bf16 result
-    d2 = torch.add(q.sq[None, :], g, alpha=-2).add_(p.sq[:, None])
-    lo, hi = g.aminmax()
-    g_max = max(-lo.item(), hi.item())
-    a1, b1, s1, a2, b2, s2 = (t.max().item() for t in (p.a, p.b, p.sq, q.a, q.b, q.sq))
-    gamma = 2 * p.x16.shape[1] * FP32_U          # float32 sums of D terms (Higham's γ_D, doubled)
-    # |g − x·y| ≤ |x̃·(y − ỹ)| + |(x − x̃)·ỹ| + |(x − x̃)·(y − ỹ)| (Cauchy–Schwarz), + sums, + bf16 result
-    dot = a1 * b2 + b1 * a2 + b1 * b2 + gamma * a1 * a2 + 2 * BF16_U * g_max
-    # + float32 rounding of ‖x‖², of forming d2, and of the float32 value it is compared against
-    return d2, 1.01 * (2 * dot + 2 * gamma * (s1 + s2 + 2 * g_max))
-
-
-def _keep_smallest(best, d2):
-    """Merge a tile's rows into the running k+1 smallest squared distances per point, in place."""
-    new = d2.topk(min(best.shape[1], d2.shape[1]), dim=1, largest=False).values
-    best.copy_(torch.cat([best, new], 1).topk(best.shape[1], dim=1, largest=False).values)
-
-
-def _radii_sq(x, sq, k, block, floor):
-    """Squared distance of each point to its k-th nearest neighbour in its own set, itself excluded.
-
-    The distance matrix is symmetric: each tile (i, j ≥ i) is computed once and serves the rows of
-    block i and, transposed, those of block j (half the GEMM work of a full pass)."""
-    n = len(x)
-    best = torch.full((n, k + 1), float("inf"), device=x.device)  # k+1 smallest, the 0 to itself included
-    for i in range(0, n, block):
-        for j in range(i, n, block):
-            d2 = _sq_dists(x[i:i + block], x[j:j + block], sq[i:i + block], sq[j:j + block])
-            _keep_smallest(best[i:i + block], d2)
-            if j > i:
-                _keep_smallest(best[j:j + block], d2.T.contiguous())
-    return best[:, k].clamp_(min=floor)                         # duplicates: radius 0 -> rounding floor
-
-
-def _inside(d2, err, r2, x, y):
-    """Which row points of a tile lie in some column point's ball, d2 ≤ r2 — exact, given that d2 is
-    within ±err of the true squared distances: only rows the bound cannot decide are recomputed."""
-    slack = torch.sub(d2, r2[None, :])                          # ≤ 0: inside that ball
-    lo = slack.amin(1)
-    inside = lo <= -err
-    undecided = (lo <= err) & ~inside
-    if err and undecided.any():
-        rows = undecided.nonzero().squeeze(1)
-        r, c = (slack[rows] <= err).nonzero(as_tuple=True)
-        if len(r) <= MAX_OPEN * len(d2):                           # pair by pair, from the differences
-            hit = (x[rows[r]] - y[c]).square_().sum(1) <= r2[c]
-            inside[rows[r[hit]]] = True
-        else:                                                     # float32 GEMM for those rows
-            xr = x[rows]
-            exact = _sq_dists(xr, y, xr.square().sum(1), y.square().sum(1))
-            inside[rows] = (exact - r2[None, :]).amin(1) <= 0
-    return inside
-
-
-def precision_recall(real, fake, k=K_NN, *, block=None, device=None, screen=None):
-    """Improved precision and recall (Kynkäänniemi et al. 2019) -> PrecisionRecall(precision, recall).
-
-    precision = fraction of fakes inside the real manifold ⋃ B(r, r_k(r)), recall = fraction of reals
-    inside the fake manifold; r_k = distance to the k-th nearest neighbour in the point's own set,
-    excluding the point itself (duplicates count, at distance 0); inside means ‖·‖ ≤ r_k (the
-    reference convention, so an exact copy is inside). Distances are float32 (TF32 off) in tiles on
-    `device` (default: the inputs' device); memory: both sets centred (a float32 copy) plus
-    O(block² + N), not the N × N matrix. `screen` (default: where bf16 GEMMs are fast) runs the
-    real–fake tiles in bf16 with an error bound and recomputes the pairs it leaves open: same
-    result, less time."""
-    real, fake = _features(real, "real", k + 1), _features(fake, "fake", k + 1)
-    _same_width(real, fake)
+    fast=True runs metrics_fast (GEMM screening, exact recomputation of what the screen cannot
+    decide): the same answer as fast=False (precision_recall_plain), much faster on large sets;
+    fast=None (default) picks it unless the plain pass is small (≤ PLAIN_MAX elements). `device`:
+    where to compute (default: the fake features'); `block`, `bf16`: metrics_fast's tile size and
+    bf16 screen (default: where it is faster). Raises ValueError for k not a positive integer,
+    N or M ≤ k, NaN/inf features or differing widths."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    real, fake = _pair(real, fake, k + 1)
     device = torch.device(device) if device else fake.device
-    real, fake = real.to(device, torch.float32), fake.to(device, torch.float32)
-    block = block or (BLOCK_CUDA if real.is_cuda else BLOCK)
-    screen = _fast_bf16(device) if screen is None else screen
-    flags = torch.backends.cuda.matmul
-    saved = flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction
-    flags.allow_tf32 = False                          # TF32's 10-bit mantissa would blur the radii
-    flags.allow_bf16_reduced_precision_reduction = False   # the screen's bound assumes float32 sums
-    try:
-        mean = real.mean(0, dtype=torch.float64).float()
-        real, fake = real - mean, fake - mean    # distances stay; the float32 cancellation in
-                                                 # ‖x‖² + ‖y‖² − 2x·y shrinks with ‖x‖ (features far from 0)
-        sq_r, sq_f = (torch.linalg.vector_norm(x, dim=1).square() for x in (real, fake))  # ‖x‖²
-        floor = DUPLICATE_RTOL * max(sq_r.max().item(), sq_f.max().item())
-        # DESIGN: radius tiles are half of `block`: the diagonal tiles, computed in full, then waste
-        # 1/4 of their area instead of 1/2 (one 10k set on 2 CPU cores: 1.78 s against 2.30 s)
-        radius_block = max(block // 2, 1)
-        r2_real = _radii_sq(real, sq_r, k, radius_block, floor)  # (N,)
-        r2_fake = _radii_sq(fake, sq_f, k, radius_block, floor)  # (M,)
-        if screen:
-            norms_r, norms_f = _bf16_norms(real, block), _bf16_norms(fake, block)
-        fake_in_real = torch.zeros(len(fake), dtype=torch.bool, device=device)
-        real_in_fake = torch.zeros(len(real), dtype=torch.bool, device=device)
-        for i in range(0, len(fake), block):                     # each real–fake tile serves both
-            fi = slice(i, i + block)
-            screen_f = _screen(fake, sq_f, norms_f, fi) if screen else None
-            for j in range(0, len(real), block):
-                rj = slice(j, j + block)
-                if screen:
-                    d2, err = _screened_sq_dists(screen_f, _screen(real, sq_r, norms_r, rj))
-                else:
-                    d2, err = _sq_dists(fake[fi], real[rj], sq_f[fi], sq_r[rj]), 0.0
-                fake_in_real[fi] |= _inside(d2, err, r2_real[rj], fake[fi], real[rj])     # precision
-                real_in_fake[rj] |= _inside(d2.T, err, r2_fake[fi], real[rj], fake[fi])   # recall
-    finally:
-        flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction = saved
-    return PrecisionRecall(fake_in_real.sum().item() / len(fake), real_in_fake.sum().item() / len(real))
+    real, fake = _common_scale(real.to(device), fake.to(device))
+    n, m, d = len(real), len(fake), real.shape[1]
+    if fast or (fast is None and (n * n + m * m + n * m) * d > PLAIN_MAX):
+        return PrecisionRecall(*metrics_fast.precision_recall(real, fake, k, block, bf16))
+    return precision_recall_plain(real, fake, k)
 
 
-# ------------------------------------------------------------------------------ K-shot protocol
-def balanced_subset(groups, per_group, seed=0):
-    """Indices of `per_group` random images of every group, sorted (§8.2: "ten images randomly
-    per-class ... a ground truth set of 10000 images")."""
-    rng, members = np.random.default_rng(seed), _members(groups)
-    small = {g: len(idx) for g, idx in members.items() if len(idx) < per_group}
-    if small:
-        raise ValueError(f"{len(small)} groups have fewer than {per_group} images, e.g. "
-                         f"{dict(list(small.items())[:5])}")
-    return np.sort(np.concatenate([rng.choice(idx, per_group, replace=False)
-                                   for idx in members.values()]))
-
-
-def _members(groups):
-    members = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g.item() if hasattr(g, "item") else g, []).append(i)
-    return members
-
-
+# ----------------------------------------------------------------------------- K-shot plan (§7, §8.2)
 def kshot_select(groups, k, seed=0):
-    """The K-shot plan (§7): for each group (class / page) of n test images pick k of them (seeded)
-    as conditioning images and give them n samples in all (n // k each, the first n % k one more),
-    so the plan generates exactly N samples. -> list of (cond_index, num_samples).
+    """The K-shot plan: for each group (class / page) of n test images pick k of them at random
+    (seeded) as conditioning images, each giving n // k samples (the first n % k one more), so the
+    plan generates exactly N samples. -> [(cond_index, num_samples)], cond_index into `groups`.
 
-    groups: one group id per test image. k=None is the full-dataset protocol (every test image
-    conditions one sample). For §7's ungrouped form ("select K of N") pass one group: [0] * N."""
+    groups: one group id per test image. §7's ungrouped form ("select K of N"): groups = [0] * N;
+    §8.2's one-shot ImageNet: groups = class labels, k = 1. k=None: the full-dataset protocol
+    (every test image conditions one sample)."""
     rng, plan = np.random.default_rng(seed), []
     for g, idx in _members(groups).items():
         kg = len(idx) if k is None else k
         if not 1 <= kg <= len(idx):
             raise ValueError(f"group {g!r} has {len(idx)} test images; cannot pick k={k} of them")
-        chosen = np.sort(rng.choice(idx, kg, replace=False))
         base, extra = divmod(len(idx), kg)
-        plan += [(int(c), base + int(j < extra)) for j, c in enumerate(chosen)]
+        plan += [(int(c), base + int(j < extra))
+                 for j, c in enumerate(np.sort(rng.choice(idx, kg, replace=False)))]
     return plan
 
 
@@ -336,13 +186,25 @@ def kshot_metrics(real_feats, fake_feats, k_nn=K_NN):
             "n": len(real_feats), "k_nn": k_nn}
 
 
-def alignment(cond_emb, sample_emb, counts=None):
-    """Mean cosine similarity between each sample's embedding and its conditioning image's (§8.2).
+def balanced_subset(groups, per_group, seed=0):
+    """Sorted indices of `per_group` random images of every group (§8.2: "ten images randomly
+    per-class ... a ground truth set of 10000 images")."""
+    rng, members = np.random.default_rng(seed), _members(groups)
+    small = {g: len(idx) for g, idx in members.items() if len(idx) < per_group}
+    if small:
+        raise ValueError(f"{len(small)} groups have fewer than {per_group} images, e.g. "
+                         f"{dict(list(small.items())[:5])}")
+    return np.sort(np.concatenate([rng.choice(idx, per_group, replace=False) for idx in members.values()]))
 
-    cond_emb (K, D); sample_emb (K, S, D), or (N, D) ordered by condition with `counts` (K,) samples
-    per condition (e.g. the num_samples of kshot_select). INTERPRETATION: every sample weighs equally."""
+
+def alignment(cond_emb, sample_emb, counts=None):
+    """§8.2 alignment: mean over samples of cos(sample embedding, ITS conditioning image's embedding).
+
+    cond_emb (K, D); sample_emb (K, S, D), or (N, D) ordered by condition with counts (K,) samples
+    per condition (e.g. kshot_select's num_samples; default one each). INTERPRETATION: every sample
+    weighs equally."""
     c = _features(cond_emb, "cond_emb", 1).double()
-    s = sample_emb if torch.is_tensor(sample_emb) else torch.from_numpy(np.asarray(sample_emb))
+    s = torch.as_tensor(np.asarray(sample_emb)) if not torch.is_tensor(sample_emb) else sample_emb
     if s.ndim == 3:
         counts, s = [s.shape[1]] * s.shape[0], s.reshape(-1, s.shape[-1])
     s = _features(s, "sample_emb", 1).double().to(c.device)
@@ -350,112 +212,170 @@ def alignment(cond_emb, sample_emb, counts=None):
     if len(counts) != len(c) or sum(counts) != len(s):
         raise ValueError(f"{len(c)} conditions with counts summing to {sum(counts)} do not match "
                          f"{len(s)} sample embeddings")
-    owner = torch.repeat_interleave(c, torch.tensor(counts, device=c.device), dim=0)   # (N, D)
-    return torch.nn.functional.cosine_similarity(owner, s, dim=1).mean().item()
+    own = torch.repeat_interleave(c, torch.tensor(counts, device=c.device), dim=0)   # (N, D)
+    return torch.nn.functional.cosine_similarity(own, s, dim=1).mean().item()
 
 
-# ---------------------------------------------------------------------------- feature networks
+# ------------------------------------------------------------------------------ input checks
+def _features(x, name, min_rows=2):
+    """(N, D) numpy array or tensor -> float tensor on its own device; one-line errors for bad input."""
+    x = torch.from_numpy(np.ascontiguousarray(x)) if not torch.is_tensor(x) else x.detach()
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected features of shape (N, D), got {tuple(x.shape)}")
+    if len(x) < min_rows:
+        raise ValueError(f"{name}: needs at least {min_rows} samples, got {len(x)}")
+    if x.dtype not in (torch.float32, torch.float64):                  # ints, float16, bfloat16
+        x = x.float()
+    bad = x.numel() - torch.isfinite(x).sum().item()
+    if bad:
+        raise ValueError(f"{name}: {bad} NaN/inf values in the features")
+    return x
+
+
+def _pair(real, fake, min_rows):
+    real, fake = _features(real, "real", min_rows), _features(fake, "fake", min_rows)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dimensions differ: real D={real.shape[1]}, fake D={fake.shape[1]}")
+    return real, fake
+
+
+def _common_scale(real, fake, limit=2.0 ** 50):
+    """Both sets × the same power of two (exact, float64) when |values| > 2⁵⁰ or < 2⁻⁵⁰: squared
+    distances of finite float32 features (up to ~3e38) would overflow; P/R are scale-invariant."""
+    big = max(real.abs().max().item(), fake.abs().max().item())
+    if big == 0 or 1 / limit <= big <= limit:
+        return real, fake
+    s = 2.0 ** -math.floor(math.log2(big))
+    return real.double() * s, fake.double() * s
+
+
+def _members(groups):
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g.item() if hasattr(g, "item") else g, []).append(i)
+    return members
+
+
+# ------------------------------------------------------------------------------ feature networks
 class FeatureNetwork(torch.nn.Module):
-    """images in [-1, 1] (B, 3, H, W) -> features (B, D) float32; `.name` says which network."""
+    """images in [-1, 1] (B, 3, H, W) -> features (B, D) float32; `.name` says which network.
+    `preprocess` maps images of any size to the network's input (applied per image by
+    extract_features, so a file's features never depend on the other files)."""
 
     def __init__(self, name, net, preprocess=None):
         super().__init__()
         self.name, self.net, self.preprocess = name, net, preprocess
 
     @torch.no_grad()
-    def forward(self, images):
-        if self.preprocess is not None:
-            images = self.preprocess(images)
-        out = self.net(images)
+    def features(self, prepared):
+        out = self.net(prepared)
         return (out[0] if isinstance(out, tuple) else out).float()   # encoders return (global, tokens)
 
+    def forward(self, images):
+        return self.features(self.preprocess(images) if self.preprocess is not None else images)
 
-def feature_network(name, weights=None, device="cpu"):
-    """"inception": FID's Inception-v3 pool3 (2048-d; inception.py, weights
-    pt_inception-2015-12-05-6726825d.pth). Any encoders.py name ("dinov2-l14", ...): the encoder's
-    global embedding after its eval preprocessing (FD-DINOv2 uses dinov2-l14, dgm-eval)."""
+
+def feature_network(name, weights=None, device="cpu", allow_random=False):
+    """"inception": FID's Inception-v3 pool3 (2048-d, inception.py, weights file
+    pt_inception-2015-12-05-6726825d.pth). Any encoders.py preset ("dinov2-l14", ...): its global
+    embedding after its eval preprocessing (FD-DINOv2 uses dinov2-l14, dgm-eval). Without weights
+    the features are random and meaningless: refused unless allow_random (smoke tests)."""
+    if weights is None and not allow_random:
+        hint = (f"{inception.WEIGHTS_FILE} from {inception.WEIGHTS_URL}" if name == "inception"
+                else f"the official {name} weights file")
+        raise ValueError(f"{name} features need --weights ({hint}); --random-weights runs a random "
+                         f"network for smoke tests only (meaningless numbers)")
+    src = Path(weights).name if weights else "RANDOM weights"
     if name == "inception":
-        import inception
-        if weights is None:
-            raise ValueError("Inception features need --weights pt_inception-2015-12-05-6726825d.pth "
-                             "(the standard FID weights file)")
-        net = FeatureNetwork(f"inception-v3 pool3 ({Path(weights).name})", inception.load_inception(weights))
+        net = inception.load_inception(weights) if weights else inception.random_inception(0)
+        net = FeatureNetwork(f"inception-v3 pool3 ({src})", net, inception.preprocess)
     else:
-        import encoders
         enc = encoders.load_encoder(name, weights)
-        src = Path(weights).name if weights else "RANDOM weights"
-        if weights is None and name != "tiny":
-            warnings.warn(f"{name} without weights: random features, the metrics are meaningless")
         net = FeatureNetwork(f"{name} global embedding ({src})", enc, enc.preprocess)
     return net.to(device).eval()
 
 
-def image_files(folder):
-    """Image files below `folder`, recursively, sorted."""
-    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in exts)
-    if not files:
-        raise ValueError(f"{folder}: no image files found")
-    return files
-
-
-def extract_features(net, images, batch_size=64, device="cpu", progress=True, size=None):
-    """Features (N, D) float32 numpy of an image folder or an iterable of (3, H, W) / (B, 3, H, W)
-    tensors in [-1, 1]. Folder images are decoded by data.py (RGB, EXIF, unreadable files skipped
-    with a logged reason) and resized+centre-cropped to `size` (default: the first image's)."""
+def extract_features(net, images, batch_size=64, device="cpu", progress=True):
+    """Features (N, D) float32 numpy of an image folder (data.find_images: recursive, follows links;
+    unreadable files skipped with a logged reason) or of an iterable of (3, H, W) / (B, 3, H, W)
+    tensors in [-1, 1]. Every image is brought to the network's input size on its own (its
+    `preprocess`), then batched. Raises ValueError for an empty folder or no readable image."""
+    total = None
     if isinstance(images, (str, Path)):
-        import data
-        images = data.iter_images(image_files(images), size)
-    feats, batch, t_last = [], [], time.time()
+        paths = data.find_images(images)
+        images, total = data.iter_images(paths), len(paths)
+    prepare = getattr(net, "preprocess", None)
+    run = net.features if isinstance(net, FeatureNetwork) else net
+    feats, batch = [], []
 
     def flush():
-        feats.append(net(torch.cat(batch).to(device)).cpu())
+        out = run(torch.cat(batch))
+        feats.append((out[0] if isinstance(out, tuple) else out).float().cpu())
         batch.clear()
 
-    for img in images:
-        batch.append(img[None] if img.ndim == 3 else img)
-        if sum(len(b) for b in batch) >= batch_size:
+    with torch.no_grad(), tqdm(total=total, desc=f"features [{getattr(net, 'name', 'net')}]",
+                               unit="img", disable=not progress) as bar:
+        for img in images:
+            x = (img[None] if img.ndim == 3 else img).to(device)
+            x = prepare(x) if prepare is not None else x
+            if batch and batch[0].shape[1:] != x.shape[1:]:
+                flush()                        # no preprocess and a new size: batch same sizes only
+            batch.append(x)
+            if sum(len(b) for b in batch) >= batch_size:
+                flush()
+            bar.update(len(x))
+        if batch:
             flush()
-            if progress and time.time() - t_last > 5:
-                t_last = time.time()
-                print(f"features [{getattr(net, 'name', 'net')}]: {sum(map(len, feats))} images", file=sys.stderr)
-    if batch:
-        flush()
     if not feats:
         raise ValueError("no readable images to extract features from")
     return torch.cat(feats).numpy()
 
 
 # -------------------------------------------------------------------------------------------- CLI
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1 or str(v) != s.strip():
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return v
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="FID and precision/recall between two feature files "
                                  "(.npy, (N, D)) or two image folders.")
-    ap.add_argument("real"), ap.add_argument("fake")
-    ap.add_argument("--k", type=int, default=K_NN, help="k of the k-NN radius (default 3)")
+    ap.add_argument("real", help="real/test features (.npy) or image folder")
+    ap.add_argument("fake", help="generated features (.npy) or image folder")
+    ap.add_argument("--k", type=_positive_int, default=K_NN,
+                    help="k of the k-NN radius (default 3, Kynkäänniemi et al. 2019)")
     ap.add_argument("--features", default="dinov2-l14",
-                    help="network for image folders: inception or an encoders.py name (FD-DINOv2 default)")
-    ap.add_argument("--weights", help="weights file of the feature network")
-    ap.add_argument("--batch-size", type=int, default=64)
+                    help="network for image folders: inception, or an encoders.py preset (default "
+                         "dinov2-l14: FD-DINOv2)")
+    ap.add_argument("--weights", help=f"weights file of the feature network (inception: {inception.WEIGHTS_FILE})")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="allow a feature network without weights (smoke tests; the numbers are meaningless)")
+    ap.add_argument("--batch-size", type=_positive_int, default=64, help="images per network call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     paths = [Path(args.real), Path(args.fake)]
     for p in paths:
         if not p.exists():
             ap.error(f"{p}: no such file or folder")
-    if all(p.is_dir() for p in paths):
-        net = feature_network(args.features, args.weights, args.device)
-        real, fake = (extract_features(net, p, args.batch_size, args.device) for p in paths)
-        source = net.name
-    elif all(p.suffix == ".npy" for p in paths):
-        real, fake = (np.load(p) for p in paths)
-        source = "precomputed (.npy)"
-    else:
-        ap.error(f"give two .npy feature files or two image folders, not {args.real} and {args.fake}")
     try:
+        if all(p.is_dir() for p in paths):
+            net = feature_network(args.features, args.weights, args.device, args.random_weights)
+            real, fake = (extract_features(net, p, args.batch_size, args.device) for p in paths)
+            source = net.name
+        elif all(p.suffix == ".npy" for p in paths):
+            real, fake = (np.load(p) for p in paths)
+            source = "precomputed (.npy)"
+        else:
+            ap.error(f"give two .npy feature files or two image folders, not {args.real} and {args.fake}")
         out = {"fid": frechet_distance(real, fake)}
         out.update(precision_recall(real=real, fake=fake, k=args.k)._asdict())
-    except ValueError as e:
-        ap.error(str(e))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        ap.error(str(e).strip("'\""))
     out.update(k=args.k, n_real=len(real), n_fake=len(fake), features=source)
     print(json.dumps(out, indent=2))
 

@@ -1,199 +1,499 @@
-"""Sample image variations from a train.py checkpoint, and run the K-shot evaluation of §7/§8.
+"""Sample image variations from a checkpoint, and run the K-shot evaluation of §7/§8.
 
 Semantica (arXiv 2405.14857): Fig. 1 (each conditioning image followed by its variations), Fig. 14
-(one column per guidance factor, 0.0-1.0), §7 (K-shot FID / precision / recall: N test images, K
-conditioning images picked at random, N/K samples each), §8.2 and App. H (FID per guidance).
+(one column block per guidance factor, 0.0-1.0), §7 (K-shot FID / precision / recall: N test images,
+K conditioning images picked at random, N/K samples each), §8.2 and App. F (alignment of each sample
+with its conditioning image in CLIP B/16 and DINOv2 space), App. H (FID per guidance).
 
     python sample.py --ckpt runs/tiny/ckpt.pt --images A.png B.jpg --n 8 --guidance 0.5 --out grid.png
     python sample.py --ckpt CKPT --images A.png --n 1 --guidance 0,0.1,0.2,0.5,1.0 --out fig14.png
-    python sample.py --ckpt CKPT --few-shot 1 --data DIR --guidance 0,0.5,1 --out eval/
+    python sample.py --ckpt CKPT --few-shot 1 --data DIR --per-group 10 --guidance 0,0.5,1 --out eval/ \
+        --alignment dinov2-b14=dinov2_vitb14_pretrain.pth,clip-b16=clip-vit-base-patch16/
+    torchrun --nproc_per_node=8 sample.py --few-shot 1 ...      # the same numbers, split over 8 processes
 
-The model is rebuilt from the checkpoint's config and uses the EMA weights (`--no-ema` for the raw
-ones). Sampling: DDPM with gamma 0.2 and guidance (1 + w) v_cond - w v_uncond (diffusion.py).
-Grid layout: one row per conditioning image: the image, then for each guidance value --n samples
-(the same noise for every guidance value, so the columns differ only in w).
-Not implemented: multi-GPU sampling for the 50k-sample FID of §6.1.
+The model comes from `Semantica.from_checkpoint` (EMA weights unless --no-ema). Sampling: DDPM with
+gamma 0.2 and guidance (1 + w) v_cond - w v_null (diffusion.py). A grid has a header row naming each
+guidance block; its samples are also saved one by one in OUT_STEM/img{i}_w{w}_s{j}.png.
+DESIGN (noise): sample j of image k (grid: the k-th --images file; K-shot: the k-th conditioning image
+of the plan) gets its noise from (seed, k, j) alone, through Semantica.sample's first_index / first_sample,
+and the same noise for every guidance value; so any --batch, any split of one image's samples across
+calls, any number of processes and a resumed run give the same images. K-shot samples on disk
+(OUT/samples_w{w}/cond{test image}_s{j}.png) are read back instead of redrawn; features are always taken
+from the 8-bit images as written, so a resumed run gives the same numbers.
 """
 import argparse
+import inspect
 import json
+import math
 import os
+import re
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
+import data
 import diffusion
-import train
+import encoders
+import metrics
+from semantica import Semantica
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = ""                     # train.py checkpoint (OUT/ckpt.pt)
-    images: tuple = ()                 # conditioning image files (grid mode)
-    n: int = 8                         # variations per conditioning image and guidance value (Fig. 1: 8)
-    guidance: tuple = (diffusion.GUIDANCE,)  # §6.1: 0.5; a list gives the Fig. 14 layout
-    steps: int = 256                   # DESIGN: DDPM steps (the paper does not state them)
-    gamma: float = diffusion.GAMMA     # §6.1: "DDPM sampler with an interpolation of 0.2"
-    seed: int = 0
-    out: str = "grid.png"              # grid PNG, or the output folder with --few-shot
-    few_shot: int = 0                  # K > 0: K-shot evaluation on --data (§7)
-    data: str = ""                     # test images: folder, manifest or "synthetic"
-    per_group: int = 0                 # test images per page / class (§8.2: 10 per ImageNet class); 0 = all
-    features: str = "encoder"          # "encoder" (the checkpoint's), "inception" or an encoders.py name
-    feature_weights: str = ""          # weights of --features (inception: pt_inception-2015-12-05-6726825d.pth)
-    encoder_weights: str = ""          # override the encoder file named in the checkpoint
-    ema: bool = True                   # sample from the EMA weights (style.md C13)
-    batch: int = 64                    # conditioning images per sampling call
+    ckpt: str = ""                     # checkpoint written by train.py (OUT/ckpt.pt)
+    images: tuple = ()                 # conditioning images of a grid (Fig. 1 / Fig. 14 layout)
+    n: int = 8                         # variations per image and guidance value (Fig. 1: 8)
+    guidance: tuple = (diffusion.GUIDANCE,)  # guidance w, one or several (0,0.5,1); §6.1: 0.5; Fig. 14: 0,0.1,0.2,0.5,1
+    steps: int = 256                   # DDPM steps (DESIGN: the paper does not state them)
+    gamma: float = diffusion.GAMMA     # DDPM variance interpolation in [0, 1]; §6.1: 0.2
+    seed: int = 0                      # noise seed; a sample's noise depends on (seed, its index, w) only
+    out: str = "grid.png"              # grid image (.png, .jpg, ...), or the output folder with --few-shot
+    few_shot: int = 0                  # K > 0: K-shot evaluation on --data (§7): K conditioning images per page/class
+    data: str = ""                     # test images: ROOT/<page or class>/<image>, a .csv/.jsonl manifest, or synthetic
+    per_group: int = 0                 # test images drawn per page/class (§8.2: 10 per ImageNet class); 0 = all
+    features: str = "encoder"          # FID/P/R features: encoder (the checkpoint's), inception, or an encoders.py name
+    feature_weights: str = ""          # weights file of --features (inception: pt_inception-2015-12-05-6726825d.pth)
+    alignment: str = "encoder"         # §8.2 alignment spaces NAME=WEIGHTS,... (dinov2-b14=PATH,clip-b16=PATH); encoder = the checkpoint's
+    encoder_weights: str = ""          # the checkpoint's encoder weights, where they are not at the stored path
+    ema: bool = True                   # sample from the EMA weights (--no-ema: the raw weights)
+    batch: int = 64                    # samples per sampling call (with guidance the network sees at most 2x)
+    device: str = ""                   # cpu, cuda, cuda:1; default cuda when available (torchrun: cuda:LOCAL_RANK)
+
+
+# ------------------------------------------------------------------------------------ arguments
+def _comments(cls):
+    """{field: its comment in the class source}: the one place each flag is described."""
+    return dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", inspect.getsource(cls), re.MULTILINE))
+
+
+def _number(kind, low=None, high=None):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
+            raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
+        return v
+    return parse
+
+
+def _guidance(text):  # "0,0.5" -> [0.0, 0.5]; each a finite number (nan/inf give garbage samples)
+    return [_number(float)(v) for v in text.split(",") if v]
+
+
+TYPES = {"n": _number(int, 1), "steps": _number(int, 1), "gamma": _number(float, 0.0, 1.0), "batch": _number(int, 1),
+         "few_shot": _number(int, 0), "per_group": _number(int, 0), "seed": _number(int, 0), "guidance": _guidance}
+
+
+def check_out(out, folder):
+    """The output path must be writable in the form the mode needs; -> an error message or None."""
+    if folder and os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file; --few-shot writes a folder"
+    if not folder:
+        if os.path.isdir(out):
+            return f"--out {out} is a folder; give the grid's file name, e.g. {os.path.join(out, 'grid.png')}"
+        if os.path.splitext(out)[1].lower() not in IMAGE_EXTS:
+            return f"--out {out}: unknown image extension; use one of {', '.join(IMAGE_EXTS)}"
+        stem = os.path.splitext(out)[0]
+        if os.path.exists(stem) and not os.path.isdir(stem):
+            return f"--out {out}: its samples go to the folder {stem}, which is a file"
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        return f"--out {out}: cannot write under {parent}"
+    return None
 
 
 def parse_args(argv=None):
+    """Flags from SampleConfig (help = the field comments); numbers and --out are checked here, before
+    any model is loaded. Errors: argparse's one-line message, exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    train.add_flags(parser, SampleConfig, asdict(SampleConfig()))
+    notes, defaults = _comments(SampleConfig), SampleConfig()
+    for f in fields(SampleConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        text = f"{notes[f.name]} (default: {default if default != '' else 'none'})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif f.type is tuple:
+            parser.add_argument(flag, nargs="+", default=default, type=TYPES.get(f.name, str), help=text)
+        else:
+            parser.add_argument(flag, type=TYPES.get(f.name, f.type), default=default, help=text)
     args = vars(parser.parse_args(argv))
-    try:  # "--guidance 0,0.5 1" -> (0.0, 0.5, 1.0)
-        args["guidance"] = tuple(float(v) for s in args["guidance"] for v in str(s).split(",") if v)
-    except ValueError as e:
-        parser.error(f"--guidance takes numbers such as 0,0.1,0.5: {e}")
+    if args["guidance"] is not defaults.guidance:  # nargs="+" of comma lists -> one flat tuple
+        args["guidance"] = tuple(v for vs in args["guidance"] for v in vs)
     cfg = SampleConfig(**{**args, "images": tuple(args["images"])})
     if not cfg.ckpt:
         parser.error("--ckpt is required")
+    if not cfg.guidance:
+        parser.error("--guidance needs at least one value")
     if not cfg.few_shot and not cfg.images:
         parser.error("give --images A.png ... (grid) or --few-shot K --data DIR (evaluation)")
     if cfg.few_shot and not cfg.data:
         parser.error("--few-shot needs --data (the test images)")
+    if cfg.features != "encoder" and not cfg.feature_weights:
+        parser.error(f"--features {cfg.features} needs --feature-weights (random features give meaningless metrics)")
+    try:
+        alignment_spaces(cfg.alignment)
+    except ValueError as e:
+        parser.error(str(e))
+    problem = check_out(cfg.out, folder=bool(cfg.few_shot))
+    if problem:
+        parser.error(problem)
     return cfg
 
 
+def alignment_spaces(spec):
+    """"encoder,dinov2-b14=PATH" -> [("encoder", None), ("dinov2-b14", "PATH")]."""
+    spaces = []
+    for item in filter(None, spec.split(",")):
+        name, _, weights = item.partition("=")
+        if name != "encoder" and not weights:
+            raise ValueError(f"--alignment {name} needs its weights: {name}=PATH (or 'encoder', the checkpoint's own)")
+        spaces.append((name, weights or None))
+    return spaces
+
+
+def fail(message):
+    """A user error: one line on stderr, exit status 2 (argparse's convention)."""
+    print(f"sample.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# ------------------------------------------------------------------------------- model, sampling
 def load_model(cfg, device):
-    """Rebuild Semantica from a train.py checkpoint's config; load EMA (or raw) weights."""
-    ckpt = train.load_checkpoint(cfg.ckpt)
-    tcfg = train.TrainConfig(**{k: v for k, v in ckpt["cfg"].items() if k in train.TrainConfig.__dataclass_fields__})
-    if cfg.encoder_weights:
-        tcfg.encoder_weights = cfg.encoder_weights
-    elif tcfg.encoder_weights and not os.path.exists(tcfg.encoder_weights):
-        raise SystemExit(f"{cfg.ckpt} was trained with encoder weights {tcfg.encoder_weights}, which do not "
-                         f"exist here; pass --encoder-weights PATH")
-    encoder = train.build_encoder(tcfg, ckpt.get("encoder_state"))
-    model = train.build_model(tcfg, encoder)
+    """Semantica.from_checkpoint (the one loader); a bad file or a missing weight file is a user error."""
     try:
-        model.load_state_dict(ckpt["ema" if cfg.ema else "model"])
-    except RuntimeError as e:
-        raise SystemExit(f"{cfg.ckpt}: weights do not fit the model its config describes: {e}") from e
-    return model.to(device).eval(), encoder.to(device), tcfg, ckpt["step"]
+        return Semantica.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=device,
+                                         encoder_weights=cfg.encoder_weights or None)
+    except (OSError, ValueError, KeyError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(message if cfg.ckpt in message else f"{cfg.ckpt}: {message}")
 
 
-@torch.no_grad()
-def variations(model, cond, cfg, seed, autocast):
-    """-> (B, len(guidance) * n, 3, H, W): for each guidance value n samples, the same noise for each w."""
-    cols = []
-    for w in cfg.guidance:
-        g = torch.Generator(cond.device).manual_seed(seed)
-        with autocast:
-            cols.append(model.sample(cond, cfg.n, steps=cfg.steps, guidance=w, gamma=cfg.gamma,
-                                     generator=g).float())  # (B, n, 3, H, W)
-    return torch.cat(cols, 1)
+def describe(encoder):
+    """A network's name and where its weights came from, for tables."""
+    src = os.path.basename(encoder.weights.rstrip("/")) if encoder.weights else \
+        f"random init, seed {getattr(encoder, 'seed', None)}"
+    return f"{encoder.name} ({src})"
 
 
-def grid(cfg, model, size, device, autocast):
-    import data
+def quantize(x):
+    """[-1, 1] -> the values an 8-bit PNG of x reads back as (data.save_png's rounding)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def calls(rows):
+    """[(k, s)] (image k's sample s), image-major -> [([k0, k0 + 1, ...], s0, m)]: runs of consecutive images
+    that all need samples s0 .. s0 + m - 1, one Semantica.sample call each."""
+    runs, groups = [], []
+    for k, s in rows:
+        if runs and runs[-1][0] == k and runs[-1][1] + runs[-1][2] == s:
+            runs[-1][2] += 1
+        else:
+            runs.append([k, s, 1])
+    for k, s0, m in runs:
+        if groups and groups[-1][1:] == [s0, m] and groups[-1][0][-1] == k - 1:
+            groups[-1][0].append(k)
+        else:
+            groups.append([[k], s0, m])
+    return groups
+
+
+def draw(model, rows, cond_of, guidance, cfg, device):
+    """Samples of rows [(k, s)] (at most --batch: the network sees at most 2 x --batch with guidance)
+    -> quantized (len(rows), 3, S, S) on the CPU. cond_of([k, ...]) gives those conditioning images."""
+    out = []
+    for ks, s0, m in calls(rows):
+        x = model.sample(cond_of(ks).to(device), num_samples=m, steps=cfg.steps, guidance=guidance, gamma=cfg.gamma,
+                         seed=cfg.seed, first_index=ks[0], first_sample=s0)     # (len(ks), m, 3, S, S)
+        out.append(quantize(x.flatten(0, 1)).cpu())
+    return torch.cat(out)
+
+
+def progress(total, what):
+    """tqdm with a smoothed ETA on a terminal; on a log file a line every 30 s."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=what, unit="img", file=sys.stderr, mininterval=0.5 if tty else 30,
+                disable=None if tty else False, dynamic_ncols=True)
+
+
+def save(image, path):
+    """Atomic PNG write: a killed run never leaves a truncated sample that a resume would trust."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    data.save_png(image.cpu(), tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- grids
+def grid(cfg, model, device):
+    """Fig. 1 / Fig. 14: per conditioning image the image, then n samples per guidance value."""
+    size = model.config.image_size
     cond = []
     for path in cfg.images:
         try:
             cond.append(data.load_image(path, size))
-        except Exception as e:
-            raise SystemExit(f"cannot read conditioning image {path}: {type(e).__name__}: {e}") from e
-    cond = torch.stack(cond).to(device)  # (B, 3, S, S)
-    samples = torch.cat([variations(model, cond[i:i + cfg.batch], cfg, cfg.seed + i, autocast)
-                         for i in range(0, len(cond), cfg.batch)])
-    train.save_grid(torch.cat([cond[:, None], samples], 1), cfg.out)  # Fig. 1 / Fig. 14 layout
-    print(f"wrote {cfg.out}: {len(cond)} rows x {1 + samples.shape[1]} columns "
-          f"(condition, then {cfg.n} per guidance {list(cfg.guidance)})")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            fail(f"cannot read conditioning image {path}: {type(e).__name__}: {e}")
+    cond = torch.stack(cond).to(device)                                    # (B, 3, S, S)
+    rows = [(i, j) for i in range(len(cond)) for j in range(cfg.n)]        # noise of sample j of image i: (seed, i, j)
+    out = torch.empty(len(cond), len(cfg.guidance), cfg.n, 3, size, size)
+    with progress(len(rows) * len(cfg.guidance), "sampling") as bar:
+        for g, w in enumerate(cfg.guidance):
+            for a in range(0, len(rows), cfg.batch):
+                chunk = rows[a:a + cfg.batch]
+                x = draw(model, chunk, lambda ks: cond[ks], w, cfg, device)
+                for (i, j), xi in zip(chunk, x):
+                    out[i, g, j] = xi
+                bar.update(len(chunk))
+    stem = os.path.splitext(cfg.out)[0]
+    os.makedirs(stem, exist_ok=True)
+    for i in range(len(cond)):
+        save(cond[i], os.path.join(stem, f"img{i}_cond.png"))
+        for g, w in enumerate(cfg.guidance):
+            for j in range(cfg.n):
+                save(out[i, g, j], os.path.join(stem, f"img{i}_w{w}_s{j}.png"))
+    tmp = f"{stem}.tmp{os.getpid()}{os.path.splitext(cfg.out)[1]}"
+    labeled_grid(cond.cpu(), out, cfg.guidance).save(tmp)
+    os.replace(tmp, cfg.out)
+    print(f"wrote {cfg.out}: {len(cond)} rows x {1 + len(cfg.guidance) * cfg.n} columns (condition, then "
+          f"{cfg.n} per guidance {list(cfg.guidance)}); each sample in {stem}/")
 
 
-def few_shot(cfg, model, encoder, tcfg, size, device, autocast):
-    """K-shot evaluation (§7, §8.2, App. H): FID / precision / recall / alignment per guidance value."""
-    import data
-    import metrics
-    pages, skipped = data.open_pages(cfg.data, size)
-    items = [(p, i) for p in range(len(pages)) for i in range(pages.count(p))]
-    groups = [p for p, _ in items]  # pages (or class folders) group the test images
+def labeled_grid(cond, samples, guidance, gap=2):
+    """cond (B, 3, S, S), samples (B, G, n, 3, S, S) -> a PIL grid under a header row "w=..." per block."""
+    b, g, n, _, s, _ = samples.shape
+    font = ImageFont.load_default()
+    head = font.getbbox("w=0.5")[3] + 2 * gap
+    canvas = Image.new("RGB", ((1 + g * n) * (s + gap) + gap, head + b * (s + gap) + gap), "white")
+    pen = ImageDraw.Draw(canvas)
+    for k, w in enumerate(guidance):
+        pen.text((gap + (1 + k * n) * (s + gap), gap), f"w={w:g}", fill="black", font=font)
+    to_pil = lambda x: Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    for i in range(b):
+        top = head + i * (s + gap)
+        canvas.paste(to_pil(cond[i]), (gap, top))
+        for k in range(g):
+            for j in range(n):
+                canvas.paste(to_pil(samples[i, k, j]), (gap + (1 + k * n + j) * (s + gap), top))
+    return canvas
+
+
+# ---------------------------------------------------------------------------------- K-shot (§7)
+def page_name(pages, p):
+    """A page's folder (or manifest) name; synthetic pages by number."""
+    names = getattr(pages, "names", None)
+    return str(names[p]) if names is not None else f"synthetic page {p}"
+
+
+def kshot_plan(cfg):
+    """-> (pages, items [(page, image)], plan [(item, num_samples)], §7 via metrics.kshot_select).
+    Every problem is a one-line error naming the page and what to change, before any model loads."""
+    try:
+        pages, skipped = data.open_pages(cfg.data, None, decode=True)   # decode: no bad file hours later
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"--data {cfg.data}: {e}")
+    if skipped:
+        print(f"{cfg.data}: skipped {len(skipped)} unreadable file(s), e.g. {next(iter(skipped))}", file=sys.stderr)
+    counts = [pages.count(p) for p in range(len(pages))]
+    if cfg.per_group and cfg.few_shot > cfg.per_group:
+        fail(f"--few-shot {cfg.few_shot} picks K of the --per-group {cfg.per_group} test images of each page: "
+             f"needs K <= {cfg.per_group}")
+    need, flag = (cfg.per_group, "--per-group") if cfg.per_group else (cfg.few_shot, "--few-shot")
+    small = [p for p, c in enumerate(counts) if c < need]
+    if small:
+        named = ", ".join(f"{page_name(pages, p)} ({counts[p]})" for p in small[:3])
+        fail(f"{len(small)} page(s) of {cfg.data} have fewer than {need} test images ({flag} {need}): {named}"
+             f"{' ...' if len(small) > 3 else ''}; lower {flag} to {min(counts)} or remove those pages")
+    items = [(p, i) for p in range(len(pages)) for i in range(counts[p])]
+    groups = [p for p, _ in items]                      # pages (or class folders) group the test images
     if cfg.per_group:
         keep = metrics.balanced_subset(groups, cfg.per_group, cfg.seed)
         items, groups = [items[j] for j in keep], [groups[j] for j in keep]
-    plan = metrics.kshot_select(groups, cfg.few_shot, cfg.seed)  # [(cond index, samples)], N in all
-    by_count = {}
-    for c, n in plan:
-        by_count.setdefault(n, []).append(c)
-    if cfg.features == "encoder":  # DESIGN: default = the checkpoint's own frozen encoder (global embedding)
-        src = os.path.basename(tcfg.encoder_weights) if tcfg.encoder_weights else "RANDOM weights"
-        net = metrics.FeatureNetwork(f"{encoder.name} global embedding ({src})", encoder, encoder.preprocess)
-    else:
-        net = metrics.feature_network(cfg.features, cfg.feature_weights or None, device)
-    def load(idx):  # test images at the model's resolution, loaded on demand (N can be 10k+)
-        return torch.stack([pages.image(*items[j]) for j in idx])
+    if len(items) <= metrics.K_NN:
+        fail(f"{len(items)} test images in {cfg.data}: precision/recall need at least {metrics.K_NN + 1} "
+             f"(k = {metrics.K_NN} nearest neighbours, §7); add test images" + (" or raise --per-group" if cfg.per_group else ""))
+    return pages, items, metrics.kshot_select(groups, cfg.few_shot, cfg.seed)
 
-    real = metrics.extract_features(net, (load(range(i, min(i + cfg.batch, len(items))))
-                                          for i in range(0, len(items), cfg.batch)), device=device, progress=False)
-    os.makedirs(cfg.out, exist_ok=True)
-    np.save(os.path.join(cfg.out, "features_real.npy"), real)
-    print(f"{len(items)} test images in {len(set(groups))} groups, K = {cfg.few_shot} per group, "
-          f"{len(plan)} conditioning images; features: {net.name}", flush=True)
+
+def read_png(path):
+    """A sample written by save() -> (3, H, W) in [-1, 1], exactly quantize() of what was drawn."""
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def embed(encoder, images):
+    """Global embedding (B, D) float32 of images in [-1, 1]: the §8.2 alignment space / default features."""
+    return encoder(encoder.preprocess(images))[0].float()
+
+
+def write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def check_resume(cfg, model, rank, world):
+    """Samples on disk are reused only if they were drawn by the same run (else: a new --out)."""
+    run = {"ckpt": os.path.abspath(cfg.ckpt), "step": getattr(model, "checkpoint_step", None), "ema": cfg.ema,
+           "steps": cfg.steps, "gamma": cfg.gamma, "seed": cfg.seed, "data": cfg.data, "per_group": cfg.per_group,
+           "few_shot": cfg.few_shot, "image_size": model.config.image_size}
+    path = os.path.join(cfg.out, "run.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        differ = [k for k in run if old.get(k) != run[k]]
+        if differ:
+            fail(f"--out {cfg.out} holds samples of another run (differs in {', '.join(differ)}); use a new --out")
+    if world > 1:
+        dist.barrier()                                   # every rank has read run.json before it is written
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        write_text(path, json.dumps(run, indent=1))
+
+
+@torch.no_grad()
+def few_shot(cfg, model, device, plan, rank=0, world=1):
+    """K-shot evaluation (§7, §8.2, App. H): FID / precision / recall / alignment per guidance value.
+    Rank r of `world` draws the samples [r N / world, (r+1) N / world) of the plan; rank 0 gets all
+    features and writes OUT/kshot.json, OUT/kshot.md and OUT/features_*.npy."""
+    pages, items, plan = plan
+    size = model.config.image_size
+    check_resume(cfg, model, rank, world)
+    load = lambda idx: torch.stack([pages.image(*items[j], size) for j in idx])
+    if cfg.features == "encoder":                      # DESIGN: the checkpoint's frozen encoder (global embedding)
+        feat_name, features = f"{describe(model.encoder)} global embedding", lambda x: embed(model.encoder, x)
+    else:
+        try:
+            net = metrics.feature_network(cfg.features, cfg.feature_weights or None, device)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--features {cfg.features}: {e}")
+        feat_name, features = net.name, net
+    spaces = {}                                         # label -> encoder: the §8.2 alignment columns
+    for name, weights in alignment_spaces(cfg.alignment):
+        try:
+            enc = model.encoder if name == "encoder" else encoders.load_encoder(name, weights).to(device).eval()
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--alignment {name}={weights}: {e}")
+        spaces[describe(enc) + (", the checkpoint's encoder" if name == "encoder" else "")] = enc
+    conds, counts = [c for c, _ in plan], [n for _, n in plan]
+    rows = [(k, s) for k, n in enumerate(counts) for s in range(n)]   # sample s of conditioning image k
+    lo, hi = rank * len(rows) // world, (rank + 1) * len(rows) // world
+    if rank == 0:
+        real = []
+        with progress(len(items), "test image features") as bar:
+            for a in range(0, len(items), cfg.batch):
+                real.append(features(load(range(a, min(a + cfg.batch, len(items)))).to(device)).cpu().numpy())
+                bar.update(len(real[-1]))
+        real = np.concatenate(real)
+        np.save(os.path.join(cfg.out, "features_real.npy"), real)
+        cond_emb = {k: torch.cat([embed(e, load(conds[a:a + cfg.batch]).to(device)).cpu()
+                                  for a in range(0, len(conds), cfg.batch)]) for k, e in spaces.items()}
+        print(f"{len(items)} test images in {len({p for p, _ in items})} groups, K = {cfg.few_shot} per group, "
+              f"{len(plan)} conditioning images, {world} process(es); features: {feat_name}", flush=True)
     results = {}
     for w in cfg.guidance:
-        folder, start, done, feats = os.path.join(cfg.out, f"samples_w{w}"), time.time(), 0, []
+        folder = os.path.join(cfg.out, f"samples_w{w}")
         os.makedirs(folder, exist_ok=True)
-        for n, conds in by_count.items():  # model.sample draws the same number of samples per image
-            per_call = max(1, cfg.batch // n)
-            for b in range(0, len(conds), per_call):
-                idx = conds[b:b + per_call]
-                g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + n * 10_007 + b)  # same noise for all w
-                with autocast:
-                    x = model.sample(load(idx).to(device), n, steps=cfg.steps, guidance=w, gamma=cfg.gamma,
-                                     generator=g).float()  # (len(idx), n, 3, S, S)
-                f = net(x.flatten(0, 1)).cpu().view(len(idx), n, -1)
-                for j, c in enumerate(idx):
-                    feats.append((c, f[j]))
-                    for s in range(n):
-                        data.save_png(x[j, s].cpu(), os.path.join(folder, f"cond{c:06d}_{s:03d}.png"))
-                done += len(idx) * n
-                rate = done / (time.time() - start)
-                print(f"guidance {w}: {done}/{len(items)} samples, {rate:.2f}/s, ETA "
-                      f"{(len(items) - done) / rate:.0f} s", file=sys.stderr, flush=True)
-        feats.sort(key=lambda cf: cf[0])  # ordered by conditioning image, as alignment expects
-        fake = torch.cat([f for _, f in feats]).numpy()
+        feats, embs = [], {k: [] for k in spaces}
+        with progress(hi - lo, f"guidance {w}" + (f" rank {rank}" if world > 1 else "")) as bar:
+            for a in range(lo, hi, cfg.batch):
+                chunk = rows[a:min(a + cfg.batch, hi)]
+                paths = [os.path.join(folder, f"cond{conds[k]:06d}_s{s}.png") for k, s in chunk]
+                x = torch.empty(len(chunk), 3, size, size)
+                todo = []
+                for k, p in enumerate(paths):
+                    if os.path.exists(p):
+                        x[k] = read_png(p)              # resumed: not redrawn
+                    else:
+                        todo.append(k)
+                if todo:                                # noise of row (k, s): (seed, k, s), whatever the split
+                    x[todo] = draw(model, [rows[a + k] for k in todo], lambda ks: load([conds[k] for k in ks]),
+                                   w, cfg, device)
+                    for k in todo:
+                        save(x[k], paths[k])
+                feats.append(features(x.to(device)).cpu())
+                for k, e in spaces.items():
+                    embs[k].append(embed(e, x.to(device)).cpu())
+                bar.update(len(chunk))
+        mine = (torch.cat(feats) if feats else None, {k: torch.cat(v) if v else None for k, v in embs.items()})
+        parts = [mine]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, mine)           # in rank order = plan order
+        if rank != 0:
+            continue
+        fake = torch.cat([f for f, _ in parts if f is not None]).numpy()
         np.save(os.path.join(cfg.out, f"features_w{w}.npy"), fake)
         res = metrics.kshot_metrics(real, fake)
-        res["alignment"] = metrics.alignment(real[[c for c, _ in feats]], fake, [len(f) for _, f in feats])  # §8.2
+        res["alignment"] = {k: metrics.alignment(cond_emb[k], torch.cat([e[k] for _, e in parts if e[k] is not None]),
+                                                 counts) for k in spaces}          # §8.2: each sample vs its own
         results[str(w)] = res
-        print(f"guidance {w}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
-    summary = {"ckpt": cfg.ckpt, "data": cfg.data, "features": net.name, "n": len(items), "k": cfg.few_shot,
-               "steps": cfg.steps, "seed": cfg.seed, "results": results}
-    with open(os.path.join(cfg.out, "kshot.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    table = [f"{cfg.few_shot}-shot on {cfg.data}: N = {len(items)} test images and N samples, "
-             f"features: {net.name}, {cfg.steps} DDPM steps (App. H layout)", "",
-             "| guidance | FID | precision | recall | alignment |", "| --- | --- | --- | --- | --- |"]
-    table += [f"| {w} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['alignment']:.3f} |"
-              for w, r in results.items()]
-    with open(os.path.join(cfg.out, "kshot.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
+        print(f"guidance {w}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if k in ("fid", "precision", "recall"))
+              + "".join(f", alignment [{k}] {v:.4g}" for k, v in res["alignment"].items()), flush=True)
+    if rank == 0:
+        report(cfg, results, len(items), feat_name, list(spaces))
+
+
+def report(cfg, results, n, feat_name, spaces):
+    """OUT/kshot.json and the App. H-style OUT/kshot.md table; both name every network."""
+    summary = {"ckpt": cfg.ckpt, "data": cfg.data, "features": feat_name, "alignment_spaces": spaces, "n": n,
+               "k": cfg.few_shot, "steps": cfg.steps, "gamma": cfg.gamma, "seed": cfg.seed, "results": results}
+    write_text(os.path.join(cfg.out, "kshot.json"), json.dumps(summary, indent=1))
+    table = [f"{cfg.few_shot}-shot on {cfg.data}: N = {n} test images and N samples, {cfg.steps} DDPM steps, "
+             f"gamma {cfg.gamma}, seed {cfg.seed}", f"FID / precision / recall features: {feat_name}"]
+    table += [f"alignment {i + 1}: mean cosine of each sample with its conditioning image in {s} (§8.2)"
+              for i, s in enumerate(spaces)]
+    table += ["", "| guidance | FID | precision | recall |" + "".join(f" alignment {i + 1} |" for i in range(len(spaces))),
+              "| --- | --- | --- | --- |" + " --- |" * len(spaces)]
+    table += [f"| {w} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |"
+              + "".join(f" {a:.3f} |" for a in r["alignment"].values()) for w, r in results.items()]
+    write_text(os.path.join(cfg.out, "kshot.md"), "\n".join(table) + "\n")
     print("\n".join(table))
-    return summary
+
+
+# ------------------------------------------------------------------------------------------ main
+def setup(cfg):
+    """-> (rank, world, device). One process unless started by torchrun (K-shot only): gloo on CPU,
+    nccl on GPUs, rank r on cuda:LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world == 1:
+        return 0, 1, device
+    if not cfg.few_shot:
+        fail("grids run in one process; torchrun is for --few-shot")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def main(cfg):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, encoder, tcfg, step = load_model(cfg, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and tcfg.bf16)
-    size = model.net.config.image_size
-    print(f"{cfg.ckpt}: step {step}, {tcfg.model} + {tcfg.encoder}, {size} px, "
-          f"{'EMA' if cfg.ema else 'raw'} weights, {cfg.steps} DDPM steps")
-    if cfg.few_shot:
-        few_shot(cfg, model, encoder, tcfg, size, device, autocast)
-    else:
-        grid(cfg, model, size, device, autocast)
+    plan = kshot_plan(cfg) if cfg.few_shot else None   # user errors in the data before the model loads
+    rank, world, device = setup(cfg)
+    try:
+        model = load_model(cfg, device)
+        if rank == 0:
+            print(f"{cfg.ckpt}: step {getattr(model, 'checkpoint_step', '?')}, {model.config.image_size} px, "
+                  f"{'EMA' if cfg.ema else 'raw'} weights, encoder {describe(model.encoder)}, {cfg.steps} DDPM steps, "
+                  f"{world} process(es) on {device}", flush=True)
+        if cfg.few_shot:
+            few_shot(cfg, model, device, plan, rank, world)
+        else:
+            grid(cfg, model, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,46 +1,70 @@
 """Semantica: a frozen image encoder conditions a U-ViT diffusion decoder that generates variations.
 
 Semantica (arXiv 2405.14857v3): §3.2 frozen encoder, §3.3 diffusion decoder (uvit.py), §3.4
-conditioning (encoder tokens by cross-attention, or the CLS token by FiLM, App. D), §6.1 training
-and sampling settings (v-prediction with the eps-space loss, DDPM sampler, guidance 0.5). The
-diffusion math lives in diffusion.py and the network in uvit.py; this file joins them:
+conditioning (encoder tokens by cross-attention, or the CLS token by FiLM), §6.1 training and
+sampling settings (v-prediction with the eps-space loss, DDPM sampler, guidance 0.5, Polyak
+averaging). The diffusion math lives in diffusion.py and the network in uvit.py; this file joins them:
 
     cond image --encoder.preprocess--> frozen encoder (no grad) --> tokens (B, T_c, D) | CLS (B, D)
       --condition dropout (p_uncond, to a learned null)--> UViT(z_t, t, cond) -> v --> diffusion_loss
 
-- The encoder is frozen and deliberately *not* a registered submodule: it is never in
-  parameters(), state_dict(), the EMA, the optimiser or a checkpoint (checkpoints store its name
-  and weight-file path). `.to()`/`.cuda()` still move it, and copies (EMA) share it.
-- Classifier-free guidance (Ho & Salimans 2022): training replaces the condition by a learned null
-  with probability p_uncond through torch.where on a per-example mask (static shapes, XLA-friendly);
-  sampling runs the conditional and null passes as one batch and combines them with
-  diffusion.guided, (1 + w) v_cond - w v_null (w = 0: purely conditional).
+Classifier-free guidance (Ho & Salimans 2022): training replaces the condition by a learned null with
+probability p_uncond; sampling runs the conditional and null passes as one batch and combines them as
+(1 + w) v_cond - w v_null in float32 (w = 0: purely conditional).
+
+It also holds the one checkpoint format of the project (`checkpoint_header`, `save_checkpoint`; the
+frozen encoder is stored by identity: name, config, weight-file sha256, or a random init's full state)
+and its one loader:
+
+    model = Semantica.from_checkpoint("runs/tiny/ckpt.pt")          # EMA weights, eval mode
+    x = model.sample([Image.open("a.png")], num_samples=4, seed=0)  # (1, 4, 3, S, S) in [-1, 1]
 
 Shapes: B batch, n samples per condition, S image side, T_c encoder tokens, D encoder width.
-Not implemented: precomputing encoder features offline (pass `cond` tensors to loss/sample instead).
+Precomputed encoder features (§3.2: "we can precompute representations") go to loss/sample as `cond`.
 """
 import copy
 import dataclasses
+import hashlib
+import math
+import os
+import warnings
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
+import data
 import diffusion
+import encoders
 from uvit import UViT, UViTConfig
 
 P_UNCOND = 0.1  # INTERPRETATION: the paper does not state its condition-dropout rate; 0.1 as in Google's
 #                 guided-diffusion configs and Ho & Salimans (diffusion.md §4)
+DDPM_STEPS = 256  # DESIGN: the paper names the DDPM sampler (§3.1, §6.1) but gives no step count N
+EMA_YOUNG = 0.25  # DESIGN: warn when the EMA still holds more than this fraction of its initial weights
+#                   (decay^step; ~1/(1 - decay) steps, where decay^step = 1/e)
+FORMAT = "semantica-ckpt/2"
 
 
 class Semantica(nn.Module):
-    """Frozen encoder + trainable U-ViT (`.net`) + learned null condition (`.null_cond`)."""
+    """Frozen encoder + trainable U-ViT (`.net`) + learned null condition (`.null_cond`).
 
-    def __init__(self, config: UViTConfig, encoder=None, p_uncond=P_UNCOND, encoder_spec=None):
+    The frozen encoder is held in a one-element tuple, `self._frozen = (encoder,)`. nn.Module registers
+    only modules, parameters and buffers assigned as attributes, so a tuple is invisible to it: the
+    encoder is never in parameters(), state_dict(), train()/eval(), the optimiser or the checkpoint (the
+    checkpoint stores its identity instead, see `encoder_identity`). Two consequences, handled in plain code:
+    - `to(...)` is extended to move the encoder as well (`.cuda()`, `.half()` and friends do not move it);
+    - `ema_copy()` makes the EMA with `copy.deepcopy(self, memo)` where memo maps the encoder to itself,
+      so the copy shares the one encoder (a bare deepcopy would duplicate it: correct, twice the memory).
+    """
+
+    def __init__(self, config: UViTConfig, encoder=None, p_uncond=P_UNCOND):
         super().__init__()
         if encoder is not None and encoder.dim != config.cond_dim:
-            raise ValueError(f"encoder {getattr(encoder, 'name', '?')} gives {encoder.dim}-dim features but the "
-                             f"U-ViT expects cond_dim={config.cond_dim}; use "
-                             f"dataclasses.replace(config, cond_dim={encoder.dim})")
+            raise ValueError(f"encoder {encoder.name} gives {encoder.dim}-dim features but the U-ViT expects "
+                             f"cond_dim={config.cond_dim}; use dataclasses.replace(config, cond_dim={encoder.dim})")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.config, self.p_uncond = config, p_uncond
@@ -49,39 +73,39 @@ class Semantica(nn.Module):
         # DESIGN: one learned null token (broadcast over the T_c tokens) or one null CLS vector
         # (diffusion.md §4); it passes through the same norm + projection as real conditions.
         self.null_cond = nn.Parameter(0.02 * torch.randn((1, 1, config.cond_dim) if self.cross else (1, config.cond_dim)))
-        if encoder_spec is None and encoder is not None:
-            encoder_spec = {"name": encoder.name, "weights": getattr(encoder, "weights", None)}
-        self.encoder_spec = encoder_spec
         if encoder is not None:
             encoder.eval().requires_grad_(False)
-        self.__dict__["encoder"] = encoder  # a plain attribute: nn.Module does not register it
+        self._frozen = (encoder,)                 # a tuple: not registered by nn.Module (class docstring)
+        self.checkpoint_step = None               # set by from_checkpoint
 
-    # -- the frozen encoder stays outside the module tree but follows the model around
-    def _apply(self, fn, recurse=True):
-        if self.encoder is not None:        # .to(device) / .cuda() / .double() also move the encoder
-            self.encoder._apply(fn, recurse)
-        return super()._apply(fn, recurse)
+    @property
+    def encoder(self):
+        """The frozen encoder (encoders.VisionEncoder) or None when conditions are given as tensors."""
+        return self._frozen[0]
 
-    def __deepcopy__(self, memo):
-        """deepcopy (the EMA) shares the one frozen encoder instead of duplicating it."""
-        memo[id(self.encoder)] = self.encoder
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
+    def to(self, *args, **kwargs):
+        """nn.Module.to, and the frozen encoder follows (it is not a submodule)."""
+        if self.encoder is not None:
+            self.encoder.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def ema_copy(self):
+        """A frozen copy for Polyak averaging (§6.1) that shares, not copies, the frozen encoder."""
+        shared = {id(self.encoder): self.encoder}  # deepcopy's memo: "already copied" -> reused as is
+        return copy.deepcopy(self, shared).eval().requires_grad_(False)
 
     # -- conditioning
     @torch.no_grad()
     def condition(self, images):
         """Images in [-1, 1] (B, 3, H, W) -> tokens (B, T_c, D) for cross-attention or CLS (B, D) for FiLM."""
         if self.encoder is None:
-            raise RuntimeError("this Semantica has no encoder: pass precomputed cond tensors, or build it "
-                               "with encoder=encoders.load_encoder(...)")
+            raise ValueError("this Semantica has no encoder: pass precomputed cond tensors, or build it "
+                             "with encoder=encoders.load_encoder(...)")
         global_feature, tokens = self.encoder(self.encoder.preprocess(images))  # §3.4
         return tokens if self.cross else global_feature
 
-    def _as_cond(self, cond):
-        """Images (4-D) go through the encoder; precomputed tokens / CLS features are checked."""
+    def as_cond(self, cond):
+        """Images (B, 3, H, W) go through the encoder; precomputed tokens / CLS features are checked."""
         if cond.ndim == 4:
             return self.condition(cond)
         want = "tokens (B, T_c, D)" if self.cross else "global features (B, D)"
@@ -91,82 +115,321 @@ class Semantica(nn.Module):
         return cond
 
     def drop_condition(self, cond, generator=None):
-        """Replace each example's condition by the learned null with probability p_uncond (CFG training)."""
+        """Replace each example's condition by the learned null with probability p_uncond (CFG training).
+
+        torch.where on a per-example mask (static shapes, XLA-friendly); a dropped row equals null_cond exactly.
+        """
         keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= self.p_uncond  # (B,)
         keep = keep.view(-1, *(1,) * (cond.ndim - 1))
         return torch.where(keep, cond, self.null_cond.to(cond.dtype))
 
     # -- training
-    def loss(self, target_images, cond, generator=None):
-        """eps-space diffusion loss (§6.1) of target images (B, 3, S, S) in [-1, 1] given cond images or tensors."""
-        cond = self.drop_condition(self._as_cond(cond), generator)
-        return diffusion.diffusion_loss(lambda z_t, t: self.net(z_t, t, cond), target_images, generator=generator)
+    def loss(self, target_images, cond, generator=None, t=None, eps=None):
+        """eps-space diffusion loss (§3.1, §6.1) of targets (B, 3, S, S) in [-1, 1] given cond images or tensors.
+
+        The condition is dropped to the null first (p_uncond), then diffusion.diffusion_loss draws t and eps
+        from `generator` unless given.
+        """
+        cond = self.drop_condition(self.as_cond(cond), generator)
+        return diffusion.diffusion_loss(lambda z_t, t_: self.net(z_t, t_, cond), target_images, t=t, eps=eps,
+                                        generator=generator)
 
     def forward(self, target_images, cond, generator=None):
         """The training loss; what DDP / FSDP wrap."""
         return self.loss(target_images, cond, generator)
 
     # -- sampling
-    @torch.no_grad()
-    def sample(self, cond_images=None, num_samples=1, steps=256, guidance=diffusion.GUIDANCE, gamma=diffusion.GAMMA,
-               generator=None, cond=None, progress=False):
-        """num_samples variations of each conditioning image -> (B, num_samples, 3, S, S) in [-1, 1].
+    def as_images(self, images):
+        """PIL image(s) or tensors -> float (B, 3, H, W) on the model's device; PIL images become 8-bit RGB,
+        resized (shorter side) and centre-cropped to the model's resolution as in training (data.py)."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return images.to(self.null_cond.device, torch.float32)
+        if isinstance(images, (Image.Image, torch.Tensor)):
+            images = [images]
+        size = self.config.image_size
+        rows = [data.centre_crop_resize(data.to_rgb(im), size) if isinstance(im, Image.Image) else torch.as_tensor(im)
+                for im in images]
+        if len({tuple(r.shape) for r in rows}) > 1 or rows[0].ndim != 3 or rows[0].shape[0] != 3:
+            raise ValueError(f"conditioning images must be PIL images or (3, H, W) tensors of one size, got "
+                             f"shapes {sorted({tuple(r.shape) for r in rows})}")
+        return torch.stack(rows).to(self.null_cond.device, torch.float32)
 
-        DDPM with 256 steps, interpolation gamma 0.2 and guidance w 0.5 (§6.1). Pass `cond` (tokens or
-        CLS features) instead of images to skip the encoder. Runs in eval mode (no dropout).
+    @torch.no_grad()
+    def sample(self, cond_images=None, num_samples=1, steps=DDPM_STEPS, guidance=diffusion.GUIDANCE,
+               gamma=diffusion.GAMMA, seed=0, cond=None, progress=False, first_index=0, first_sample=0):
+        """num_samples variations of each conditioning image -> float32 (B, num_samples, 3, S, S) in [-1, 1].
+
+        cond_images: a tensor (B, 3, H, W) / (3, H, W) in [-1, 1], a PIL image or a list of either; or give
+        `cond` (encoder tokens (B, T_c, D) or CLS features (B, D)) to skip the encoder.
+        Sampler: DDPM (§3.1) with `steps` steps (DESIGN: 256, the paper gives no count), variance
+        interpolation gamma 0.2 (§6.1) and guidance w (§6.1: 0.5), (1 + w) v_cond - w v_null with the
+        learned null (w = 0: purely conditional, no null pass). The network may run under bf16 autocast;
+        its outputs are cast to float32 before guidance and every sampler update is float32.
+        Noise: sample j of row b uses its own generator seeded from (seed, first_index + b, first_sample + j)
+        (numpy SeedSequence), for its initial noise and every step's noise, so an image's variations do not
+        depend on the other images of the batch, nor on how its samples are split across calls; the same
+        noise is used for every guidance value (columns of a guidance sweep differ only in w).
+        Raises ValueError for steps / num_samples < 1, non-finite guidance or gamma, negative seed or indices.
         """
-        cond = self._as_cond(cond_images if cond is None else cond)
-        b, size = cond.shape[0], self.config.image_size
-        cond = cond.repeat_interleave(num_samples, dim=0)                      # (B n, ...)
-        both = torch.cat([cond, self.null_cond.to(cond.dtype).expand_as(cond)])  # (2 B n, ...): cond, then null
+        _check_sampling(steps, num_samples, guidance, gamma, seed, first_index, first_sample)
+        if cond is None:
+            if cond_images is None:
+                raise ValueError("give cond_images (tensors or PIL images) or cond (encoder features)")
+            cond_images = self.as_images(cond_images)
+        cond = self.as_cond(cond_images if cond is None else cond)
+        b, size, device = cond.shape[0], self.config.image_size, cond.device
+        cond = cond.repeat_interleave(num_samples, dim=0)                         # (B n, ...)
+        null = self.null_cond.to(cond.dtype).expand_as(cond)
+        both = torch.cat([cond, null])                                            # (2 B n, ...): cond, then null
 
         def v_fn(z_t, t):
-            if guidance == 0:                                                  # w = 0: the null pass is unused
-                return self.net(z_t, t, cond)
-            v_cond, v_null = self.net(torch.cat([z_t, z_t]), torch.cat([t, t]), both).chunk(2)
-            return diffusion.guided(v_cond, v_null, guidance)
+            if guidance == 0:                                                     # w = 0: the null pass is unused
+                return self.net(z_t, t, cond).float()
+            v_cond, v_null = self.net(torch.cat([z_t, z_t]), torch.cat([t, t]), both).float().chunk(2)
+            return diffusion.guided(v_cond, v_null, guidance)                     # float32, also under autocast
 
+        generators = [sample_generator(seed, first_index + i, first_sample + j, device)
+                      for i in range(b) for j in range(num_samples)]
+        noise = torch.stack([torch.randn(3, size, size, generator=g, device=device, dtype=torch.float32)
+                             for g in generators])
         was_training = self.training
         self.eval()
-        noise = torch.randn(cond.shape[0], 3, size, size, generator=generator, device=cond.device)
-        x = diffusion.ddpm_sample(v_fn, noise, steps, gamma=gamma, generator=generator, progress=progress)
-        self.train(was_training)
+        try:
+            x = ddpm_sample_rows(v_fn, noise, steps, gamma, generators, progress)
+        finally:
+            self.train(was_training)
         return x.view(b, num_samples, 3, size, size)
 
-    # -- checkpoints: the config inside, the encoder by reference
-    def save(self, path, **extra):
-        """torch.save {"config", "model", "p_uncond", "encoder_spec", **extra}; never the encoder weights."""
-        torch.save({"config": dataclasses.asdict(self.config), "model": self.state_dict(),
-                    "p_uncond": self.p_uncond, "encoder_spec": self.encoder_spec, **extra}, path)
-
+    # -- the one loader
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu", encoder=None, key="model"):
-        """Rebuild from `save`: the config from the file, the encoder from its spec unless one is given.
+    def from_checkpoint(cls, path, ema=True, device="cpu", encoder=None, encoder_weights=None):
+        """Rebuild the model that train.py saved in `path` (format FORMAT, see `checkpoint_header`), in eval mode.
 
-        key="ema" loads an EMA state dict stored by the caller as save(path, ema=ema.state_dict()).
+        ema: load the Polyak-averaged weights (default, §6.1) or the raw ones. The encoder is rebuilt from the
+        stored identity (`build_encoder`; `encoder_weights` points to its file when it moved), or `encoder` is
+        given and must be the one the model was trained with. "module." / "_orig_mod." key prefixes (a
+        wrapped or compiled model's state dict) are stripped. Warns when the EMA is young (EMA_YOUNG).
+        Raises ValueError (one line, the file untouched) for an unreadable file, another format, weights that
+        do not fit the stored config, or an encoder mismatch; FileNotFoundError when `path` does not exist.
         """
+        ckpt = read_checkpoint(path)
+        key = "ema" if ema else "model"
+        if ckpt.get(key) is None:
+            raise ValueError(f"{path}: the checkpoint holds no {key!r} weights")
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # truncated / not a torch file
-            raise ValueError(f"{path}: cannot read the checkpoint ({e})") from e
-        if not isinstance(ckpt, dict) or "config" not in ckpt or key not in ckpt:
-            found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"{path}: not a Semantica checkpoint (needs 'config' and {key!r}; found {found})")
-        try:
-            config = UViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
-        except TypeError as e:
-            raise ValueError(f"{path}: stored config does not fit UViTConfig ({e})") from e
-        spec = ckpt.get("encoder_spec")
-        if encoder is None and spec is not None:
-            import encoders  # only needed when the encoder is rebuilt from its name / weight file
-            encoder = encoders.load_encoder(spec["name"], weights=spec["weights"])
+            config = UViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: the stored model_config does not fit UViTConfig ({e})") from e
+        identity = ckpt["encoder"]
+        if encoder is None and identity is not None:
+            encoder = build_encoder(identity, weights=encoder_weights)
         elif encoder is not None:
-            spec = None      # derived from the given encoder
-        model = cls(config, encoder=encoder, p_uncond=ckpt.get("p_uncond", P_UNCOND), encoder_spec=spec)
+            check_encoder(identity, encoder)
+        model = cls(config, encoder=encoder, p_uncond=ckpt["p_uncond"])
+        state = {strip_prefixes(k): v for k, v in ckpt[key].items()}
+        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+        if missing or unexpected:
+            raise ValueError(f"{path}: {key!r} weights do not fit the stored config: missing {sorted(missing)[:4]}, "
+                             f"unexpected {sorted(unexpected)[:4]}")
         try:
-            model.load_state_dict(ckpt[key])
+            model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{path}: the weights under {key!r} do not match the stored config {config}:\n{e}") from e
-        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ValueError(f"{path}: {key!r} weights do not fit the stored config: {first}") from e
+        model.checkpoint_step = ckpt["step"]
+        decay = ckpt.get("ema_decay")
+        if ema and decay is not None and decay ** ckpt["step"] > EMA_YOUNG:
+            warnings.warn(f"{path}: EMA at step {ckpt['step']} with decay {decay} still holds "
+                          f"{100 * decay ** ckpt['step']:.0f}% of the initial weights; its samples may be noise "
+                          f"(load the raw weights with ema=False / --no-ema, or train longer)", stacklevel=2)
+        return model.to(device).eval()
+
+
+def _check_sampling(steps, num_samples, guidance, gamma, seed, first_index, first_sample):
+    """One-line ValueErrors for sampler arguments that cannot be computed with."""
+    for name, v, low in (("steps", steps, 1), ("num_samples", num_samples, 1), ("seed", seed, 0),
+                         ("first_index", first_index, 0), ("first_sample", first_sample, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    for name, v in (("guidance", guidance), ("gamma", gamma)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+
+def sample_generator(seed, image_index, sample_index, device="cpu"):
+    """The torch.Generator of one (image, sample) pair: seeded from SeedSequence(seed, spawn_key=(image,
+    sample)), so every pair has its own stream whatever else is sampled with it."""
+    word = np.random.SeedSequence(seed, spawn_key=(image_index, sample_index)).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(word) >> 1)  # 63 bits: a valid seed on every backend
+
+
+@torch.no_grad()
+def ddpm_sample_rows(v_fn, noise, steps, gamma, generators, progress=False):
+    """diffusion.ddpm_sample's ancestral loop (§3.1: t = 1, 1 - 1/N, ..., 0) with one generator per row:
+    the step noise of row r is drawn from generators[r] alone, so no row depends on the others.
+
+    noise (B, 3, S, S) float32; v_fn(z_t, t) -> v (cast to float32); every update is float32. Same steps as
+    ddpm_sample: x_hat = alpha_t z - sigma_t v_hat clipped to [-1, 1], z_s from diffusion.ddpm_posterior,
+    x_hat returned at s = 0. DESIGN: kept here until diffusion.ddpm_sample takes a list of generators.
+    """
+    z, b, size = noise.float(), noise.shape[0], noise.shape[-1]
+    for i in tqdm(range(steps, 0, -1), desc="ddpm", total=steps, disable=not progress):
+        t = torch.full((b,), i / steps, device=z.device)
+        logsnr_t = diffusion.logsnr_schedule(t, size)
+        alpha_t, sigma_t = diffusion.alpha_sigma(logsnr_t)
+        x_hat = diffusion.x_from_v(z, v_fn(z, t).float(), alpha_t, sigma_t).clamp(-1.0, 1.0)
+        if i == 1:
+            return x_hat                                   # s = 0: the denoised estimate, no noise
+        logsnr_s = diffusion.logsnr_schedule(torch.full_like(t, (i - 1) / steps), size)
+        mean, std = diffusion.ddpm_posterior(z, x_hat, logsnr_t, logsnr_s, gamma)
+        xi = torch.stack([torch.randn(z.shape[1:], generator=g, device=z.device) for g in generators])
+        z = mean + std.view(-1, 1, 1, 1) * xi
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """Polyak averaging (§6.1, decay 0.9999): ema <- decay * ema + (1 - decay) * model; buffers copied."""
+    # One fused multi-tensor op instead of a Python loop of ~800 lerp_ launches (sid-b-256).
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# A checkpoint (train.py's OUT/ckpt.pt) is one dict: checkpoint_header(model) (format, model_config,
+# p_uncond, encoder identity) + "model" and "ema" (Semantica state dicts: net.*, null_cond), "step",
+# "ema_decay", and train.py's own keys (train_config, optimiser, data position, ...), ignored here.
+
+def checkpoint_header(model):
+    """The keys that describe the model: {"format", "model_config", "p_uncond", "encoder"}.
+
+    Computing the encoder identity hashes its weights file: build the header once per run, not per save.
+    """
+    encoder = model.encoder
+    return {"format": FORMAT, "model_config": dataclasses.asdict(model.config), "p_uncond": model.p_uncond,
+            "encoder": None if encoder is None else encoder_identity(encoder)}
+
+
+def save_checkpoint(path, payload):
+    """torch.save(payload) atomically: a temporary file in the same folder, flushed, then os.replace, so a
+    crash mid-write leaves the previous checkpoint intact. Refuses nothing (the caller builds the payload)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path):
+    """torch.load (CPU, weights_only) of a FORMAT checkpoint; ValueError (one line) for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a torch file
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} checkpoint (format {found!r}); train.py writes this format")
+    missing = sorted({"model_config", "p_uncond", "encoder", "step"} - ckpt.keys())
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {missing}")
+    return ckpt
+
+
+def strip_prefixes(key):
+    """"module.net.x" (DDP) / "_orig_mod.net.x" (torch.compile) -> "net.x"."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+# ----------------------------------------------------------------------------- encoder identity
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", "config.json")  # what a model folder's hash covers
+
+
+def file_sha256(path):
+    """sha256 of a weights file, or of a model folder (e.g. Hugging Face's): the names and contents of its
+    weight and config files (WEIGHT_FILES; READMEs, tokenizers and other extras do not count)."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(WEIGHT_FILES))
+    for file in files:
+        if file != path:
+            h.update(os.path.relpath(file, path).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def encoder_identity(encoder):
+    """What a checkpoint stores about its frozen encoder: {"name", "config", "weights", "sha256", "seed"} and,
+    for a random init (no weights file), "state" (its full state dict: it comes back exactly, whatever seed)."""
+    identity = _identity_fields(encoder)
+    if encoder.weights is None:
+        identity["state"] = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    return identity
+
+
+def _identity_fields(encoder):
+    weights = encoder.weights
+    return {"name": encoder.name, "config": dataclasses.asdict(encoder.config), "weights": weights,
+            "sha256": file_sha256(weights) if weights is not None and os.path.exists(weights) else None,
+            "seed": getattr(encoder, "seed", None)}
+
+
+def describe_encoder(identity):
+    """One-line name of an identity, for messages: "dinov2-b14 (weights x.pth, sha256 1a2b3c4d5e6f)"."""
+    if identity is None:
+        return "no encoder (precomputed conditions)"
+    if identity["weights"] is None:
+        return f"{identity['name']} (random init, seed {identity['seed']})"
+    sha = identity["sha256"][:12] if identity["sha256"] else "not hashed"
+    return f"{identity['name']} (weights {identity['weights']}, sha256 {sha})"
+
+
+def check_encoder(identity, encoder):
+    """Refuse (one-line ValueError naming both) an encoder that is not the one `identity` describes:
+    same name and config, and the same weights (file hash, or the stored state of a random init)."""
+    given = None if encoder is None else _identity_fields(encoder)
+    same = identity is None and given is None
+    if identity is not None and given is not None and identity["name"] == given["name"] \
+            and identity["config"] == given["config"]:
+        if identity["weights"] is None:   # random init: its stored state is its identity
+            state = encoder.state_dict()
+            same = given["weights"] is None and state.keys() == identity["state"].keys() and all(
+                torch.equal(state[k].cpu(), v) for k, v in identity["state"].items())
+        else:
+            same = given["sha256"] is not None and given["sha256"] == identity["sha256"]
+    if not same:
+        raise ValueError(f"encoder mismatch: the checkpoint was trained with {describe_encoder(identity)}, "
+                         f"got {describe_encoder(given)}")
+
+
+def build_encoder(identity, weights=None):
+    """Rebuild the frozen encoder a checkpoint describes: a random init from its stored state, or the preset
+    loaded from its weights file (`weights` overrides the stored path, e.g. after moving the file).
+    Raises ValueError (one line) when the file is missing or is not the one the checkpoint was trained with."""
+    name = identity["name"]
+    if identity["weights"] is None and weights is None:
+        if name not in encoders.ENCODER_PRESETS:
+            raise ValueError(f"encoder {name!r} is not a preset of this version of encoders.py")
+        encoder = encoders.load_encoder(name, seed=identity["seed"] or 0)
+        encoder.load_state_dict(identity["state"])
+        encoder.seed = identity["seed"]
+    else:
+        file = weights or identity["weights"]
+        if not os.path.exists(file):
+            raise ValueError(f"the checkpoint's encoder {describe_encoder(identity)} needs its weights file, "
+                             f"which is not at {file}; pass its path (encoder_weights= / --encoder-weights)")
+        encoder = encoders.load_encoder(name, weights=file)
+    check_encoder(identity, encoder)
+    return encoder

@@ -1,82 +1,102 @@
 """Train Semantica: one straight-line script for one CPU, torchrun DDP/FSDP on GPUs, or torch_xla on TPUs.
 
 Semantica (arXiv 2405.14857) §5-§6.1: an image-conditioned U-ViT diffusion model trained on pairs of
-images from the same web page; frozen DINOv2 tokens condition the denoiser through cross-attention.
+images from the same web page; frozen encoder tokens condition the denoiser through cross-attention.
 Recipe (§6.1): Adam (beta1 0.9, beta2 0.99, eps 1e-12), lr 2e-4, batch 2048, EMA ("Polyak
 averaging") 0.9999, v-prediction with eps-space loss, ~300K steps; pairs filtered by encoder
-cosine similarity in [0.3, 0.9] (§5, App. C).
+cosine similarity (§5, App. C: DINOv2 [0.3, 0.9], SigLIP/CLIP 0.65).
 
     python train.py                                            # tiny-32 on synthetic pages, CPU, < 10 min
     python train.py --res 256 --data DIR --encoder-weights dinov2_vitb14_pretrain.pth   # §6.1 baseline
     torchrun --standalone --nproc_per_node=8 train.py --res 256 --data DIR --encoder-weights ...
     torchrun --standalone --nproc_per_node=8 train.py --res 512 --data DIR --encoder-weights ...  # FSDP
-    PJRT_DEVICE=TPU python train.py --backend xla --res 256 ...          # torch_xla: UNTESTED here
+    PJRT_DEVICE=TPU python train.py --backend xla --res 256 ...          # torch_xla
+    python train.py --out runs/tiny --resume [--reshard]               # continue (another world size)
 
-Structure (distributed.md §1): setup -> seed -> encoder, model, EMA, optimiser -> resume -> wrap
-(DDP / FSDP2 / none) -> data -> loop (step, log, grid, checkpoint) -> cleanup. Reference loops:
-facebookresearch/DiT train.py @ed81ce2, karpathy/nanoGPT train.py @3adf61e.
+Structure (distributed.md §1, style.md C11): setup -> seed -> encoder, model, EMA, optimiser ->
+resume -> wrap -> data -> loop (step, log, grid, checkpoint) -> cleanup, as in facebookresearch/DiT
+train.py @ed81ce2 and karpathy/nanoGPT train.py @3adf61e. Each backend's differences (DDP, FSDP2,
+torch_xla) sit in the small functions above `main`, not in branches through the loop.
+Checkpoint: the one format of semantica.py ("semantica-ckpt/2", loaded by Semantica.from_checkpoint)
+plus train-only keys (optimizer, world, data position).
 Shapes: B batch, 3 x S x S images in [-1, 1].
-Not implemented: precomputed encoder features (the paper precomputes them, §3.2; we run the frozen
-encoder in the loop), learning-rate schedules (the paper states none), SPMD on TPU.
+Not implemented: learning-rate schedules (the paper states none), SPMD on TPU.
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
 import datetime
+import importlib.util
+import inspect
 import json
-import math
 import os
+import re
 import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+
+import data
+import encoders
+import semantica
+import uvit
 
 CKPT_NAME = "ckpt.pt"
 
 
 @dataclass
 class TrainConfig:
-    res: int = 32                      # selects RES_PRESETS[res]; 32 = the CPU default job
-    model: str = "sid-b-256"           # uvit.PRESETS name; §6.1 baseline U-ViT
-    conditioning: str = "cross_attention"  # {cross_attention, film}; §6.2: cross-attention wins
-    encoder: str = "dinov2-b14"        # encoders.ENCODER_PRESETS name; §6.1 baseline encoder
-    encoder_weights: str = ""          # official checkpoint file (required for real encoders)
+    # The end-of-line comment of each field is its --help text (config_help reads this source).
+    res: int = 32                      # resolution preset (RES_PRESETS): 32 = the CPU default job, 256 / 512 = §6.1
+    model: str = "sid-b-256"           # U-ViT preset (uvit.PRESETS); sid-b-256 is the §6.1 baseline
+    conditioning: str = "cross_attention"  # cross_attention (encoder tokens) or film (global feature); §6.2: cross-attention wins
+    encoder: str = "dinov2-b14"        # frozen encoder preset (encoders.ENCODER_PRESETS); dinov2-b14 is the §6.1 baseline
+    encoder_weights: str = ""          # the encoder's official weight file (required for real encoders)
     random_encoder: bool = False       # allow a randomly initialised encoder (smoke runs only)
-    data: str = "synthetic"            # folder, manifest (.jsonl/.csv) or "synthetic"
-    pairs: str = "page"                # {page, same}: §5 page pairs; "same" = reconstruction (§4)
-    num_pages: int = 2048              # synthetic pages only; DESIGN
-    filter_low: float = 0.3            # §5, App. C: DINOv2 cosine-similarity lower threshold
-    filter_high: float = 0.9           # §5, App. C: upper threshold (drops near-duplicates)
-    steps: int = 300_000               # §6.1: "around 300K steps"
-    batch: int = 2048                  # §6.1: global batch = micro_batch x accumulation x world
-    micro_batch: int = 0               # per-device batch per forward; 0 = batch // world (no accumulation)
-    lr: float = 2e-4                   # §6.1
-    beta1: float = 0.9                 # §6.1
-    beta2: float = 0.99                # §6.1
-    adam_eps: float = 1e-12            # §6.1
-    ema_decay: float = 0.9999          # §6.1 "Polyak averaging with a decay factor of 0.9999"
-    p_uncond: float = 0.1              # INTERPRETATION: condition dropout for guidance (not stated)
-    guidance: float = 0.5              # §6.1: guidance for ablations (used for the grids)
-    sample_steps: int = 256            # DESIGN: DDPM steps for the periodic variation grids
-    grid_images: int = 4               # conditioning images in a grid (rows)
+    data: str = "synthetic"            # image folder ROOT/<page>/<image>, manifest (.jsonl/.csv) or "synthetic"
+    cond_cache: str = ""               # precomputed conditioning (python data.py encode): train without running the encoder (§3.2)
+    pairs: str = "page"                # page: pairs from one web page (§5, Eq. 3); same: reconstruction (§4, Eq. 2)
+    num_pages: int = 2048              # number of synthetic pages (DESIGN)
+    filter_low: Optional[float] = None   # pair filter lower cosine threshold; default: the encoder's (App. C: DINOv2 0.3, SigLIP/CLIP 0.65)
+    filter_high: Optional[float] = None  # pair filter upper threshold (drops near-duplicates); default: the encoder's (App. C: 0.9)
+    steps: int = 300_000               # optimiser steps (§6.1: "around 300K steps")
+    batch: int = 2048                  # global batch = micro-batch x accumulation x world (§6.1: 2048)
+    micro_batch: int = 0               # per-device batch per forward pass; 0 = batch / world (no accumulation)
+    lr: float = 2e-4                   # Adam learning rate (§6.1)
+    beta1: float = 0.9                 # Adam beta1 (§6.1)
+    beta2: float = 0.99                # Adam beta2 (§6.1)
+    adam_eps: float = 1e-12            # Adam epsilon (§6.1)
+    ema_decay: float = 0.9999          # EMA decay (§6.1: "Polyak averaging with a decay factor of 0.9999")
+    p_uncond: float = 0.1              # condition dropout rate for guidance (INTERPRETATION: not stated in the paper)
+    guidance: float = 0.5              # guidance weight of the variation grids (§6.1)
+    sample_steps: int = 256            # DDPM steps of the variation grids (DESIGN)
+    grid_images: int = 4               # conditioning images in a variation grid (rows)
     grid_n: int = 6                    # variations per conditioning image (columns after the condition)
-    seed: int = 0
-    out: str = "runs/tiny"
-    resume: bool = False               # continue from OUT/ckpt.pt (model, EMA, optimiser, step, RNG, data)
-    log_every: int = 100
-    ckpt_every: int = 5000
-    sample_every: int = 20_000
-    backend: str = "auto"              # {auto, single, ddp, xla}; auto = ddp under torchrun else single
-    fsdp: bool = False                 # shard params/grads/optimiser with FSDP2 fully_shard (DDP backend)
-    grad_checkpoint: bool = False      # recompute activations in the backward pass
+    seed: int = 0                      # seed of the model init, the data order and every random draw
+    out: str = "runs/tiny"             # run folder: ckpt.pt, log.jsonl, config.json, grids, loss.png
+    resume: bool = False               # continue from OUT/ckpt.pt (model, EMA, optimiser, step, data position)
+    reshard: bool = False              # with --resume: allow another world size (same global batch; not bit-identical)
+    log_every: int = 100               # steps between log lines
+    ckpt_every: int = 5000             # steps between checkpoints (also written at the end and on SIGTERM/SIGINT)
+    sample_every: int = 20_000         # steps between variation grids
+    tensorboard: bool = False          # also log to OUT/tb (needs the tensorboard package)
+    device: str = ""                   # cpu, cuda or cuda:N; empty = cuda (the local rank's GPU) when available, else cpu
+    backend: str = "auto"              # auto (ddp under torchrun, else single), single, ddp or xla
+    fsdp: bool = False                 # shard parameters, gradients and optimiser state with FSDP2 (ddp backend)
+    grad_checkpoint: bool = False      # recompute activations in the backward pass (saves memory)
     compile: bool = False              # torch.compile the denoiser
-    bf16: bool = True                  # bf16 autocast on CUDA/XLA (fp32 master weights); CPU stays fp32
-    num_workers: int = 4               # DataLoader workers per rank
+    bf16: bool = True                  # bf16 autocast on CUDA/XLA with fp32 master weights; CPU stays fp32
+    num_workers: int = 4               # DataLoader worker processes per rank
 
 
 # Applied before explicit flags (style.md C7). Unlisted fields keep the paper defaults above.
@@ -84,7 +104,7 @@ RES_PRESETS = {
     # DEVIATION: CPU default job. A 32 px model, a random tiny encoder and 512 synthetic pages so that
     # `python train.py` learns visibly in < 10 min on 2 cores: batch 32 instead of 2048, lr 1e-3, and
     # EMA 0.99 because the run is 600 steps (with 0.995 the EMA at step 350 still holds 0.995^350 = 17 %
-    # of the random init and samples are noise, while the raw weights already draw objects).
+    # of the random init and samples are noise, while the raw weights already draw objects). No filter.
     32: dict(model="tiny-32", encoder="tiny", random_encoder=True, num_pages=512, filter_low=-1.0,
              filter_high=1.0, steps=600, batch=32, lr=1e-3, ema_decay=0.99, sample_steps=64,
              log_every=25, ckpt_every=100, sample_every=300, num_workers=0, out="runs/tiny"),
@@ -101,22 +121,40 @@ RES_PRESETS = {
 CHOICES = {"conditioning": ("cross_attention", "film"), "pairs": ("page", "same"),
            "backend": ("auto", "single", "ddp", "xla")}
 # Fields that may change between a checkpoint and its resumption; any other difference is an error.
-RESUMABLE = {"steps", "resume", "log_every", "ckpt_every", "sample_every", "sample_steps", "grid_images",
-             "grid_n", "compile", "grad_checkpoint", "num_workers", "out", "encoder_weights"}
+RESUMABLE = {"steps", "resume", "reshard", "log_every", "ckpt_every", "sample_every", "sample_steps",
+             "grid_images", "grid_n", "compile", "grad_checkpoint", "num_workers", "out", "encoder_weights",
+             "tensorboard", "device", "cond_cache", "backend"}  # backend: check_world guards the world size
+RESHARDABLE = {"micro_batch", "fsdp"}  # may also change with --reshard (another world size)
+
+
+class UserError(ValueError):
+    """A bad flag, input or output path: the CLI prints one line, argparse-style, and exits with status 2."""
+
+
+def config_help(cls):
+    """{field: help}: the end-of-line comment of each field in the dataclass source (the single source)."""
+    return {m.group(1): m.group(2).strip() for m in
+            re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", inspect.getsource(cls), re.MULTILINE)}
+
+
+def device_flag(text):
+    """--device value: "", cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def add_flags(parser, cls, defaults, choices=None):
-    """One flag per dataclass field: type from the annotation, bools as --x/--no-x, tuples as lists."""
+    """One flag per dataclass field: type from the annotation, bools as --x/--no-x, help from the comments."""
+    helps = config_help(cls)
     for f in fields(cls):
         flag, default = "--" + f.name.replace("_", "-"), defaults[f.name]
+        text = (helps.get(f.name, "") + (f" (default: {default})" if default is not None else "")).replace("%", "%%")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.type in (tuple, "tuple"):
-            parser.add_argument(flag, nargs="+", default=default, help=f"default: {default}")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=default, choices=(choices or {}).get(f.name),
-                                help=f"default: {default}")
+            typ = device_flag if f.name == "device" else float if f.type == Optional[float] else f.type
+            parser.add_argument(flag, type=typ, default=default, choices=(choices or {}).get(f.name), help=text)
     return parser
 
 
@@ -126,12 +164,66 @@ def parse_args(argv=None):
     pre.add_argument("--res", type=int, default=TrainConfig.res, choices=sorted(RES_PRESETS))
     res = pre.parse_known_args(argv)[0].res
     defaults = {**asdict(TrainConfig()), **RES_PRESETS[res], "res": res}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     add_flags(parser, TrainConfig, defaults, CHOICES)
     return TrainConfig(**vars(parser.parse_args(argv)))  # unknown flags: argparse error, exit 2
 
 
-# ----------------------------------------------------------------------------- distributed setup
+def filter_band(cfg):
+    """cfg with the pair filter thresholds resolved: explicit flags, else the encoder's (App. C)."""
+    if cfg.filter_low is not None and cfg.filter_high is not None:
+        return cfg
+    try:
+        low, high = data.filter_band(cfg.encoder)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"no App. C filter band for --encoder {cfg.encoder} ({e}): pass --filter-low and "
+                        f"--filter-high") from e
+    return dataclasses.replace(cfg, filter_low=low if cfg.filter_low is None else cfg.filter_low,
+                               filter_high=high if cfg.filter_high is None else cfg.filter_high)
+
+
+def check_paths(cfg):
+    """User errors found before any work: output folder, checkpoint vs --resume, inputs, optional packages."""
+    path = os.path.join(cfg.out, CKPT_NAME)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UserError(f"--out {cfg.out} is a file, not a folder")
+    if cfg.resume and not os.path.isfile(path):
+        raise UserError(f"--resume: no checkpoint at {path}")
+    if not cfg.resume and os.path.exists(path):
+        raise UserError(f"{path} exists: pass --resume to continue it, or choose a new --out")
+    if cfg.reshard and not cfg.resume:
+        raise UserError("--reshard only applies with --resume")
+    for flag, value in (("--data", cfg.data), ("--encoder-weights", cfg.encoder_weights),
+                        ("--cond-cache", cfg.cond_cache)):
+        if value and value != "synthetic" and not os.path.exists(value):
+            raise UserError(f"{flag} {value}: no such file or folder")
+    if cfg.encoder not in encoders.ENCODER_PRESETS and not cfg.encoder_weights:
+        raise UserError(f"unknown --encoder {cfg.encoder}; presets: {', '.join(sorted(encoders.ENCODER_PRESETS))}")
+    if cfg.model not in uvit.PRESETS:
+        raise UserError(f"unknown --model {cfg.model}; presets: {', '.join(sorted(uvit.PRESETS))}")
+    if not (cfg.resume or cfg.encoder_weights or cfg.random_encoder):
+        name = encoders.OFFICIAL_FILES.get(cfg.encoder, f"the official checkpoint of {cfg.encoder}")
+        raise UserError(
+            f"--encoder {cfg.encoder} needs its pretrained weights: download {name} and pass --encoder-weights "
+            f"PATH (a random encoder would silently train a meaningless model; --random-encoder allows smoke runs)")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: CUDA is not available")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    os.makedirs(cfg.out, exist_ok=True)
+    if not os.access(cfg.out, os.W_OK):
+        raise UserError(f"--out {cfg.out} is not writable")
+
+
+def say(*args):
+    """print to stdout; a closed pipe (`| head`, a killed `tee`) silences stdout instead of stopping the run."""
+    try:
+        print(*args, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python docs' SIGPIPE recipe
+
+
+# ----------------------------------------------------------------------------- distributed backends
 
 @dataclass
 class Dist:
@@ -146,23 +238,17 @@ class Dist:
 def setup_distributed(cfg):
     """One process, torchrun (NCCL on GPUs, gloo on CPU) or a torch_xla replica (distributed.md §1)."""
     kind = cfg.backend if cfg.backend != "auto" else ("ddp" if "RANK" in os.environ else "single")
-    if kind == "xla":  # called inside torch_xla.launch's function
-        import torch_xla
-        import torch_xla.runtime as xr
-        rank, world = xr.global_ordinal(), xr.world_size()
-        return Dist("xla", rank, world, xr.local_ordinal(), torch_xla.device(), rank == 0)
-    if kind == "single":
-        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-        return Dist("single", 0, 1, 0, device, True)
+    if kind == "xla":
+        return xla_setup()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)  # LOCAL_RANK, never the global rank (DiT #79)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    cuda = cfg.device.startswith("cuda") or (not cfg.device and torch.cuda.is_available())
+    device = torch.device(cfg.device if ":" in cfg.device else f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # LOCAL_RANK, never the global rank (DiT #79)
+    if kind == "single":
+        return Dist("single", 0, 1, 0, device, True)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     rank, world = dist.get_rank(), dist.get_world_size()
     return Dist("ddp", rank, world, local_rank, device, rank == 0)
 
@@ -171,77 +257,264 @@ def batch_plan(cfg, world):
     """(micro_batch, accumulation): global batch = micro_batch x accumulation x world (§6.1: 2048)."""
     micro = cfg.micro_batch or cfg.batch // world
     if micro < 1 or cfg.batch % (micro * world):
-        raise SystemExit(f"--batch {cfg.batch} must be divisible by --micro-batch {micro} x world {world}")
+        raise UserError(f"--batch {cfg.batch} must be divisible by --micro-batch {micro} x world {world}")
     return micro, cfg.batch // (micro * world)
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """Polyak averaging (§6.1): ema <- decay * ema + (1 - decay) * model; buffers copied."""
-    # One fused multi-tensor op instead of a Python loop of ~800 lerp_ launches (sid-b-256).
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+def micro_step_seed(seed, rank, step, k):
+    """Seed of micro-step k of optimiser step `step` on `rank`: distinct for any accumulation, world and
+    step (numpy SeedSequence hashes the tuple), and a function of the tuple only, so a resumed run draws
+    exactly what an uninterrupted one draws at that step."""
+    return int(np.random.SeedSequence([seed, rank, step, k]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_micro_step(gen, seed, d):
+    """Seed the draws of one micro-step: t, eps and condition dropout (gen), dropout layers (global RNG)."""
+    if d.kind == "xla":
+        return xla_seed(seed)
+    gen.manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def wrap(raw, ema, cfg, d):
+    """The module the loop calls: DDP (gradient all-reduce), FSDP2 (sharded) or `raw` itself (single, XLA)."""
+    if cfg.compile:
+        raw.net.compile()  # in place: state_dict keys keep their names (no "_orig_mod.")
+    if d.kind == "xla":
+        return xla_wrap(raw)
+    if cfg.fsdp:
+        for m in (raw, ema):  # the same sharding for both, so the EMA lerp stays shard-local
+            for block in m.net.modules():  # one FSDP unit per block, then the rest at the root
+                if isinstance(block, (uvit.ResBlock, uvit.TransformerBlock)):
+                    fully_shard(block)
+            fully_shard(m)
+        return raw
+    if d.kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return raw
+
+
+def grad_sync(model, cfg, d, last):
+    """Context of one micro-step: gradients are reduced across ranks on the last micro-step only."""
+    if cfg.fsdp:
+        model.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro-step
+        return contextlib.nullcontext()
+    return model.no_sync() if d.kind == "ddp" and not last else contextlib.nullcontext()
+
+
+def make_optimizer(cfg, params, device):
+    """Adam with §6.1's constants: lr 2e-4, betas (0.9, 0.99), eps 1e-12 (from cfg)."""
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                            fused=device.type == "cuda")
+
+
+def optimizer_step(opt, d):
+    """Adam step on the (already reduced) gradients; XLA reduces them here. Then clear the gradients."""
+    if d.kind == "xla":
+        xla_optimizer_step(opt)
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def mean_over_ranks(value, d):
+    """The mean of a device scalar over ranks (DDP / XLA all-reduce); one process as is."""
+    if d.kind == "xla" and d.world > 1:
+        return xla_mean(value, d)
+    if d.kind == "ddp":
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / d.world
+    return value
+
+
+def poll_stop(stop, d, step, cfg):
+    """Whether to stop now after a SIGTERM/SIGINT; DDP/XLA ranks agree (polled every 10 steps, a host sync)."""
+    if d.kind == "xla" and d.world > 1:
+        return xla_poll_stop(stop, step, cfg)
+    if d.kind != "ddp":
+        return bool(stop)
+    if step % 10 and step != cfg.steps:
+        return False
+    flag = torch.tensor(float(bool(stop)), device=d.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def barrier(d):
+    if d.kind == "ddp":
+        dist.barrier()
+
+
+def grad_norm(raw):
+    """Global L2 norm of the (reduced) gradients, a device scalar; FSDP2 shards are gathered."""
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), float("inf"))  # max_norm inf: measures only
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# ----------------------------------------------------------------------------- torch_xla (optional)
+
+def xla_setup():
+    """Rank, world and device of this torch_xla replica (called inside torch_xla.launch's function)."""
+    import torch_xla
+    import torch_xla.runtime as xr
+    rank, world = xr.global_ordinal(), xr.world_size()
+    return Dist("xla", rank, world, xr.local_ordinal(), torch_xla.device(), rank == 0)
+
+
+def xla_wrap(raw):
+    """No wrapper on XLA; TPU v2/v3 threads share the RNG, so broadcast rank 0's initial weights."""
+    import torch_xla.core.xla_model as xm
+    xm.broadcast_master_param(raw)
+    return raw
+
+
+def xla_seed(seed):
+    import torch_xla.core.xla_model as xm
+    xm.set_rng_state(seed)
+
+
+def xla_optimizer_step(opt):
+    import torch_xla.core.xla_model as xm
+    xm.optimizer_step(opt)  # all-reduce gradients (mean over replicas), then Adam
+
+
+def xla_loader(loader, d):
+    import torch_xla.distributed.parallel_loader as pl
+    return pl.MpDeviceLoader(loader, d.device)
+
+
+def xla_mean(value, d):
+    """Mean over replicas of a device scalar, inside the step's graph (no host sync)."""
+    import torch_xla.core.xla_model as xm
+    return xm.all_reduce(xm.REDUCE_SUM, value, scale=1.0 / d.world)
+
+
+def xla_report(fn, args):
+    """Run fn(*args) after the step's graph has executed: no host sync inside the step."""
+    import torch_xla.core.xla_model as xm
+    xm.add_step_closure(fn, args=args)
+
+
+def xla_save(state, path, d):
+    """Every replica calls xm.save (it syncs); the master writes, then replaces atomically."""
+    import torch_xla.core.xla_model as xm
+    xm.mark_step()  # run the pending step as the usual step graph (and its log closures) before the copy
+    xm.save(state, path + ".tmp", global_master=True)
+    if d.is_main:
+        os.replace(path + ".tmp", path)
+    xm.rendezvous("ckpt")
+
+
+def xla_skip_grid(step, cfg):
+    """No variation grid under XLA (yet): semantica.sample draws its noise with torch.Generator, which has
+    no XLA device ("XLA device type not an accelerator"), and its DDPM loop has no xm.mark_step per step, so
+    it would trace one graph of sample_steps network evaluations. Sample the checkpoint with sample.py."""
+    say(f"step {step}: no variation grid under --backend xla; run sample.py --ckpt {cfg.out}/{CKPT_NAME}")
+
+
+def xla_poll_stop(stop, step, cfg):
+    """Replicas agree on stopping: each process (and each replica thread) may see the signal at another
+    step. Every 10 steps, a host-side max over replicas (xm.mesh_reduce: a rendezvous, which also cuts the
+    step's graph there)."""
+    if step % 10 and step != cfg.steps:
+        return False
+    import torch_xla.core.xla_model as xm
+    return xm.mesh_reduce("semantica-stop", float(bool(stop)), max) > 0
+
+
+def xla_launch(cfg):
+    """Run main(cfg) in every torch_xla replica (torch_xla.launch: one process per TPU chip, or one for the
+    CPU devices of PJRT_DEVICE=CPU, and one thread per device) -> dict(stopped_by).
+
+    Signals reach a process's main thread only, and the replicas run in worker threads of child processes.
+    So the handlers are installed here, in the launching process, and the children are forked: they inherit
+    the handlers, which run in their main thread (waiting for the replica threads) and fill STOP, polled by
+    the loop. A signal to this process only (a scheduler's SIGTERM) is forwarded to the children.
+    """
+    import multiprocessing
+    import torch_xla
+
+    def forward(sig, frame):
+        STOP.append(sig)
+        for child in multiprocessing.active_children():  # none inside a child
+            os.kill(child.pid, sig)
+
+    # DESIGN: a persistent compilation cache under OUT, so a resumed run (after a preemption) does not
+    # recompile the step (minutes to half an hour for large models, pytorch/xla #5058). Set
+    # XLA_PERSISTENT_CACHE_PATH to share one cache between runs.
+    os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", os.path.join(os.path.abspath(cfg.out), "xla_cache"))
+    STOP.clear()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:  # fork, not torch_xla's default spawn: a spawned child would not inherit the handlers
+        torch_xla.launch(_xla_main, args=(cfg,), start_method="fork")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return dict(stopped_by=STOP[0] if STOP else None)
+
+
+def _xla_main(index, cfg):
+    main(cfg)  # the return value would be pickled back to the launching process: drop it
 
 
 # ----------------------------------------------------------------------------- model, data, grids
 
-OFFICIAL_FILES = {  # what --encoder-weights expects (encoders.py docstring)
-    **{f"dinov2-{s}14{r}": f"dinov2_vit{s}14{'_reg4' if r else ''}_pretrain.pth" for s in "sblg" for r in ("", "-reg")},
-    **{f"siglip-{s}16-{r}": f"the Hugging Face folder google/siglip-{'base' if s == 'b' else 'large'}-patch16-{r}"
-       for s in "bl" for r in (224, 256, 384, 512)},
-}
-
-
-def build_encoder(cfg, encoder_state=None):
-    """The frozen encoder: official weights, or (tiny / --random-encoder) a seeded random init."""
-    import encoders
-    if cfg.encoder_weights:
-        return encoders.load_encoder(cfg.encoder, weights=cfg.encoder_weights)
-    if not cfg.random_encoder and encoder_state is None:
-        name = OFFICIAL_FILES.get(cfg.encoder, f"the official checkpoint of {cfg.encoder}")
-        raise SystemExit(
-            f"--encoder {cfg.encoder} needs its pretrained weights: download {name} (DINOv2: "
-            f"https://github.com/facebookresearch/dinov2#pretrained-models) and pass --encoder-weights PATH. "
-            f"A random encoder would silently train a meaningless model; --random-encoder allows smoke runs.")
-    encoder = encoders.load_encoder(cfg.encoder, seed=cfg.seed)  # deterministic: identical on every rank
-    if encoder_state is not None:  # random encoders are stored in the checkpoint, so sample.py gets the same
-        encoder.load_state_dict(encoder_state)
-    return encoder
+def load_frozen_encoder(cfg, identity=None):
+    """The frozen encoder: rebuilt from a checkpoint's identity, or official weights, or (tiny /
+    --random-encoder) a random init seeded by --seed, identical on every rank."""
+    try:
+        if identity is not None:
+            return semantica.build_encoder(identity, weights=cfg.encoder_weights or None)
+        if cfg.encoder_weights:
+            return encoders.load_encoder(cfg.encoder, weights=cfg.encoder_weights)
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"encoder {cfg.encoder}: {e}") from e
+    return encoders.load_encoder(cfg.encoder, seed=cfg.seed)  # --random-encoder (check_paths)
 
 
 def build_model(cfg, encoder):
     """Semantica = frozen encoder + U-ViT denoiser sized by the preset, conditioned on the encoder."""
-    import semantica
-    import uvit
-    net_cfg = dataclasses.replace(uvit.PRESETS[cfg.model], conditioning=cfg.conditioning,
-                                  cond_dim=encoder.dim)
-    spec = {"name": cfg.encoder, "weights": cfg.encoder_weights or None}
-    return semantica.Semantica(net_cfg, encoder=encoder, p_uncond=cfg.p_uncond, encoder_spec=spec)
+    net_cfg = dataclasses.replace(uvit.PRESETS[cfg.model], conditioning=cfg.conditioning, cond_dim=encoder.dim)
+    return semantica.Semantica(net_cfg, encoder=encoder, p_uncond=cfg.p_uncond)
 
 
 def build_dataset(cfg, image_size, encoder, d):
-    """(cond, target) pairs from pages (§5), similarity-filtered with the frozen encoder (App. C)."""
-    import data
-    pages, skipped = data.open_pages(cfg.data, image_size, **(
-        dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
-    pairs = None
-    if cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1):
-        for turn in ((0, 1) if d.world > 1 and d.kind == "ddp" else (0,)):  # rank 0 fills the cache first
-            if (d.rank == 0) == (turn == 0):
-                pairs, report = data.build_pairs(pages, encoder, os.path.join(cfg.out, "cache"),
-                                                 cfg.filter_low, cfg.filter_high, seed=cfg.seed)
-            if d.kind == "ddp":
-                dist.barrier()
-        if d.is_main:
-            print({k: v for k, v in report.items() if k != "histogram"}, "\n" + report["histogram"])
+    """(cond, target) pairs from pages (§5), similarity-filtered with the frozen encoder (App. C); with
+    --cond-cache the conditions (and the filter's embeddings) come from the precomputed cache (§3.2).
+    A missing or empty source, or a cache of other images or another encoder: UserError."""
+    cache, kind = cfg.cond_cache or None, "tokens" if cfg.conditioning == "cross_attention" else "global"  # §3.4
+    try:
+        pages, skipped = data.open_pages(cfg.data, image_size, **(
+            dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
+        pairs = None
+        if cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1):
+            for turn in ((0, 1) if d.kind == "ddp" and d.world > 1 else (0,)):  # rank 0 fills the cache first
+                if (d.rank == 0) == (turn == 0):
+                    pairs, report = data.build_pairs(pages, encoder, os.path.join(cfg.out, "cache"), cfg.filter_low,
+                                                     cfg.filter_high, seed=cfg.seed, cond_cache=cache)
+                barrier(d)
+            if d.is_main:
+                say({k: v for k, v in report.items() if k != "histogram"}, "\n" + report["histogram"])
+        dataset = data.PagePairs(pages, mode=cfg.pairs, pairs=pairs, seed=cfg.seed, cond_cache=cache,
+                                 cond_kind=kind, encoder=encoder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--data {cfg.data}{' --cond-cache ' + cache if cache else ''}: {e}") from e
     if d.is_main and skipped:
-        print(f"skipped {len(skipped)} unreadable files, e.g. {next(iter(skipped.items()))}")
-    return data.PagePairs(pages, mode=cfg.pairs, pairs=pairs, seed=cfg.seed)
+        say(f"skipped {len(skipped)} unreadable files, e.g. {next(iter(skipped.items()))}")
+    return dataset
+
+
+def grid_inputs(dataset, cfg, device):
+    """(what the model is conditioned on, the images shown in the grid's first column) for the grids."""
+    cond = torch.stack([dataset[i][0] for i in range(cfg.grid_images)]).to(device)
+    if not cfg.cond_cache:
+        return cond, cond
+    shown = [dataset.pages.image(p, c) for p, c, _ in map(dataset.pair, range(cfg.grid_images))]
+    return cond, torch.stack(shown).to(device)
 
 
 def save_grid(rows, path):
-    """rows: (R, C, 3, H, W) in [-1, 1] -> one PNG, R rows x C columns, 2 px white gaps."""
+    """rows: (R, C, 3, H, W) in [-1, 1] -> one PNG, R rows x C columns, 2 px white gaps (atomic write)."""
     rows = ((rows.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     r, c, _, h, w = rows.shape
     canvas = np.full((r * (h + 2) + 2, c * (w + 2) + 2, 3), 255, np.uint8)
@@ -250,96 +523,221 @@ def save_grid(rows, path):
             canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = \
                 rows[i, j].permute(1, 2, 0).numpy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    Image.fromarray(canvas).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    return canvas
 
 
 @torch.no_grad()
-def variation_grid(model, cond_images, n, steps, guidance, seed, path, autocast):
-    """Fig. 1 layout: each conditioning image followed by n variations (EMA weights)."""
-    g = torch.Generator(cond_images.device).manual_seed(seed)
-    with autocast:
-        samples = model.sample(cond_images, n, steps=steps, guidance=guidance, generator=g)  # (B, n, 3, H, W)
-    save_grid(torch.cat([cond_images[:, None].to(samples.dtype), samples], 1), path)
+def variation_grid(ema, grid, cfg, d, step, autocast, logger):
+    """Fig. 1 layout from the EMA: each conditioning image followed by grid_n variations."""
+    if d.kind == "xla":
+        return xla_skip_grid(step, cfg)
+    if d.is_main or cfg.fsdp:  # FSDP: the sharded EMA's forward is a collective
+        if cfg.fsdp:
+            ema.unshard()  # sample() is not forward(): gather the root's parameters by hand
+        cond, shown = grid
+        with autocast:  # (B, n, 3, H, W); per-image noise from (seed, row, sample)
+            samples = ema.sample(**{"cond" if cfg.cond_cache else "cond_images": cond}, num_samples=cfg.grid_n,
+                                 steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed)
+        if cfg.fsdp:
+            ema.reshard()
+        if d.is_main:
+            path = os.path.join(cfg.out, f"variations_{step:07d}.png")
+            logger.image(step, save_grid(torch.cat([shown[:, None].to(samples.dtype), samples], 1), path))
+            say(f"wrote {path}")
+    barrier(d)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _sd_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def save_checkpoint(path, d, cfg, model, ema, opt, step, data_position, encoder_state):
-    """Full (unsharded) state of the unwrapped model, EMA and optimiser; written atomically by rank 0.
+def checkpoint_state(cfg, d, header, model, ema, opt, step, data_position):
+    """The PLAN.md checkpoint (semantica-ckpt/2) of the unwrapped model + train-only keys.
 
     Every rank must call this: under FSDP gathering the full state is a collective.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     if d.kind == "xla":
         msd, esd, osd = model.state_dict(), ema.state_dict(), opt.state_dict()
     else:  # plain, DDP or FSDP2 modules: FQN keys without "module." / "_orig_mod." prefixes
-        msd = get_model_state_dict(model, options=_sd_options(cpu_offload=True))
-        esd = get_model_state_dict(ema, options=_sd_options(cpu_offload=True))
-        osd = get_optimizer_state_dict(model, opt, options=_sd_options(cpu_offload=True))
-    state = dict(model=msd, ema=esd, opt=osd, step=step, data_position=data_position, world=d.world,
-                 cfg=asdict(cfg), encoder_state=encoder_state, rng={"torch": torch.get_rng_state()})
-    tmp = path + ".tmp"
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd, esd = get_model_state_dict(model, options=full), get_model_state_dict(ema, options=full)
+        osd = get_optimizer_state_dict(model, opt, options=full)
+    return {**header, "model": msd, "ema": esd, "step": step, "ema_decay": cfg.ema_decay, "train_config": asdict(cfg),
+            # train-only: the optimiser, the world size, this rank's data position, global samples consumed
+            "optimizer": osd, "world": d.world, "data_position": data_position, "samples": step * cfg.batch}
+
+
+def save_checkpoint(path, state, d):
+    """Write atomically (tmp + os.replace) from rank 0, then all ranks meet (XLA: every replica saves)."""
     if d.kind == "xla":
-        import torch_xla.core.xla_model as xm
-        xm.save(state, tmp, global_master=True)  # every replica calls it (it syncs), the master writes
-        if d.is_main:
-            os.replace(tmp, path)
-        xm.rendezvous("ckpt")
-    else:
-        if d.is_main:
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
-        if d.kind == "ddp":
-            dist.barrier()
+        return xla_save(state, path, d)
+    if d.is_main:
+        semantica.save_checkpoint(path, state)
+    barrier(d)
 
 
 def load_checkpoint(path, cfg=None):
     """Load a train.py checkpoint on CPU; with cfg, refuse one written by an incompatible config."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: ranks share pages
+    except FileNotFoundError as e:
+        raise UserError(f"no checkpoint at {path}") from e
     except Exception as e:  # truncated / not a torch file
-        raise SystemExit(f"{path} is not a readable train.py checkpoint: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or not {"model", "ema", "cfg", "step"} <= set(ckpt):
-        raise SystemExit(f"{path} is not a train.py checkpoint (expected keys model, ema, cfg, step)")
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != semantica.FORMAT or "optimizer" not in ckpt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a resumable train.py checkpoint (format {semantica.FORMAT}; found {found})")
     if cfg is not None:
-        diff = {k: (v, getattr(cfg, k, None)) for k, v in ckpt["cfg"].items()
-                if k not in RESUMABLE and v != getattr(cfg, k, None)}
+        ok = RESUMABLE | (RESHARDABLE if cfg.reshard else set())
+        diff = {k: (v, getattr(cfg, k, None)) for k, v in ckpt["train_config"].items()
+                if k not in ok and v != getattr(cfg, k, None)}
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise SystemExit(f"{path} was written by another config ({lines}); use another --out "
-                             f"or the same flags")
+            raise UserError(f"{path} was written by another config ({lines}); use another --out or the same flags")
     return ckpt
+
+
+def load_optimizer(model, opt, state, d):
+    """Restore a full (unsharded) optimiser state into this run's optimiser: plain, DDP or FSDP2 (any world)."""
+    if d.kind == "xla":
+        return opt.load_state_dict(state)
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def check_world(ckpt, cfg, d):
+    """Same world size: exact resume. Another one needs --reshard, and is then not bit-identical."""
+    if ckpt is None or ckpt["world"] == d.world or not d.is_main and cfg.reshard:
+        return
+    if not cfg.reshard:
+        raise UserError(f"checkpoint written with world size {ckpt['world']}, now {d.world}: pass --reshard "
+                        f"to continue it (same global batch; not bit-identical to an uninterrupted run)")
+    say(f"RESHARD: world size {ckpt['world']} -> {d.world}. Model, EMA, optimiser and step are restored and the "
+        f"global batch stays {cfg.batch}, but the continuation is not bit-identical to an uninterrupted run: "
+        f"each rank's shard of the data order and each rank's noise/timestep/dropout draws depend on the "
+        f"rank and world size, and gradients are summed in another order.")
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Logger:
+    """log.jsonl (timestamped; truncated to the checkpoint's step on resume), stdout lines with a smoothed
+    ETA, optional TensorBoard, and loss.png at the end. Only rank 0 writes."""
+
+    def __init__(self, cfg, d, start_step):
+        self.cfg, self.on, self.start_step, self.t_start = cfg, d.is_main, start_step, time.time()
+        self.path, self.tb, self.losses = os.path.join(cfg.out, "log.jsonl"), None, []
+        if not self.on:
+            return
+        kept = [json.dumps(r) + "\n" for r in read_log(self.path) if r["step"] <= start_step]
+        with open(self.path + ".tmp", "w") as f:  # --resume: drop the records of steps that will be replayed
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional extra, checked in check_paths
+            self.tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=start_step + 1)
+
+    def step(self, step, loss, gnorm, n_steps, seconds):
+        """One log record: the mean loss of the last n_steps steps (host values)."""
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step} (mean since step {step - n_steps}); stopping. "
+                                     f"The last good checkpoint is left untouched in {self.cfg.out}")
+        self.losses.append((step, loss))
+        # ETA from the mean step time since this process started (smooth; not a window of recent steps)
+        eta = (time.time() - self.t_start) / max(1, step - self.start_step) * (self.cfg.steps - step)
+        rec = dict(step=step, loss=loss, lr=self.cfg.lr, grad_norm=gnorm, img_per_s=n_steps * self.cfg.batch / seconds,
+                   eta_s=eta, time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   elapsed_s=time.time() - self.t_start)
+        if not self.on:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k in ("loss", "lr", "grad_norm", "img_per_s"):
+            self.tb and self.tb.add_scalar(f"train/{k}", rec[k], step)
+        say(f"step {step}/{self.cfg.steps}  loss {loss:.4f}  grad {gnorm:.3g}  lr {self.cfg.lr:.2e}  "
+            f"{rec['img_per_s']:.1f} img/s  ETA {datetime.timedelta(seconds=int(eta))}")
+
+    def image(self, step, canvas):
+        if self.tb:
+            self.tb.add_image("variations", canvas, step, dataformats="HWC")
+
+    def close(self):
+        """loss.png of the whole run (from log.jsonl) when matplotlib is installed."""
+        if not self.on:
+            return
+        if self.tb:
+            self.tb.close()
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        recs = read_log(self.path)
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
+        ax.set(xlabel="step", ylabel="loss (eps space, Eq. 3)", yscale="log")
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.cfg.out, "loss.tmp.png"))
+        plt.close(fig)
+        os.replace(os.path.join(self.cfg.out, "loss.tmp.png"), os.path.join(self.cfg.out, "loss.png"))
+
+
+def read_log(path):
+    """The records of a log.jsonl (none if absent); a torn last line (a crash mid-write) is skipped."""
+    if not os.path.exists(path):
+        return []
+    recs = []
+    with open(path) as f:
+        for line in f:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return recs
+
+
+def report(logger, d, step, running, n_steps, gnorm, seconds):
+    """Hand the mean loss since the last report to the logger (XLA: after the step's graph ran)."""
+    running = mean_over_ranks(running, d)
+    fn = lambda: logger.step(step, running.item() / n_steps, gnorm.item(), n_steps, seconds)  # noqa: E731
+    xla_report(fn, ()) if d.kind == "xla" else fn()
+
+
+STOP = []  # signals received (SIGTERM from a scheduler, SIGINT from Ctrl-C): the loop saves, then exits
+
+
+def install_stop_handlers():
+    """SIGTERM and SIGINT append to STOP (-> STOP, the previous handlers). Python runs signal handlers in a
+    process's main thread only; a torch_xla replica runs in a worker thread, so there nothing is installed
+    and the loop reads the STOP that xla_launch's handlers (inherited by fork) fill."""
+    if threading.current_thread() is not threading.main_thread():
+        return STOP, {}
+    STOP.clear()
+    return STOP, {s: signal.signal(s, lambda sig, frame: STOP.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(cfg):
+    """Train; -> dict(losses [(step, mean loss)], model, ema, step, dist, optimizer, stopped_by)."""
+    cfg = filter_band(cfg)
+    check_paths(cfg)
     d = setup_distributed(cfg)
-    micro, accum = batch_plan(cfg, d.world)
-    if cfg.fsdp and d.kind != "ddp":
-        raise SystemExit("--fsdp needs a process group: launch with torchrun (--nproc_per_node=1 for one GPU)")
-    say = print if d.is_main else (lambda *a, **k: None)
+    tell = say if d.is_main else (lambda *a: None)  # rank 0 prints; the others stay silent
     path = os.path.join(cfg.out, CKPT_NAME)
     ckpt = load_checkpoint(path, cfg) if cfg.resume else None
-    if ckpt is not None and ckpt["world"] != d.world:
-        raise SystemExit(f"{path} was written with world size {ckpt['world']}, now {d.world}: the data "
-                         f"position is per rank, so an exact resume needs the same world size")
+    check_world(ckpt, cfg, d)
+    micro, accum = batch_plan(cfg, d.world)
+    if cfg.fsdp and d.kind != "ddp":
+        raise UserError("--fsdp needs a process group: launch with torchrun (--nproc_per_node=1 for one GPU)")
+    start_step = ckpt["step"] if ckpt is not None else 0
+    logger = Logger(cfg, d, start_step)
     if d.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
-    say(json.dumps(asdict(cfg)))
-    if cfg.res != 32 and cfg.data == "synthetic":
-        say(f"WARNING: --res {cfg.res} on synthetic pages is a smoke run; pass --data DIR for the paper's setup")
-    say(f"backend {d.kind}, device {d.device}, world {d.world}: global batch {cfg.batch} = micro-batch "
-        f"{micro} x accumulation {accum} x world {d.world}")
+        tell(json.dumps(asdict(cfg)))
+        tell(f"backend {d.kind}, device {d.device}, world {d.world}: global batch {cfg.batch} = micro-batch "
+             f"{micro} x accumulation {accum} x world {d.world}; pair filter [{cfg.filter_low}, {cfg.filter_high}]")
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: faster; may shift metrics slightly
         torch.backends.cudnn.allow_tf32 = True
@@ -347,170 +745,84 @@ def main(cfg):
 
     # Build: identical init on every rank (same seed), EMA from the unwrapped model, frozen encoder.
     torch.manual_seed(cfg.seed)
-    encoder_state = None if cfg.encoder_weights else (ckpt or {}).get("encoder_state")
-    encoder = build_encoder(cfg, encoder_state)
-    if not cfg.encoder_weights and encoder_state is None:
-        encoder_state = {k: v.clone() for k, v in encoder.state_dict().items()}  # random encoders travel along
-    raw = build_model(cfg, encoder)
-    raw.to(d.device)  # Semantica.to also moves its (unregistered) encoder
+    encoder = load_frozen_encoder(cfg, ckpt["encoder"] if ckpt is not None else None)
+    raw = build_model(cfg, encoder).to(d.device)
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)  # filtering runs on d.device
-    if cfg.grad_checkpoint:
-        raw.net.grad_checkpoint = True
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)  # Semantica.__deepcopy__ shares the frozen encoder
-    say(f"denoiser parameters: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M")
-    start_step = 0
+    raw.net.grad_checkpoint = cfg.grad_checkpoint
+    header = semantica.checkpoint_header(raw)  # format, model config, p_uncond, encoder identity (hashed once)
+    ema = raw.ema_copy()  # frozen, shares the encoder
+    tell(f"denoiser parameters: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M")
     if ckpt is not None:  # restore before wrapping; the EMA is loaded, never re-synced (SiT bug)
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        start_step = ckpt["step"]
-        say(f"resumed {path} at step {start_step}")
+        tell(f"resumed {path} at step {start_step}")
 
-    # Wrap: DDP (gradient all-reduce), FSDP2 (sharded params/grads/optimiser), or none (single, XLA).
-    model = raw
-    if cfg.compile:
-        raw.net.compile()  # in place: state_dict keys keep their names (no "_orig_mod.")
-    if d.kind == "xla":
-        import torch_xla.core.xla_model as xm
-        xm.broadcast_master_param(raw)  # TPU v2/v3: threads share the RNG, so init may differ
-    elif cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        import uvit
-        for m in (raw, ema):  # the same sharding for both, so the EMA lerp stays shard-local
-            for block in m.net.modules():  # one FSDP unit per block, then the rest at the root
-                if isinstance(block, (uvit.ResBlock, uvit.TransformerBlock)):
-                    fully_shard(block)
-            fully_shard(m)
-    elif d.kind == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(
-            raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                           fused=d.device.type == "cuda")  # §6.1
+    model = wrap(raw, ema, cfg, d)
+    opt = make_optimizer(cfg, raw.parameters(), d.device)  # §6.1
     if ckpt is not None:
-        if d.kind == "xla":
-            opt.load_state_dict(ckpt["opt"])
-        else:
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-            set_optimizer_state_dict(model, opt, ckpt["opt"], options=_sd_options())
+        load_optimizer(model, opt, ckpt["optimizer"], d)
 
-    # Data: per-rank, infinite, resumable at the number of batches this rank already consumed.
-    import data
-    data_position = ckpt["data_position"] if ckpt is not None else 0
+    # Data: per-rank, infinite; each rank skips the batches it consumed: step x accumulation. With the
+    # same world that is exact; resharded it continues from the same number of global samples (step x batch).
+    data_position = start_step * accum
     loader = data.make_loader(dataset, micro, d.rank, d.world, cfg.seed, start=data_position,
                               num_workers=cfg.num_workers)
-    if d.kind == "xla":
-        import torch_xla.distributed.parallel_loader as pl
-        loader = pl.MpDeviceLoader(loader, d.device)
-    batches = iter(loader)
-    grid_cond = torch.stack([dataset[i][0] for i in range(cfg.grid_images)]).to(d.device)
+    batches = iter(xla_loader(loader, d) if d.kind == "xla" else loader)
+    grid = grid_inputs(dataset, cfg, d.device)
     del ckpt
 
     amp = d.device.type in ("cuda", "xla") and cfg.bf16
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp)  # fp32 master weights
     gen = torch.Generator(d.device) if d.kind != "xla" else None  # XLA: the device RNG, seeded per step
-    stop = []  # signal received (SIGTERM from a scheduler, SIGINT from Ctrl-C): save, then exit
-    old_handlers = {s: signal.signal(s, lambda sig, frame: stop.append(sig))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-    losses = []
-
-    def log(step, running, n, seconds):
-        """Mean loss since the last log line -> stdout and OUT/log.jsonl; a NaN/inf loss stops the run."""
-        loss = running.item() / n
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step} (mean since step {step - n}); stopping. "
-                                     f"The last good checkpoint is left untouched at {path}")
-        losses.append((step, loss))
-        img_s = n * cfg.batch / seconds
-        rec = dict(step=step, loss=loss, lr=cfg.lr, img_per_s=img_s, eta_s=(cfg.steps - step) * cfg.batch / img_s)
-        if d.is_main:
-            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        say(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {cfg.lr:.2e}  {img_s:.1f} img/s  "
-            f"ETA {datetime.timedelta(seconds=int(rec['eta_s']))}", flush=True)
-
-    running, n_running, t_last = torch.zeros((), device=d.device), 0, time.time()
-    step = start_step
+    stop, old_handlers = install_stop_handlers()
+    running, n_running, t_last, step = torch.zeros((), device=d.device), 0, time.time(), start_step
     try:
         while step < cfg.steps:
             for k in range(accum):
                 cond, x = (t.to(d.device, non_blocking=True) for t in next(batches))
-                # Per-rank, per-step seeds for t, eps and condition dropout: resuming at step s replays
-                # exactly what an uninterrupted run draws at step s, whatever happened before.
-                micro_seed = ((cfg.seed * d.world + d.rank) * 1_000_003 + step) * 64 + k
-                if d.kind == "xla":
-                    xm.set_rng_state(micro_seed)
-                else:
-                    gen.manual_seed(micro_seed)
-                    torch.manual_seed(micro_seed)  # dropout layers use the global generator
-                last = k == accum - 1
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro-step
-                sync = model.no_sync() if d.kind == "ddp" and not cfg.fsdp and not last else contextlib.nullcontext()
-                with sync, autocast:
+                seed_micro_step(gen, micro_step_seed(cfg.seed, d.rank, step, k), d)
+                with grad_sync(model, cfg, d, last=k == accum - 1), autocast:
                     loss = model(x, cond, generator=gen) / accum  # Eq. 3 in eps space (§6.1)
                 loss.backward()
                 running += loss.detach()  # stays on the device: no host sync per step
-            if d.kind == "xla":
-                xm.optimizer_step(opt)  # all-reduce gradients (mean over replicas), then Adam
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, raw, cfg.ema_decay)  # every optimiser step, from the unwrapped model
-            step += 1
-            n_running += 1
-            data_position += accum
-            if d.kind == "ddp" and (step % 10 == 0 or step == cfg.steps):
-                # Every rank must leave at the same step; polled every 10 steps (a host sync).
-                flag = torch.tensor(float(bool(stop)), device=d.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = flag.item() > 0
-            elif d.kind == "ddp":
-                stop_now = False
-            else:
-                stop_now = bool(stop)
+            step, n_running, data_position = step + 1, n_running + 1, data_position + accum
+            stop_now = poll_stop(stop, d, step, cfg)
             save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now
-            if step % cfg.log_every == 0 or save_now:
-                if d.kind == "ddp":
-                    dist.all_reduce(running, op=dist.ReduceOp.SUM)
-                    running /= d.world
-                if d.kind == "xla":  # read the loss after the step's graph ran: no host sync inside it
-                    xm.add_step_closure(log, args=(step, running, n_running, time.time() - t_last))
-                else:
-                    log(step, running, n_running, time.time() - t_last)
+            log_now = step % cfg.log_every == 0 or save_now
+            gnorm = grad_norm(raw) if log_now else None
+            optimizer_step(opt, d)
+            semantica.update_ema(ema, raw, cfg.ema_decay)  # every optimiser step, from the unwrapped model
+            if log_now:
+                report(logger, d, step, running, n_running, gnorm, time.time() - t_last)
                 running, n_running, t_last = torch.zeros((), device=d.device), 0, time.time()
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                if d.is_main or cfg.fsdp:  # FSDP: the sharded EMA's forward is a collective
-                    grid = os.path.join(cfg.out, f"variations_{step:07d}.png")
-                    if cfg.fsdp:
-                        ema.unshard()  # sample() is not forward(): gather the root's parameters by hand
-                    variation_grid(ema, grid_cond, cfg.grid_n, cfg.sample_steps, cfg.guidance, cfg.seed,
-                                   grid, autocast)
-                    if cfg.fsdp:
-                        ema.reshard()
-                    say(f"wrote {grid}")
-                if d.kind == "ddp":
-                    dist.barrier()
+                variation_grid(ema, grid, cfg, d, step, autocast, logger)
             if save_now:
-                save_checkpoint(path, d, cfg, model, ema, opt, step, data_position, encoder_state)
-                say(f"saved {path} at step {step}")
+                save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, data_position), d)
+                tell(f"saved {path} at step {step}")
             if stop_now:
-                say(f"stopped by signal {stop[0] if stop else '(on another rank)'} at step {step}")
+                tell(f"stopped by signal {stop[0] if stop else '(on another rank)'} at step {step}")
                 break
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    return dict(losses=losses, model=raw, ema=ema, step=step, dist=d)
-
-
-def _xla_main(index, cfg):
-    main(cfg)
+    logger.close()
+    return dict(losses=logger.losses, model=raw, ema=ema, step=step, dist=d, optimizer=opt,
+                stopped_by=stop[0] if stop else None)
 
 
 if __name__ == "__main__":
     cfg = parse_args()
-    if cfg.backend == "xla":  # one process per TPU device; XLA devices are touched only inside
-        import torch_xla
-        torch_xla.launch(_xla_main, args=(cfg,))
-    else:
-        main(cfg)
+    try:
+        if cfg.backend == "xla":  # one process per TPU device; XLA devices are touched only inside
+            result = xla_launch(cfg)
+        else:
+            result = main(cfg)
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if result.get("stopped_by"):
+        sys.exit(128 + result["stopped_by"])  # shell convention for a run ended by a signal (saved first)

@@ -5,8 +5,9 @@
     python bench/metrics.py --n 10000 --metrics fid    # only FID (or: --metrics pr)
 
 FID: ours (row-blocked float64 covariance in torch, Cholesky + eigvalsh trace term) vs the standard
-path (np.cov + pytorch-fid's scipy.linalg.sqrtm(Σ₁Σ₂)). Precision/recall (k = 3): ours (tiles;
-float32 radii; real–fake tiles screened in bf16 where that is fast, see metrics.precision_recall)
+path (np.cov + pytorch-fid's scipy.linalg.sqrtm(Σ₁Σ₂)). Precision/recall (k = 3): ours (metrics_fast:
+float32 GEMM tiles screened under a per-pair error bound, bf16 cross tiles where that is fast, the
+undecided pairs recomputed exactly)
 vs one full N×N distance matrix per pair of sets
 (torch.cdist + kthvalue, torch-fidelity's save_cpu_ram=False), which holds a 4N²-byte float32
 matrix (10 GB at N = 50k); above --naive-max-n it is not run and its figures are extrapolated

@@ -3,13 +3,13 @@
 Semantica §6.1: the DDPM sampler (gamma 0.2) with guidance 0.5, (1 + w) v_cond - w v_uncond; the
 timed call is `Semantica.sample`, which evaluates the conditional and the null-conditioned pass
 as one batch of 2 x (conditioning images x samples) per step. The frozen encoder is not timed:
-`sample` gets precomputed tokens of the encoder's shape (as bench/train_step.py).
+`sample` gets precomputed tokens of the encoder's shape (bench/workload.py, as bench/train_step.py).
 
 --steps below 256 gives a quick estimate: every DDPM step costs the same (one network forward at
 a fixed batch plus O(image) schedule math), so the time at 256 steps is the measured time per step
 x 256; the output says when it is extrapolated. FLOPs of one network forward are counted with
 FlopCounterMode on a meta-device copy (SDPA through its math backend, as in train_step.py); MFU is
-against the card's dense bf16 peak (train_step.BF16_PEAK_TFLOPS). Guidance 0 skips the null pass.
+against the card's dense bf16 peak (workload.BF16_PEAK_TFLOPS). Guidance 0 skips the null pass.
 
     python bench/sample.py --preset tiny-32 --device cpu --cond-images 2 --num-samples 2 --steps 4
     python bench/sample.py --preset sid-b-256 --cond-images 8 --num-samples 8 --steps 16 --bf16
@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 import semantica  # noqa: E402
 import uvit  # noqa: E402
-from train_step import DEFAULT_ENCODER, peak_tflops, sync, token_shape  # noqa: E402
+from workload import DEFAULT_ENCODER, peak_tflops, sync, token_shape  # noqa: E402 (bench/)
 
-PAPER_STEPS = 256  # DESIGN: the DDPM step count for the sampling figure of merit (train.py's grids)
+DDPM_STEPS = semantica.DDPM_STEPS  # DESIGN (the paper gives no step count): the figure of merit's steps
 
 
 def forward_flops(config, tokens):
@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("--encoder", default=None, help="token shape source; default per preset")
     p.add_argument("--cond-images", type=int, default=None, help="conditioning images; default 8 CUDA, 2 CPU")
     p.add_argument("--num-samples", type=int, default=None, help="samples per image; default 8 CUDA, 2 CPU")
-    p.add_argument("--steps", type=int, default=PAPER_STEPS, help="DDPM steps timed (< 256: extrapolated)")
+    p.add_argument("--steps", type=int, default=DDPM_STEPS, help="DDPM steps timed (< 256: extrapolated)")
     p.add_argument("--guidance", type=float, default=0.5)  # §6.1
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast; default on for CUDA")
@@ -84,11 +84,10 @@ def main(argv=None):
     if args.compile:
         model.net.compile()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    gen = torch.Generator(device).manual_seed(0)
 
     def run(steps):
         with autocast:
-            return model.sample(None, n, steps=steps, guidance=args.guidance, generator=gen, cond=cond)
+            return model.sample(cond=cond, num_samples=n, steps=steps, guidance=args.guidance, seed=0)
 
     t0 = time.perf_counter()
     run(2)  # warm-up (compilation, cuDNN autotuning)
@@ -103,7 +102,7 @@ def main(argv=None):
     if out.shape[:2] != (b, n) or not torch.isfinite(out).all():
         raise RuntimeError(f"sample returned shape {tuple(out.shape)} / non-finite values")
     per_step = dt / args.steps
-    t256 = per_step * PAPER_STEPS
+    t256 = per_step * DDPM_STEPS
     images = b * n
     passes = 1 if args.guidance == 0 else 2  # cond + null per image per step (Semantica.sample)
     tflops = passes * images * flops_fwd / per_step / 1e12
@@ -111,14 +110,14 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if cuda else f"CPU x{torch.get_num_threads()} threads"
     row = dict(bench="sample", preset=preset, device=name, torch=torch.__version__, bf16=bf16,
                compile=args.compile, channels_last=args.channels_last, images=images,
-               network_batch=passes * images, steps_timed=args.steps, extrapolated=args.steps != PAPER_STEPS,
+               network_batch=passes * images, steps_timed=args.steps, extrapolated=args.steps != DDPM_STEPS,
                ms_per_step=1e3 * per_step, s_per_batch_256=t256, img_s_256=images / t256,
                tflops=tflops, mfu=tflops / peak if peak else None, gflop_fwd_per_img=flops_fwd / 1e9,
                warmup_s=t_warm, peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
     note = f" (extrapolated from {args.steps} steps)" if row["extrapolated"] else ""
     mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
     print(f"{name}: {preset}, {b} x {n} images, network batch {passes * images}, bf16 {bf16}, compile {args.compile}: "
-          f"{1e3 * per_step:.1f} ms/step -> {images / t256:.3g} images/s at {PAPER_STEPS} steps{note}; "
+          f"{1e3 * per_step:.1f} ms/step -> {images / t256:.3g} images/s at {DDPM_STEPS} steps{note}; "
           f"{tflops:.3g} TFLOP/s, MFU {mfu}", flush=True)
     if args.json:
         with open(args.json, "a") as f:

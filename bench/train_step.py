@@ -2,7 +2,7 @@
 
 The step timed is train.py's optimiser step on one device (Semantica §6.1): `Semantica.forward`
 (the v-prediction, eps-space diffusion loss of Eq. 1 with condition dropout), backward, fused Adam
-(beta1 0.9, beta2 0.99, eps 1e-12) and the EMA update (`train.update_ema`, Polyak 0.9999; timed
+(beta1 0.9, beta2 0.99, eps 1e-12) and the EMA update (`semantica.update_ema`, Polyak 0.9999; timed
 on its own too, `--no-ema` leaves it out). The frozen encoder is NOT timed: like the paper, which
 precomputes encoder features (§3.2), the step gets precomputed tokens of the encoder's shape
 (DINOv2-B/14 at 224 px: 257 tokens x 768 for sid-b-256; DINOv2-L/14: 257 x 1024 for semantica-512).
@@ -20,7 +20,7 @@ meta-device copy of the model, times the batch (every op is per-example). Attent
 through SDPA's math backend (2 matmuls forward, 4 backward), i.e. *model* FLOPs, the PaLM /
 nanoGPT MFU convention: flash attention's backward recomputation and activation checkpointing's
 recomputed forward are not counted; norms and pointwise ops are not FLOPs here. MFU = achieved
-FLOP/s / the card's dense bf16 peak (BF16_PEAK_TFLOPS; also for the fp32 mode, so modes compare
+FLOP/s / the card's dense bf16 peak (workload.BF16_PEAK_TFLOPS; also for the fp32 mode, so modes compare
 on one scale). CPU: TFLOP/s only.
 Memory: peak allocated (CUDA) and (peak - resident state) / batch = activations per image (the
 gradients, freed after each step, are included; --find-max-batch reports instead the marginal
@@ -35,9 +35,7 @@ times the step at the largest batch and prints what FSDP over 8 cards would need
     python bench/train_step.py --preset semantica-512 --modes bf16 --grad-checkpoint --find-max-batch
 """
 import argparse
-import copy
 import dataclasses
-import gc
 import json
 import os
 import sys
@@ -47,55 +45,12 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-import encoders  # noqa: E402
 import semantica  # noqa: E402
 import uvit  # noqa: E402
+from workload import DEFAULT_ENCODER, free_memory, peak_tflops, sync, token_shape  # noqa: E402 (bench/)
 
-# Dense bf16 tensor-core peak, TFLOP/s (NVIDIA datasheets, without sparsity). Matched in order on
-# torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" the PCIe.
-BF16_PEAK_TFLOPS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("A100", 312.0)]
-# Which encoder's tokens each preset is conditioned on (uvit.PRESETS comments, train.RES_PRESETS).
-DEFAULT_ENCODER = {"tiny-32": "tiny", "small-64": "tiny", "sid-b-256": "dinov2-b14",
-                   "sid-l-256": "dinov2-l14", "semantica-512": "dinov2-l14"}
 GLOBAL_BATCH = 2048  # §6.1
 GiB = 2 ** 30
-
-
-def peak_tflops(device):
-    """Dense bf16 peak of the card, or None (CPU, unknown card): MFU is then not reported."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((p for key, p in BF16_PEAK_TFLOPS if key in name), None)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def token_shape(encoder_name):
-    """(T_c, cond_dim) of the encoder's tokens at its eval size, without building its weights."""
-    with torch.device("meta"):
-        enc = encoders.VisionEncoder(encoders.ENCODER_PRESETS[encoder_name], encoder_name)
-    return enc.num_tokens, enc.dim
-
-
-def ema_update_fn():
-    """train.update_ema, or None (with a warning) where train.py cannot be imported (numpy / PIL)."""
-    try:
-        from train import update_ema
-        return update_ema
-    except ImportError as e:
-        print(f"warning: train.update_ema not importable ({e}): the EMA update is left out", file=sys.stderr)
-        return None
 
 
 def build(args, device):
@@ -108,7 +63,7 @@ def build(args, device):
     model.net.grad_checkpoint = args.grad_checkpoint
     if args.channels_last:
         model.to(memory_format=torch.channels_last)  # conv weights; conv outputs follow them
-    ema = None if args.no_ema or ema_update_fn() is None else copy.deepcopy(model).eval().requires_grad_(False)
+    ema = None if args.no_ema else model.ema_copy()  # train.py's EMA: a frozen copy
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.99), eps=1e-12,
                            fused=device.type == "cuda")  # §6.1; train.py uses fused on CUDA
     return model, opt, ema, tokens
@@ -137,8 +92,6 @@ def count_flops(config, tokens, n=1):
 
 def make_step(model, opt, ema, autocast, gen):
     """train.py's optimiser step without accumulation: loss, backward, Adam, EMA."""
-    update_ema = ema_update_fn() if ema is not None else None
-
     def step(x, cond):
         with autocast:
             loss = model(x, cond, generator=gen)  # Eq. 1 in eps space (§6.1)
@@ -146,7 +99,7 @@ def make_step(model, opt, ema, autocast, gen):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            update_ema(ema, model, 0.9999)  # §6.1 Polyak averaging
+            semantica.update_ema(ema, model, 0.9999)  # §6.1 Polyak averaging
         return loss.detach()
     return step
 
@@ -189,10 +142,9 @@ def time_steps(step, x, cond, device, warmup, steps):
 
 def time_parts(model, opt, ema, device, backward, reps=5):
     """Milliseconds of one Adam step (on the grads of one `backward()`) and of one EMA update alone."""
-    update_ema = ema_update_fn() if ema is not None else None
     backward()
     out = {}
-    for name, fn in (("adam_ms", opt.step), ("ema_ms", lambda: update_ema(ema, model, 0.9999))):
+    for name, fn in (("adam_ms", opt.step), ("ema_ms", lambda: semantica.update_ema(ema, model, 0.9999))):
         if name == "ema_ms" and ema is None:
             continue
         fn()

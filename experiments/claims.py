@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -36,17 +37,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import data  # noqa: E402
 import diffusion  # noqa: E402
 import encoders  # noqa: E402
-import features  # noqa: E402
+import features  # noqa: E402  (experiments/features.py: a library module of this folder, no main)
 import metrics  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
+import semantica  # noqa: E402
+import synthetic  # noqa: E402
 
 TEST_PAGES_SEED = 303       # DESIGN: test pages: their own seed, never trained on (as ImageNet val, §8.2)
 W_ABLATION = diffusion.GUIDANCE   # §6.1: "0.5 guidance for our ablations"
@@ -63,7 +66,7 @@ class ClaimsConfig:
     train_pages: int = 2048          # synthetic training pages (train.py's synthetic source)
     steps: int = 500                 # DEVIATION: ~1/600 of §6.1's 300K steps (CPU budget)
     batch: int = 32                  # DEVIATION: §6.1 uses 2048
-    lr: float = 1e-3                 # train.py RES_PRESETS[32]: short-run learning rate
+    lr: float = 1e-3                 # as train.py --res 32: short-run learning rate
     ema_decay: float = 0.99          # DEVIATION: §6.1 uses 0.9999; a 100-step window suits a 500-step run
     test_pages: int = 20             # K conditioning images (one per page), §8.2: one per class
     per_page: int = 10               # N/K test images per page, §8.2: ten per class
@@ -85,7 +88,7 @@ PRESETS = {
                           bank_pages=40, bootstrap=5),
 }
 
-SETTINGS = {  # name -> train.TrainConfig fields (App. D compares both conditionings with filtering)
+SETTINGS = {  # name -> train.py flags (App. D compares both conditionings with filtering)
     "reconstruction": dict(pairs="same", conditioning="cross_attention", filter=False),      # Eq. 2
     "pages+filter": dict(pairs="page", conditioning="cross_attention", filter=True),         # Eq. 3
     "pages": dict(pairs="page", conditioning="cross_attention", filter=False),
@@ -98,11 +101,39 @@ def log(*a):
     print(*a, flush=True)
 
 
+def run_script(script, **flags):
+    """python ROOT/script --flag value ...: train.py and sample.py run as their own processes, exactly as a
+    user runs them (scripts never import scripts). True/False become --x/--no-x, tuples comma lists."""
+    cmd = [sys.executable, os.path.join(ROOT, script)]
+    for k, v in flags.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            cmd.append(flag if v else "--no-" + flag[2:])
+        else:
+            cmd += [flag, ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)]
+    log("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd)
+    if proc.returncode:
+        raise SystemExit(f"{script} failed with exit status {proc.returncode} (command above)")
+
+
+def save_grid(rows, path):
+    """rows: (R, C, 3, H, W) in [-1, 1] -> one PNG, R rows x C columns, 2 px white gaps."""
+    rows = ((rows.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    r, c, _, h, w = rows.shape
+    canvas = np.full((r * (h + 2) + 2, c * (w + 2) + 2, 3), 255, np.uint8)
+    for i in range(r):
+        for j in range(c):
+            canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = \
+                rows[i, j].permute(1, 2, 0).numpy()
+    Image.fromarray(canvas).save(path)
+
+
 # ----------------------------------------------------------------------------- data
 
 def synthetic_test_pages(cc):
     """Clean test "classes" (no outliers / duplicates), per_page images each (§8.2: ten per class)."""
-    return data.SyntheticPages(cc.test_pages, 32, seed=TEST_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0,
+    return synthetic.SyntheticPages(cc.test_pages, 32, seed=TEST_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0,
                                images_per_page=(cc.per_page, cc.per_page))
 
 
@@ -145,61 +176,63 @@ def test_images(cc, test_source):
 # ----------------------------------------------------------------------------- training (train.py)
 
 def train_config(cc, name, out, train_source, encoder_path):
+    """-> train.py's flags for one setting (on top of its --res 32 preset)."""
     s = SETTINGS[name]
-    fields = {**dataclasses.asdict(train.TrainConfig()), **train.RES_PRESETS[32]}
-    fields.update(res=32, model=cc.model, encoder="tiny", encoder_weights=encoder_path, random_encoder=False,
-                  data=train_source, num_pages=cc.train_pages, pairs=s["pairs"], conditioning=s["conditioning"],
-                  filter_low=FILTER[0] if s["filter"] else -1.0, filter_high=FILTER[1] if s["filter"] else 1.0,
-                  steps=cc.steps, batch=cc.batch, lr=cc.lr, ema_decay=cc.ema_decay, seed=cc.seed,
-                  sample_steps=cc.sample_steps, grid_images=2, grid_n=3, log_every=max(1, cc.steps // 8),
-                  ckpt_every=cc.steps, sample_every=cc.steps, num_workers=0, out=os.path.join(out, "runs", name.replace(" ", "_")))
-    return train.TrainConfig(**fields)
+    return dict(res=32, model=cc.model, encoder="tiny", encoder_weights=encoder_path, random_encoder=False,
+                data=train_source, num_pages=cc.train_pages, pairs=s["pairs"], conditioning=s["conditioning"],
+                filter_low=FILTER[0] if s["filter"] else -1.0, filter_high=FILTER[1] if s["filter"] else 1.0,
+                steps=cc.steps, batch=cc.batch, lr=cc.lr, ema_decay=cc.ema_decay, seed=cc.seed,
+                sample_steps=cc.sample_steps, grid_images=2, grid_n=3, log_every=max(1, cc.steps // 8),
+                ckpt_every=cc.steps, sample_every=cc.steps, num_workers=0,
+                out=os.path.join(out, "runs", name.replace(" ", "_")))
 
 
 def train_setting(cfg):
-    """Run train.main unless a finished checkpoint of the same config exists -> (ckpt path, final loss)."""
-    path = os.path.join(cfg.out, train.CKPT_NAME)
-    if os.path.exists(path):
-        ckpt = train.load_checkpoint(path, cfg)          # refuses a checkpoint of another config
-        if ckpt["step"] >= cfg.steps:
+    """Run train.py unless a finished checkpoint of the same config exists -> (ckpt path, final loss)."""
+    path = os.path.join(cfg["out"], "ckpt.pt")
+    resume = os.path.exists(path)
+    if resume:
+        ckpt = semantica.read_checkpoint(path)
+        stored = ckpt.get("train_config", {})
+        diff = {k: (stored.get(k), v) for k, v in cfg.items() if k not in ("out", "steps") and stored.get(k) != v}
+        if diff:
+            raise SystemExit(f"{path} was trained with another config ({diff}); delete {cfg['out']} to retrain")
+        if ckpt["step"] >= cfg["steps"]:
             log(f"reusing {path} (step {ckpt['step']})")
-            cfg = None
-        else:
-            cfg = dataclasses.replace(cfg, resume=True)
-    if cfg is not None:
-        train.main(cfg)
-    with open(os.path.join(os.path.dirname(path), "log.jsonl")) as f:
-        return path, json.loads(f.readlines()[-1])["loss"]
+            resume = None
+    if resume is not None:
+        run_script("train.py", **cfg, resume=resume)
+    with open(os.path.join(cfg["out"], "log.jsonl")) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return path, losses[-1]
 
 
 def filter_report(cfg, encoder_path):
     """Pairs before/after the §5 filter with the frozen encoder (shares train.py's embedding cache)."""
-    pages, _ = data.open_pages(cfg.data, 32, **(dict(num_pages=cfg.num_pages, seed=cfg.seed)
-                                                if cfg.data == "synthetic" else {}))
+    pages, _ = data.open_pages(cfg["data"], 32, **(dict(num_pages=cfg["num_pages"], seed=cfg["seed"])
+                                                   if cfg["data"] == "synthetic" else {}))
     encoder = encoders.from_checkpoint(encoder_path)     # loaded as a user loads DINOv2
-    _, rep = data.build_pairs(pages, encoder, os.path.join(cfg.out, "cache"), cfg.filter_low, cfg.filter_high,
-                              seed=cfg.seed)
+    _, rep = data.build_pairs(pages, encoder, os.path.join(cfg["out"], "cache"), cfg["filter_low"],
+                              cfg["filter_high"], seed=cfg["seed"])
     return rep
 
 
 # ----------------------------------------------------------------------------- evaluation (sample.py)
 
 def few_shot(cc, ckpt, test_source, k, guidances, out):
-    """sample.few_shot (K-shot samples + metrics in the encoder's space), cached -> out folder."""
-    scfg = sample.SampleConfig(ckpt=ckpt, few_shot=k, data=test_source, per_group=cc.per_page,
-                               guidance=tuple(guidances), steps=cc.sample_steps, seed=cc.seed, out=out,
-                               batch=cc.sample_batch)
+    """sample.py --few-shot K (K-shot samples + metrics in the encoder's space), cached -> its kshot.json."""
     summary = os.path.join(out, "kshot.json")
     if os.path.exists(summary):
         with open(summary) as f:
             s = json.load(f)
-        if s["steps"] == scfg.steps and set(s["results"]) == {str(w) for w in guidances} and \
+        if s["steps"] == cc.sample_steps and set(s["results"]) == {str(float(w)) for w in guidances} and \
                 os.path.getmtime(summary) > os.path.getmtime(ckpt):
             return s
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, encoder, tcfg, _ = sample.load_model(scfg, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    return sample.few_shot(scfg, model, encoder, tcfg, 32, device, autocast)
+    run_script("sample.py", ckpt=ckpt, few_shot=k, data=test_source, per_group=cc.per_page,
+               guidance=tuple(float(w) for w in guidances), steps=cc.sample_steps, seed=cc.seed, out=out,
+               batch=cc.sample_batch)
+    with open(summary) as f:
+        return json.load(f)
 
 
 def load_samples(out, w):
@@ -307,7 +340,7 @@ def run(cc, out, data_arg, results_path):
             filt = filter_report(cfg, enc_path)
             log({k: v for k, v in filt.items() if k != "histogram"})
         ckpt, loss = train_setting(cfg)
-        runs[name] = {"ckpt": ckpt, "loss": loss, "seconds": time.time() - t, "cfg": cfg}
+        runs[name] = {"ckpt": ckpt, "loss": loss, "seconds": time.time() - t}
         timing[f"train {name}"] = time.time() - t
 
     log("== 3/4 K-shot evaluation (sample.py)")
@@ -321,10 +354,10 @@ def run(cc, out, data_arg, results_path):
             d = os.path.join(out, "eval", name.replace(" ", "_"), proto)
             s = few_shot(cc, runs[name]["ckpt"], test_source, 1 if proto == "one_shot" else cc.per_page, gws, d)
             for w in gws:
-                fake_img, cond = load_samples(d, w)
+                fake_img, cond = load_samples(d, float(w))
                 fake_f = torch.from_numpy(metrics.extract_features(feat_net, fake_img.split(256), progress=False))
                 evals[(name, proto, w)] = score(cc, real_img, real_f, page, fake_img, fake_f, cond)
-                encoder_space[(name, proto, w)] = s["results"][str(w)]
+                encoder_space[(name, proto, w)] = s["results"][str(float(w))]
                 evals[(name, proto, w)]["samples_dir"] = d
             timing[f"eval {name} {proto}"] = time.time() - t
 
@@ -413,12 +446,12 @@ def jsonable(x):
 
 
 def _grids(r, folder, real_img, page, sweep, w_abl, rows=6):
-    """Sample grids (train.save_grid layout) -> {caption: file name}."""
+    """Sample grids (save_grid layout) -> {caption: file name}."""
     os.makedirs(folder, exist_ok=True)
     E, out = r["evals"], {}
     pages = page.unique()[:rows].tolist()
     real_rows = torch.stack([real_img[page == p] for p in pages])
-    train.save_grid(real_rows, os.path.join(folder, "test_pages.png"))
+    save_grid(real_rows, os.path.join(folder, "test_pages.png"))
     out["Test pages (one row per page; never trained on)"] = "test_pages.png"
 
     def samples(name, proto, w):                                  # {cond index: its samples}, first rows
@@ -430,20 +463,20 @@ def _grids(r, folder, real_img, page, sweep, w_abl, rows=6):
     _, pag = samples(sweep, "one_shot", 0.0)
     k = min(4, min(len(v) for v in rec.values()))
     fig2 = torch.stack([torch.cat([real_img[c][None], rec[c][:k], pag[c][:k]]) for c in conds])
-    train.save_grid(fig2, os.path.join(folder, "fig2_reconstruction_vs_pages.png"))
+    save_grid(fig2, os.path.join(folder, "fig2_reconstruction_vs_pages.png"))
     out[f"Fig. 2 layout, guidance 0: condition | {k} reconstruction samples | {k} {sweep} samples"] = \
         "fig2_reconstruction_vs_pages.png"
     for name in SETTINGS:
         conds, by = samples(name, "one_shot", w_abl)
         g = torch.stack([torch.cat([real_img[c][None], by[c]]) for c in conds])
         fname = f"oneshot_{name.replace(' ', '_').replace('+', '_')}.png"
-        train.save_grid(g, os.path.join(folder, fname))
+        save_grid(g, os.path.join(folder, fname))
         out[f"One-shot samples, {name}, guidance {w_abl}: condition | its samples"] = fname
     cols = {w: samples(sweep, "one_shot", w)[1] for w in r["guidances"]}
     conds = list(cols[r["guidances"][0]])[:4]
     k = min(3, min(len(v) for v in cols[r["guidances"][0]].values()))
     g = torch.stack([torch.cat([real_img[c][None]] + [cols[w][c][:k] for w in r["guidances"]]) for c in conds])
-    train.save_grid(g, os.path.join(folder, "fig3_guidance.png"))
+    save_grid(g, os.path.join(folder, "fig3_guidance.png"))
     out[f"Guidance sweep ({sweep}): condition | {k} samples per guidance {r['guidances']}"] = "fig3_guidance.png"
     return out
 
@@ -462,9 +495,9 @@ def write_results(r, path, real_img, page):
          "## Claims", "", "| # | claim | verdict | numbers |", "| --- | --- | --- | --- |"]
     L += [f"| {c['id']} | {c['claim']} | **{c['verdict']}** | {c['summary']} |" for c in r["claims"]]
     L += ["", "## Setup", "",
-          f"- Denoiser: U-ViT `{cc.model}` (uvit.py), trained by `train.main` for {cc.steps} steps at batch "
+          f"- Denoiser: U-ViT `{cc.model}` (uvit.py), trained by `train.py` for {cc.steps} steps at batch "
           f"{cc.batch}, lr {cc.lr}, EMA decay {cc.ema_decay}; training pages: "
-          f"{str(cc.train_pages) + ' synthetic (data.SyntheticPages, seed ' + str(cc.seed) + ')' if r['data'] == 'synthetic' else r['data'] + ' minus the test pages'}. "
+          f"{str(cc.train_pages) + ' synthetic (synthetic.SyntheticPages, seed ' + str(cc.seed) + ')' if r['data'] == 'synthetic' else r['data'] + ' minus the test pages'}. "
           "The four settings share pages, seed and initialisation.",
           f"- Sampling: sample.py's K-shot evaluation, DDPM with {cc.sample_steps} steps (gamma 0.2), EMA weights. "
           f"Test set: {cc.test_pages} pages x {cc.per_page} images = N = {n} "

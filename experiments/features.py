@@ -13,7 +13,7 @@ back through encoders.from_checkpoint / train.py --encoder-weights, exactly as d
     symmetric InfoNCE loss between two images of the same page (the §5 hypothesis: images of one page
     share semantics). Like SimCLR, the loss acts on a projection head; the CLS embedding is the output.
   - feature network ("Inception" stand-in): a small CNN (another architecture, other pages), trained
-    *supervised* on labels: object kind (data.SyntheticPages.label) and page identity (an
+    *supervised* on labels: object kind (synthetic.SyntheticPages.label) and page identity (an
     ImageNet-like many-class task), cross-entropy on linear heads over its 128-d pooled features,
     which are the metric features (as Inception's pool3). A CNN learns the shape label much faster
     than the tiny ViT here (measured: kind accuracy 0.36 vs chance after 600 steps).
@@ -31,8 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
 import encoders  # noqa: E402
+import metrics  # noqa: E402
+import synthetic  # noqa: E402
 
 ENCODER_PAGES_SEED = 101   # DESIGN: held-out pages, disjoint seeds from training (0) and test pages
 FEATURE_PAGES_SEED = 202
@@ -46,9 +47,9 @@ def page_bank(num_pages, seed, size=32, clean=False):
     """Render every image of `num_pages` synthetic pages once -> (images (N,3,S,S), page (N,), kind (N,)).
 
     clean=True drops the unrelated and near-duplicate images (a labelled dataset, like ImageNet);
-    otherwise the pages are web-like, with outliers (data.SyntheticPages defaults)."""
+    otherwise the pages are web-like, with outliers (synthetic.SyntheticPages defaults)."""
     kw = dict(p_outlier=0.0, p_duplicate=0.0) if clean else {}
-    pages = data.SyntheticPages(num_pages, size, seed=seed, **kw)
+    pages = synthetic.SyntheticPages(num_pages, size, seed=seed, **kw)
     items = [(p, i) for p in range(len(pages)) for i in range(pages.count(p))]
     images = torch.stack([pages.image(p, i) for p, i in items])
     page = torch.tensor([p for p, _ in items])
@@ -114,7 +115,7 @@ def train_feature_net(images, page, kind, steps, batch=64, seed=0, log=print):
     """Supervised training (kind + page identity) of feature_cnn() -> frozen network."""
     torch.manual_seed(seed)
     net = feature_cnn()
-    kind_head = nn.Linear(FEATURE_DIM, len(data.KINDS))
+    kind_head = nn.Linear(FEATURE_DIM, len(synthetic.KINDS))
     page_head = nn.Linear(FEATURE_DIM, int(page.max()) + 1)
     params = list(net.parameters()) + list(kind_head.parameters()) + list(page_head.parameters())
     opt = torch.optim.Adam(params, lr=FEATURE_LR)
@@ -134,7 +135,6 @@ def train_feature_net(images, page, kind, steps, batch=64, seed=0, log=print):
 
 def load_feature_net(path):
     """The saved feature CNN as a metrics.FeatureNetwork: images in [-1, 1] -> (B, 128) float32."""
-    import metrics
     net = feature_cnn()
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -156,7 +156,7 @@ def space_report(feats, page, kind):
     nn_other = d.masked_fill(same_page, float("inf")).argmin(1)
     return {"kind_acc_nn_other_page": (kind[nn_other] == kind).float().mean().item(),
             "same_page_at_1": (page[nn_any] == page).float().mean().item(),
-            "chance_kind": 1 / len(data.KINDS)}
+            "chance_kind": 1 / len(synthetic.KINDS)}
 
 
 def pretrained(out_dir, encoder_steps, feature_steps, bank_pages, seed=0, log=print):

@@ -1,89 +1,151 @@
-"""Tests for data.py: sources, robust loading, pair modes, pair filtering (§5, App. C), caches, sharding."""
+"""Tests for data.py and embeddings.py: sources, skipping bad files, pair modes (Eq. 2, Eq. 3), the §5 filter
+(App. C), the §3.2 conditioning cache, rank shards, the CLI (images.py: tests/test_images.py). Expected values
+come from brute-force enumeration, closed forms or hand-built references, never from the code under test."""
 import importlib.util
 import io
 import json
 import logging
 import os
-import time
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import data
+import embeddings
+import encoders
+import images
+import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class StandInEncoder(torch.nn.Module):
-    """Follows the encoders.py interface (preprocess, forward -> (global, tokens), family, name)."""
-
-    family, name, image_size, dim = "dinov2", "stand-in", 16, 8
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3 * 16, self.dim)
-        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
-        self.calls = 0
-
-    def preprocess(self, images):
-        return F.interpolate(images, size=self.image_size, mode="bilinear", antialias=True)
-
-    def forward(self, images):
-        self.calls += 1
-        patches = F.unfold(images, 4, stride=4).transpose(1, 2)  # (B, 16, 48) for 16 px
-        tokens = self.proj(patches)
-        return tokens.mean(1), tokens
-
-
-def tiny_encoder():
-    """encoders.load_encoder("tiny") once encoders.py exists, else the stand-in; counts forward calls."""
-    if importlib.util.find_spec("encoders") is not None:
-        import encoders
-        enc = encoders.load_encoder("tiny")
-        enc.calls = 0
-        enc.register_forward_hook(lambda module, args, out: setattr(module, "calls", module.calls + 1))
-        return enc
-    return StandInEncoder()
+def tiny_encoder(seed=0):
+    """encoders' "tiny" preset (random weights), counting forward calls."""
+    enc = encoders.load_encoder("tiny", seed=seed)
+    enc.calls = 0
+    enc.register_forward_hook(lambda module, args, out: setattr(module, "calls", module.calls + 1))
+    return enc
 
 
 def write_pages(root, counts, size=24, seed=0):
     """ROOT/page<p>/<i>.png from SyntheticPages; -> {page name: [paths]}."""
-    sp = data.SyntheticPages(len(counts), size, seed=seed)
+    sp = synthetic.SyntheticPages(len(counts), size, seed=seed)
     pages = {}
     for p, n in enumerate(counts):
         d = os.path.join(root, f"page{p}")
         os.makedirs(d, exist_ok=True)
         for i in range(n):
             path = os.path.join(d, f"{i}.png")
-            data.save_png(sp.image(p, i % sp.count(p)), path)
+            synthetic.save_png(sp.image(p, i % sp.count(p)), path)
             pages.setdefault(f"page{p}", []).append(path)
     return pages
 
 
-# ----------------------------------------------------------------------------- sources
+class HandPages:
+    """Hand-built pages: image i of page p is a constant image whose value encodes a unique id."""
+
+    def __init__(self, counts, image_size=4):
+        self.counts, self.image_size = list(counts), image_size
+        self.ids = np.split(np.arange(sum(counts)), np.cumsum(counts)[:-1])
+        self.page_of = {int(g): p for p, ids in enumerate(self.ids) for g in ids}
+
+    def __len__(self):
+        return len(self.counts)
+
+    def count(self, p):
+        return self.counts[p]
+
+    def key(self, p, i):
+        return f"hand:{p}:{i}"
+
+    def label(self, p):
+        return p
+
+    def fingerprint(self):
+        return f"hand:{self.counts}"
+
+    def image(self, p, i, size=None):
+        s = size or self.image_size
+        return torch.full((3, s, s), -1 + int(self.ids[p][i]) / 32)
+
+
+def image_id(x):
+    return int(round((float(x.reshape(-1)[0]) + 1) * 32))
+
+
+class LookupEncoder(torch.nn.Module):
+    """Global embedding of a HandPages image = table[its id] (tokens: the same vector twice)."""
+
+    image_size, weights = 4, None
+
+    def __init__(self, table, name="dinov2-b14"):
+        super().__init__()
+        self.name, self.dim = name, table.shape[1]
+        self.register_buffer("table", torch.as_tensor(table, dtype=torch.float32))
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def preprocess(self, batch):
+        return batch
+
+    def forward(self, batch):
+        g = self.table[[image_id(x) % len(self.table) for x in batch]]  # (the cache probes with zeros)
+        return g, g[:, None].expand(-1, 2, -1)
+
+
+# ----------------------------------------------------------------------------- sources and the folder walk
+
+def test_names_callers_use_stay_importable_from_data():
+    """metrics, sample, semantica, experiments and other tests call these as data.*: the same objects."""
+    for module, names in ((images, ("find_images", "iter_images", "load_image", "to_rgb", "centre_crop_resize")),
+                          (embeddings, ("encode_cache", "CondCache")), (synthetic, ("SyntheticPages", "save_png"))):
+        assert all(getattr(data, n) is getattr(module, n) for n in names)
+
 
 def test_folder_and_manifest_layouts_agree(tmp_path):
     pages = write_pages(tmp_path / "root", [3, 1, 2])
     rows = [(p, os.path.relpath(f, tmp_path)) for p, fs in pages.items() for f in fs]
-    with open(tmp_path / "m.csv", "w") as f:
-        f.write("page,path\n" + "".join(f"{p},{r}\n" for p, r in rows))
-    with open(tmp_path / "m.jsonl", "w") as f:
-        f.write("".join(json.dumps({"page": p, "path": r}) + "\n" for p, r in rows))
-    for source in (tmp_path / "root", tmp_path / "m.csv", tmp_path / "m.jsonl"):
-        got, skipped = data.scan(str(source))
+    (tmp_path / "m.csv").write_text("page,path\n" + "".join(f"{p},{r}\n" for p, r in rows))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"page": p, "path": r}) + "\n" for p, r in rows))
+    # a spreadsheet export: UTF-8 byte-order mark and CRLF line ends (issue 16.6)
+    crlf = "".join(f"{p},{r}\r\n" for p, r in rows)
+    (tmp_path / "bom.csv").write_bytes(("\ufeffpage,path\r\n" + crlf).encode("utf-8"))
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + "".join(json.dumps({"page": p, "path": r}) + "\r\n"
+                                                           for p, r in rows)).encode("utf-8"))
+    for source in ("root", "m.csv", "m.jsonl", "bom.csv", "bom.jsonl"):
+        got, skipped = data.scan(str(tmp_path / source))
         assert skipped == {}
         assert {k: [os.path.abspath(x) for x in v] for k, v in got.items()} == pages
-    fp = data.FilePages(pages, 16)
-    x = fp.image(0, 0)
+    x = data.FilePages(pages, 16).image(0, 0)
     assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
-    with open(tmp_path / "bad.csv", "w") as f:
-        f.write("url,file\na,b\n")
+    (tmp_path / "bad.csv").write_text("url,file\na,b\n")
     with pytest.raises(ValueError, match="bad.csv.*page"):
         data.scan(str(tmp_path / "bad.csv"))
+    (tmp_path / "bad.jsonl").write_text('{"page": "a", "path": "x.png"}\n\n{"page": "a", "path": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3\b"):       # file and line number
+        data.scan(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError, match="nowhere"):
+        data.scan(str(tmp_path / "nowhere"))
 
 
-# ----------------------------------------------------------------------------- robust loading
+def _png(path, size=(8, 8), value=128):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, (value,) * 3).save(path)
+
+
+def test_scan_pages_come_from_the_walk(tmp_path):
+    write_pages(tmp_path / "root", [2, 2])
+    os.symlink(tmp_path / "root" / "page0", tmp_path / "root" / "page9")  # a linked page: already counted
+    (tmp_path / "root" / "page1" / "deeper").mkdir()
+    _png(tmp_path / "root" / "page1" / "deeper" / "x.png")
+    pages, _ = data.scan(str(tmp_path / "root"))
+    assert sorted(pages) == ["page0", "page1"] and len(pages["page1"]) == 3
+
+
+# ----------------------------------------------------------------------------- bad files are skipped
 
 def _png_bytes(mode="RGB", size=(20, 20)):
     buf = io.BytesIO()
@@ -125,40 +187,6 @@ def test_missing_manifest_file_is_skipped(tmp_path):
     assert skipped == {str(tmp_path / "gone.png"): "missing file (or not a file)"} and len(pages["p"]) == 2
 
 
-def _load(tmp_path, im, fmt="PNG", **save_kw):
-    path = str(tmp_path / f"img.{fmt.lower()}")
-    im.save(path, fmt, **save_kw)
-    assert data.check_image(path) is None
-    return data.load_image(path, 8)
-
-
-def test_decodable_modes_become_rgb(tmp_path):
-    for mode in ("L", "P", "CMYK", "RGB"):
-        x = _load(tmp_path, Image.new(mode, (12, 10), 100), "JPEG" if mode == "CMYK" else "PNG")
-        assert x.shape == (3, 8, 8) and x.dtype == torch.float32
-    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))                 # fully transparent red
-    assert torch.allclose(_load(tmp_path, rgba), torch.ones(3, 8, 8))  # composited on white
-    deep = Image.fromarray(np.full((10, 10), 65535, np.uint16))       # 16-bit white
-    assert deep.mode.startswith("I")
-    assert torch.allclose(_load(tmp_path, deep), torch.ones(3, 8, 8))
-    # EXIF orientation 6 (rotate 90 degrees clockwise to display): left half red -> top half red
-    a = np.zeros((20, 40, 3), np.uint8)
-    a[:, :20, 0], a[:, 20:, 2] = 255, 255
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    x = _load(tmp_path, Image.fromarray(a), "JPEG", exif=exif, quality=95)
-    assert x[0, 0].mean() > 0.8 and x[2, 0].mean() < -0.8 and x[2, -1].mean() > 0.8
-
-
-def test_iter_images_skips_unreadable_and_defaults_to_first_size(tmp_path, caplog):
-    Image.new("RGB", (30, 20), "red").save(tmp_path / "a.png")
-    (tmp_path / "b.png").write_bytes(b"junk")
-    Image.new("L", (50, 50), 0).save(tmp_path / "c.png")
-    with caplog.at_level(logging.WARNING):
-        out = list(data.iter_images([tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]))
-    assert [x.shape for x in out] == [(3, 20, 20)] * 2 and "b.png" in caplog.text
-
-
 def test_load_time_failure_is_replaced_not_raised(tmp_path, caplog):
     write_pages(tmp_path, [2, 2, 2])
     (tmp_path / "page1" / "1.png").unlink()
@@ -172,104 +200,207 @@ def test_load_time_failure_is_replaced_not_raised(tmp_path, caplog):
     assert "1.jpg" in caplog.text and "replaced by item" in caplog.text
 
 
-# ----------------------------------------------------------------------------- pair modes
+# ----------------------------------------------------------------------------- pair modes (Eq. 2, Eq. 3)
 
-def test_page_mode_pairs_distinct_images_of_one_page_and_drops_singletons():
-    sp = data.SyntheticPages(30, 16, seed=1, images_per_page=(1, 4))
-    ds = data.PagePairs(sp, "page", seed=3)
-    singles = sum(sp.count(p) < 2 for p in range(30))
-    assert singles > 0 and ds.dropped_pages == singles and len(ds) == 30 - singles
-    pairs = [ds.pair(k) for k in range(3 * len(ds))]
-    assert all(c != t and sp.count(p) >= 2 for p, c, t in pairs)
-    assert pairs == [ds.pair(k) for k in range(3 * len(ds))]                      # deterministic
-    assert pairs[: len(ds)] != pairs[len(ds): 2 * len(ds)]                          # new pairs each epoch
-    cond, target = ds[0]
-    p, c, t = ds.pair(0)
-    assert torch.equal(cond, sp.image(p, c)) and torch.equal(target, sp.image(p, t))
-
-
-def test_same_mode_conditions_on_the_target():
-    sp = data.SyntheticPages(5, 16, images_per_page=(1, 3))
-    ds = data.PagePairs(sp, "same")
-    assert len(ds) == sum(sp.count(p) for p in range(5))
-    cond, target = ds[4]
-    assert torch.equal(cond, target)
+def test_page_pairs_are_different_images_of_one_page():
+    """Eq. 3 by brute force: ids read from the returned pixels; every ordered pair of distinct images of a
+    page with >= 2 images shows up, nothing across pages, no image paired with itself."""
+    pages = HandPages([3, 1, 2, 4])
+    ds = data.PagePairs(pages, "page", seed=3)
+    want = {(int(a), int(b)) for ids in pages.ids if len(ids) > 1 for a in ids for b in ids if a != b}
+    seen = set()
+    for k in range(200 * len(ds)):
+        cond, target = ds[k]
+        seen.add((image_id(cond), image_id(target)))
+    assert len(want) == 6 + 2 + 12 and seen == want
+    assert ds.dropped_pages == 1 and len(ds) == 3
+    cond, target = data.PagePairs(pages, "page", seed=3)[5]                       # deterministic in (seed, k)
+    assert (image_id(cond), image_id(target)) == tuple(image_id(x) for x in ds[5])
 
 
-# ----------------------------------------------------------------------------- filtering
+def test_reconstruction_pairs_condition_on_the_target():
+    """Eq. 2: one epoch = every image once, as its own condition (singletons included)."""
+    pages = HandPages([3, 1, 2])
+    ds = data.PagePairs(pages, "same")
+    items = [ds[k] for k in range(len(ds))]
+    assert sorted(image_id(c) for c, _ in items) == list(range(6))
+    assert all(torch.equal(c, t) for c, t in items)
+
+
+def test_filtered_pairs_are_served_in_order():
+    pages = HandPages([3, 2])
+    pairs = torch.tensor([[0, 2, 0], [1, 1, 0]])
+    ds = data.PagePairs(pages, "page", pairs=pairs)
+    got = [tuple(image_id(x) for x in ds[k]) for k in range(4)]
+    assert got == [(2, 0), (4, 3), (2, 0), (4, 3)]
+    with pytest.raises(ValueError):
+        data.PagePairs(pages, "same", pairs=pairs)
+
+
+# ----------------------------------------------------------------------------- the §5 filter (App. C)
 
 def test_filter_band_edges_are_inclusive():
     cond = torch.tensor([[1.0, 0.0]] * 5)
     target = torch.tensor([[3.0, 4.0], [4.0, 3.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])  # cos .6 .8 0 1 -1
-    assert filter_list(cond, target, 0.6, 0.8) == [True, True, False, False, False]
-    assert filter_list(cond.half() * 7, target.half(), 0.6, 0.8) == [True, True, False, False, False]
-    assert filter_list(cond, target, np.nextafter(0.6, 1), np.nextafter(0.8, 0)) == [False] * 5
-    assert filter_list(cond, target, -1.0, 1.0) == [True] * 5
+    keep = lambda a, b, lo, hi: data.filter_pairs(a, b, lo, hi).tolist()  # noqa: E731
+    assert keep(cond, target, 0.6, 0.8) == [True, True, False, False, False]
+    assert keep(cond.half() * 7, target.half(), 0.6, 0.8) == [True, True, False, False, False]
+    assert keep(cond, target, np.nextafter(0.6, 1), np.nextafter(0.8, 0)) == [False] * 5
+    assert keep(cond, target, -1.0, 1.0) == [True] * 5
 
 
-def filter_list(a, b, low, high):
-    return data.filter_pairs(a, b, low, high).tolist()
+def test_filter_defaults_are_app_c_values():
+    assert data.filter_band("dinov2-b14") == data.filter_band("dinov2-l14-reg") == (0.3, 0.9)   # App. C
+    assert data.filter_band("tiny") == (0.3, 0.9)                                              # a DINOv2 ViT
+    assert data.filter_band("dinov2-custom") == (0.3, 0.9)                                      # from_checkpoint names
+    assert data.filter_band("siglip-b16-256")[0] == data.filter_band("siglip-l16-384")[0] == 0.65  # App. C
+    assert data.filter_band("clip-b16")[0] == data.FILTER_DEFAULTS["clip"][0] == 0.65            # App. C ("CLIP")
+    assert data.filter_band("mae-l16") == (0.3, 0.9)                                             # INTERPRETATION
+    for low, high in data.FILTER_DEFAULTS.values():
+        assert 0 < low < high < 1
+    with pytest.raises(ValueError, match="no default filter band"):
+        data.filter_band("resnet-50")
+
+
+def _angles_table(n, seed=0):
+    a = np.random.default_rng(seed).uniform(0, np.pi, n)
+    return np.stack([np.cos(a), np.sin(a)], 1), a
+
+
+@pytest.mark.parametrize("name,band", [("dinov2-b14", (0.3, 0.9)), ("siglip-b16-224", (0.65, 0.9))])
+def test_filter_compares_condition_with_target(tmp_path, name, band):
+    """Brute force over every ordered pair of a hand-built page set: keep (c, t) iff
+    low <= cos(E[c], E[t]) <= high, with the band taken from the encoder (issue 16.9). A filter that
+    compares the condition with itself (cos 1 > high) keeps nothing and fails."""
+    pages = HandPages([3, 2, 4, 1, 5])
+    table, angle = _angles_table(15, seed=4)
+    want = set()
+    for p, ids in enumerate(pages.ids):
+        for c in range(len(ids)):
+            for t in range(len(ids)):
+                cos = np.cos(angle[ids[c]] - angle[ids[t]])          # closed form for unit 2-D vectors
+                if c != t and band[0] <= cos <= band[1]:
+                    want.add((p, c, t))
+    pairs, rep = data.build_pairs(pages, LookupEncoder(table, name), tmp_path)
+    assert (rep["low"], rep["high"]) == band
+    assert 0 < len(want) < rep["pairs_before"] == 6 + 2 + 12 + 20
+    assert {tuple(r) for r in pairs.tolist()} == want
+    assert rep["dropped_low"] > 0 and rep["dropped_high"] > 0
+
+
+def test_histogram_png_or_a_line_saying_why_not(tmp_path, caplog, monkeypatch):
+    pages, enc = HandPages([2, 2]), LookupEncoder(_angles_table(4)[0])
+    if importlib.util.find_spec("matplotlib") is not None:
+        _, rep = data.build_pairs(pages, enc, tmp_path, histogram_png=str(tmp_path / "sim.png"))
+        assert rep["histogram_png"] == str(tmp_path / "sim.png") and (tmp_path / "sim.png").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if not installed
+    with caplog.at_level(logging.WARNING):
+        _, rep = data.build_pairs(pages, enc, tmp_path, histogram_png=str(tmp_path / "no.png"))
+    assert "matplotlib" in caplog.text and "histogram_png" not in rep and not (tmp_path / "no.png").exists()
 
 
 def test_candidate_pairs_all_ordered_pairs_capped():
-    sp = data.SyntheticPages(3, 8, images_per_page=(3, 3))
+    sp = synthetic.SyntheticPages(3, 8, images_per_page=(3, 3))
     pairs = data.candidate_pairs(sp, max_pairs_per_page=4)
     assert len(data.candidate_pairs(sp)) == 3 * 6 and len(pairs) == 3 * 4
     assert (pairs[:, 1] != pairs[:, 2]).all() and torch.equal(pairs, data.candidate_pairs(sp, 4))
 
 
-def test_build_pairs_counts_and_embedding_cache_invalidation(tmp_path):
+def test_build_pairs_counts_and_embedding_cache_invalidation(tmp_path, capsys):
     paths = write_pages(tmp_path / "root", [3, 4, 2])
     enc = tiny_encoder()
     fp = data.FilePages(paths, 16)
     pairs, rep = data.build_pairs(fp, enc, tmp_path / "cache", low=-1.0, high=0.99)
+    assert "filter embeddings [tiny]" in capsys.readouterr().err                 # progress (issue 17)
     assert rep["pairs_before"] == 6 + 12 + 2
     assert rep["pairs_before"] == rep["pairs_after"] + rep["dropped_low"] + rep["dropped_high"] + rep["unreadable"]
     assert len(pairs) == rep["pairs_after"] and rep["histogram"].count("\n") == 19
     calls = enc.calls
     pairs2, _ = data.build_pairs(fp, enc, tmp_path / "cache", low=-1.0, high=0.99)
-    assert enc.calls == calls and torch.equal(pairs, pairs2)                # served from the cache
-    f = fp.files[1][0]
-    data.save_png(torch.zeros(3, 30, 30), f)                                # rewrite one file
-    emb, _ = data.cached_embeddings(fp, enc, tmp_path / "cache")
+    assert enc.calls == calls and torch.equal(pairs, pairs2)                     # served from the cache
+    synthetic.save_png(torch.zeros(3, 30, 30), fp.files[1][0])                        # rewrite one file
+    emb, _ = embeddings.cached_embeddings(fp, enc, tmp_path / "cache")
     assert enc.calls > calls and len(os.listdir(tmp_path / "cache")) == 2
     assert emb.dtype == torch.float16 and emb.shape[0] == 9
 
 
-def test_conditioning_cache_memmap(tmp_path):
-    sp = data.SyntheticPages(4, 16, images_per_page=(2, 3))
-    enc = StandInEncoder()
-    fn = lambda x: enc(enc.preprocess(x))[1]                                # tokens (B, T, D)
-    path = str(tmp_path / "cond.npy")
-    data.cache_conditioning(sp, fn, path, tag="stand-in")
-    calls = enc.calls
-    data.cache_conditioning(sp, fn, path, tag="stand-in")
-    assert enc.calls == calls                                               # reused
-    ds = data.PagePairs(sp, "page", cond_cache=path)
-    cond, target = ds[2]
-    p, c, t = ds.pair(2)
-    with torch.no_grad():
-        want = fn(sp.image(p, c)[None])[0]
-    assert cond.shape == (16, 8) and cond.dtype == torch.float32 and target.shape == (3, 16, 16)
-    assert torch.allclose(cond, want, atol=1e-2)
+# ----------------------------------------------------------------------------- §3.2 conditioning cache
+
+def test_conditioning_cache_equals_the_encoder(tmp_path):
+    sp = synthetic.SyntheticPages(5, 16, images_per_page=(2, 3))
+    enc = tiny_encoder()
+    out = embeddings.encode_cache(sp, enc, tmp_path / "one")
+    sharded = tmp_path / "two"                                   # two ranks, run one after the other
+    for rank in (0, 1):
+        embeddings.encode_cache(sp, enc, sharded, rank=rank, world=2)
+    items = [(p, i) for p in range(len(sp)) for i in range(sp.count(p))]
+    with torch.no_grad():                                        # the on-the-fly pass (Semantica.condition)
+        g_ref, tok_ref = enc(enc.preprocess(torch.stack([sp.image(p, i) for p, i in items])))
+    for folder in (out, sharded):
+        cache = embeddings.CondCache(folder).check(sp, enc)
+        for g, (p, i) in enumerate(items):
+            tok, glob = cache.get(p, i, "tokens"), cache.get(p, i, "global")
+            assert tok.dtype == torch.float32 and tok.shape == tok_ref[g].shape
+            assert torch.allclose(tok, tok_ref[g], rtol=2e-3, atol=2e-3)         # float16 storage
+            assert torch.allclose(glob, g_ref[g], rtol=1e-5, atol=1e-5)
+    for kind, ref in (("tokens", tok_ref), ("global", g_ref)):
+        ds = data.PagePairs(sp, "page", cond_cache=out, cond_kind=kind, encoder=enc)
+        p, c, t = ds.pair(3)
+        cond, target = ds[3]
+        assert torch.allclose(cond, ref[items.index((p, c))], rtol=2e-3, atol=2e-3)
+        assert torch.equal(target, sp.image(p, t))
+    with pytest.raises(ValueError, match="encoder tiny"):        # other weights: refused, naming both
+        embeddings.CondCache(out).check(encoder=tiny_encoder(seed=1))
+    with pytest.raises(ValueError, match="other images"):
+        data.PagePairs(synthetic.SyntheticPages(5, 16, seed=1, images_per_page=(2, 3)), cond_cache=out)
+    with pytest.raises(ValueError, match="no complete conditioning cache"):
+        embeddings.CondCache(tmp_path)
+    cache = embeddings.CondCache(out)
+    assert embeddings.CondCache.open(cache, sp, enc) is cache                    # a CondCache object passes
 
 
-# ----------------------------------------------------------------------------- sharding and resume
+def test_filter_reads_the_cached_global_embeddings(tmp_path):
+    pages = HandPages([3, 4])
+    table, angle = _angles_table(7, seed=2)
+    enc = LookupEncoder(table)
+    embeddings.encode_cache(pages, enc, tmp_path / "cache")
+    calls = []
+    enc.register_forward_hook(lambda *a: calls.append(1))
+    pairs, rep = data.build_pairs(pages, None, tmp_path / "emb", low=0.0, high=0.95, cond_cache=tmp_path / "cache")
+    assert calls == [] and rep["encoder"] == "dinov2-b14"
+    want = {(p, c, t) for p, ids in enumerate(pages.ids) for c in range(len(ids)) for t in range(len(ids))
+            if c != t and 0.0 <= np.cos(angle[ids[c]] - angle[ids[t]]) <= 0.95}
+    assert {tuple(r) for r in pairs.tolist()} == want
+
+
+# ----------------------------------------------------------------------------- rank shards and resume
+
+class Indices(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, k):
+        return k % self.n
+
 
 @pytest.mark.parametrize("n", [24, 26])
-def test_rank_shards_disjoint_and_complete(n):
+def test_loader_rank_shards_disjoint_and_complete(n):
+    """Same seed on every rank -> the ranks' epochs partition range(n) (minus n % world items)."""
     world, b = 3, 4
     shards = []
     for rank in range(world):
-        it = iter(data.StepSampler(n, b, rank, world, seed=5))
-        shards.append([i for _ in range(2) for i in next(it)])             # 2 batches = 8 = n // world
+        it = iter(data.make_loader(Indices(n), b, rank, world, seed=5))
+        shards.append([int(i) for _ in range(2) for i in next(it)])    # 2 batches = 8 = n // world
     flat = [i for s in shards for i in s]
-    assert len(set(flat)) == len(flat) == world * (n // world)              # disjoint, equal sizes
-    assert set(flat) <= set(range(n)) and (n % world or set(flat) == set(range(n)))
+    assert len(set(flat)) == len(flat) == world * (n // world)
+    assert n % world or set(flat) == set(range(n))
 
 
 def test_loader_resume_is_exact():
-    sp = data.SyntheticPages(10, 8, seed=2)
+    sp = synthetic.SyntheticPages(10, 8, seed=2)
     ds = data.PagePairs(sp, "page")
     full = data.make_loader(ds, 3, rank=1, world_size=2, seed=7)
     ref = [b for _, b in zip(range(6), full)]                               # crosses epoch boundaries
@@ -279,22 +410,7 @@ def test_loader_resume_is_exact():
         assert c0.shape == (3, 3, 8, 8) and torch.equal(c0, c1) and torch.equal(t0, t1)
 
 
-# ----------------------------------------------------------------------------- synthetic pages
-
-def test_synthetic_pages_deterministic_fast_and_page_coherent():
-    a, b = data.SyntheticPages(40, 32, seed=0), data.SyntheticPages(40, 32, seed=0)
-    assert torch.equal(a.image(7, 1), b.image(7, 1)) and a.count(7) == b.count(7)
-    assert not torch.equal(a.image(7, 1), data.SyntheticPages(40, 32, seed=1).image(7, 1))
-    assert {a.label(p) for p in range(40)} <= set(range(len(data.KINDS)))
-    t = time.perf_counter()
-    imgs = [[a.image(p, i) for i in range(a.count(p))] for p in range(40)]
-    assert (time.perf_counter() - t) / sum(map(len, imgs)) < 0.01          # well under 10 ms / image
-    # images of a page share colours: mean-colour distance within pages < across pages
-    means = [torch.stack([x.mean((1, 2)) for x in page]) for page in imgs]
-    within = np.mean([torch.pdist(m).mean().item() for m in means if len(m) > 1])
-    across = torch.pdist(torch.stack([m[0] for m in means])).mean().item()
-    assert within < 0.7 * across
-
+# ----------------------------------------------------------------------------- CLI
 
 def test_cli_synth_then_scan(tmp_path, capsys):
     data.main(["synth", str(tmp_path / "out"), "--pages", "3", "--size", "16"])
@@ -303,17 +419,66 @@ def test_cli_synth_then_scan(tmp_path, capsys):
     (tmp_path / "out" / "stray.png").write_bytes(b"")
     data.main(["scan", str(tmp_path / "out")])
     summary = json.loads(capsys.readouterr().out)
-    sp = data.SyntheticPages(3, 16)
+    sp = synthetic.SyntheticPages(3, 16)
     assert summary["pages"] == 3 and summary["images"] == sum(sp.count(p) for p in range(3))
     assert summary["skipped"][str(tmp_path / "out" / "stray.png")] == "not inside a page folder"
     assert "cannot identify" in summary["skipped"][str(tmp_path / "out" / "page000000" / "junk.txt")]
     assert summary["singleton_pages"] == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("encoders") is None, reason="encoders.py not present")
 def test_cli_scan_with_encoder_reports_pair_counts(tmp_path, capsys):
     data.main(["scan", "synthetic", "--pages", "6", "--encoder", "tiny", "--cache-dir", str(tmp_path)])
     out = capsys.readouterr()
     summary = json.loads(out.out)
     assert summary["pairs_before"] == summary["pairs_after"] + summary["dropped_low"] + summary["dropped_high"]
-    assert (summary["low"], summary["high"]) == data.FILTER_DEFAULTS["dinov2"] and "+0.90..+1.00" in out.err
+    assert (summary["low"], summary["high"]) == (0.3, 0.9) and "+0.90..+1.00" in out.err
+
+
+def _user_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        data.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert "nowhere" in _user_error(["scan", str(tmp_path / "nowhere")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no images under" in _user_error(["scan", str(tmp_path / "empty")], capsys)
+    assert "unknown encoder" in _user_error(["scan", "synthetic", "--pages", "2", "--encoder", "nope"], capsys)
+    assert "--random-encoder" in _user_error(["encode", "synthetic", str(tmp_path / "c"), "--encoder", "tiny",
+                                              "--image-size", "16"], capsys)
+    assert "--encoder" in _user_error(["scan", "synthetic", "--histogram", str(tmp_path / "h.png")], capsys)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if not installed
+    line = _user_error(["scan", "synthetic", "--encoder", "tiny", "--histogram", str(tmp_path / "h.png")], capsys)
+    assert "matplotlib" in line and not (tmp_path / "h.png").exists()
+
+
+def test_cli_encode_writes_a_cache_train_can_check(tmp_path, capsys):
+    argv = ["encode", "synthetic", str(tmp_path / "c"), "--encoder", "tiny", "--random-encoder",
+            "--image-size", "16", "--pages", "4", "--seed", "3"]
+    data.main(argv)
+    out = capsys.readouterr()
+    assert json.loads(out.out)["images"] == sum(synthetic.SyntheticPages(4, seed=3).count(p) for p in range(4))
+    assert "encode [tiny]" in out.err                                            # progress bar
+    embeddings.CondCache(tmp_path / "c").check(synthetic.SyntheticPages(4, 16, seed=3), encoders.load_encoder("tiny", seed=3))
+    assert "--overwrite" in _user_error(argv, capsys)                            # nothing replaced silently
+
+
+@pytest.mark.slow
+def test_torchrun_encode_matches_one_process(tmp_path):
+    """Two torchrun (gloo) ranks fill one cache; it equals the one-process cache to float16 tolerance."""
+    args = ["data.py", "encode", "synthetic", "--encoder", "tiny", "--random-encoder", "--image-size", "16",
+            "--pages", "5", "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launcher in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run",
+                                                              "--standalone", "--nproc_per_node=2"])):
+        run = subprocess.run(launcher + args[:3] + [str(tmp_path / out)] + args[3:], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+    one, two = embeddings.CondCache(tmp_path / "one"), embeddings.CondCache(tmp_path / "two")
+    assert one.meta == two.meta
+    for k in ("tokens", "global", "valid"):
+        a, b = (np.asarray(c.arrays()[k], dtype=np.float32) for c in (one, two))
+        assert a.shape == b.shape and np.allclose(a, b, rtol=2e-3, atol=2e-3)

@@ -1,8 +1,12 @@
 """encoders.py: official file layouts load strictly, outputs match an independent implementation
-(HF transformers, goldens made by scripts/make_encoder_goldens.py), both DINOv2 interpolation rules,
-official preprocessing, frozen/bf16 use and clear errors. No transformers and no downloads needed."""
+(HF transformers and OpenAI's clip/model.py, goldens made by scripts/make_encoder_goldens.py), both
+DINOv2 interpolation rules, official preprocessing, frozen/bf16 use and clear errors. No transformers
+and no downloads needed."""
+import dataclasses
+import json
 import shutil
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,25 +19,33 @@ import encoders as E
 DATA = Path(__file__).parent / "data" / "encoders"
 GOLDEN = torch.load(DATA / "golden.pt")
 FILES = {"dinov2": DATA / "dinov2.pth", "dinov2_swiglu": DATA / "dinov2_swiglu.pth",
-         "dinov2_reg": DATA / "dinov2_reg.pth", "siglip": DATA / "siglip"}
+         "dinov2_reg": DATA / "dinov2_reg.pth", "siglip": DATA / "siglip", "clip_hf": DATA / "clip",
+         "clip_openai": DATA / "clip_openai.pt", "mae": DATA / "mae.pth"}
+HEADS = {"mae": 2}   # the MAE file does not record heads; the tiny golden has 2 at width 64 (not 64 / 64)
 
 
 @pytest.mark.parametrize("case,size", [("dinov2", "native"), ("dinov2", "interp"), ("dinov2_swiglu", "native"),
                                        ("dinov2_swiglu", "interp"), ("dinov2_reg", "native"),
-                                       ("dinov2_reg", "interp"), ("siglip", "native")])
+                                       ("dinov2_reg", "interp"), ("siglip", "native"), ("clip_hf", "native"),
+                                       ("clip_hf", "interp"), ("clip_openai", "native"), ("mae", "native"),
+                                       ("mae", "interp")])
 def test_matches_golden_outputs(case, size):
-    """Official-layout tiny files load strictly and reproduce HF outputs (official interpolation rule)."""
-    enc = E.from_checkpoint(FILES[case])
+    """Official-layout tiny files load strictly and reproduce the independent outputs: HF (DINOv2 with the
+    official interpolation rule, SigLIP, CLIPVisionModelWithProjection, ViTMAEModel unmasked) and OpenAI's
+    clip/model.py for the TorchScript .pt."""
+    enc = E.from_checkpoint(FILES[case], heads=HEADS.get(case))
     gold = GOLDEN[case]
     g, tokens = enc(gold[f"images_{size}"])
     B, _, H, W = gold[f"images_{size}"].shape
     n_patch = (H // enc.patch_size) * (W // enc.patch_size)
     prefix = 0 if case == "siglip" else 1 + enc.config.registers
-    assert g.shape == (B, enc.dim) and tokens.shape == (B, prefix + n_patch, enc.dim)
+    assert g.shape == (B, enc.embed_dim) and tokens.shape == (B, prefix + n_patch, enc.dim)
     torch.testing.assert_close(g, gold[f"global_{size}"], atol=1e-4, rtol=0)
     torch.testing.assert_close(tokens, gold[f"tokens_{size}"], atol=1e-4, rtol=0)
-    if case != "siglip":
-        assert torch.equal(g, tokens[:, 0])                     # DINOv2 global = final-normed CLS
+    if case.startswith("clip"):                                 # CLIP global = ln_post(CLS) @ proj, E != D
+        assert enc.embed_dim == 48 != enc.dim and torch.allclose(g, tokens[:, 0] @ enc.proj, atol=1e-6)
+    elif case != "siglip":
+        assert torch.equal(g, tokens[:, 0])                     # DINOv2/MAE global = final-normed CLS
 
 
 def test_siglip_file_path_config_heads_and_text_tower():
@@ -62,7 +74,7 @@ def test_presets_roundtrip_through_architecture_inference(name):
     with torch.device("meta"):
         enc = E.VisionEncoder(E.ENCODER_PRESETS[name], name)
     sd = enc.state_dict()
-    config = E._infer_config(sd, None, name)
+    config = E._infer_config(sd, E._family(sd), None, None, name)
     assert config == E.ENCODER_PRESETS[name]
     if config.family == "dinov2":
         assert sd["pos_embed"].shape[1] == 1 + config.pos_grid ** 2 and sd["mask_token"].shape == (1, config.dim)
@@ -195,7 +207,7 @@ def test_errors_name_the_file_and_the_mismatch(tmp_path, monkeypatch):
                                          r"unexpected keys \(1\): \['extra.weight'\]"):
         E.from_checkpoint(tmp_path / "bad.pth")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "foo.pth")
-    with pytest.raises(ValueError, match="foo.pth: not a DINOv2 or SigLIP"):
+    with pytest.raises(ValueError, match="foo.pth: not a DINOv2, SigLIP, CLIP or MAE"):
         E.from_checkpoint(tmp_path / "foo.pth")
     with pytest.raises(ValueError, match="multiple of the patch size 4"):
         E.load_encoder("tiny")(torch.zeros(1, 3, 30, 32))
@@ -204,3 +216,175 @@ def test_errors_name_the_file_and_the_mismatch(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(ImportError, match="pip install safetensors"):
         E.from_checkpoint(DATA / "siglip")
+
+
+def _meta(shapes):
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def _openai_visual(width, layers, patch, embed, res=224):
+    """The `visual.*` names and shapes of an official CLIP ViT, written from clip/model.py
+    (VisionTransformer, ResidualAttentionBlock with nn.MultiheadAttention and a 4x MLP)."""
+    n = (res // patch) ** 2 + 1
+    sd = {"visual.class_embedding": (width,), "visual.positional_embedding": (n, width),
+          "visual.proj": (width, embed), "visual.conv1.weight": (width, 3, patch, patch),
+          "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,),
+          "visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,)}
+    for i in range(layers):
+        b = f"visual.transformer.resblocks.{i}."
+        sd.update({b + "ln_1.weight": (width,), b + "ln_1.bias": (width,), b + "ln_2.weight": (width,),
+                   b + "ln_2.bias": (width,), b + "attn.in_proj_weight": (3 * width, width),
+                   b + "attn.in_proj_bias": (3 * width,), b + "attn.out_proj.weight": (width, width),
+                   b + "attn.out_proj.bias": (width,), b + "mlp.c_fc.weight": (4 * width, width),
+                   b + "mlp.c_fc.bias": (4 * width,), b + "mlp.c_proj.weight": (width, 4 * width),
+                   b + "mlp.c_proj.bias": (width,)})
+    return sd
+
+
+@pytest.mark.parametrize("name,width,layers,patch,embed", [("clip-b16", 768, 12, 16, 512),
+                                                           ("clip-l14", 1024, 24, 14, 768)])
+def test_clip_presets_match_the_official_openai_layout(name, width, layers, patch, embed):
+    """The released ViT-B-16.pt / ViT-L-14.pt layout (clip/model.py build_model) maps onto the preset."""
+    sd = E._rename({k[7:]: v for k, v in _meta(_openai_visual(width, layers, patch, embed)).items()}, E._OPENAI)
+    config = E._infer_config(sd, E._family(sd), None, None, name)
+    assert config == E.ENCODER_PRESETS[name] and config.heads == width // 64 and config.act == "quick_gelu"
+    with torch.device("meta"):
+        enc = E.VisionEncoder(config, name)
+    assert {k: tuple(v.shape) for k, v in enc.state_dict().items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    assert enc.num_tokens == 1 + (224 // patch) ** 2 and enc.embed_dim == embed and enc.dim == width
+
+
+def test_mae_preset_matches_the_official_layout():
+    """mae_vit_large_patch16 (models_mae.py, timm names) with its decoder maps onto mae-l16; decoder dropped."""
+    D = 1024
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 197, D), "patch_embed.proj.weight": (D, 3, 16, 16),
+              "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,),
+              "mask_token": (1, 1, 512), "decoder_embed.weight": (512, D), "decoder_pos_embed": (1, 197, 512)}
+    for i in range(24):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
+                       b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                       b + "norm2.weight": (D,), b + "norm2.bias": (D,), b + "mlp.fc1.weight": (4 * D, D),
+                       b + "mlp.fc1.bias": (4 * D,), b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,)})
+    sd = _meta(shapes)
+    assert E._family(sd) == "mae"
+    sd = {k: v for k, v in sd.items() if not k.startswith(("decoder_", "mask_token"))}
+    assert E._infer_config(sd, "mae", None, None, "x") == E.ENCODER_PRESETS["mae-l16"]
+    with torch.device("meta"):
+        enc = E.VisionEncoder(E.ENCODER_PRESETS["mae-l16"], "mae-l16")
+    assert set(enc.state_dict()) == set(sd) and enc.num_tokens == 197 and enc.config.heads == 16
+
+
+def test_clip_file_variants_load_the_same_network(tmp_path):
+    """OpenCLIP flat state dict, its training-checkpoint wrapper, and the HF folder with pytorch_model.bin."""
+    gold = GOLDEN["clip_openai"]
+    with warnings.catch_warnings():                               # torch 2.13: "torch.jit.load is deprecated"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sd = torch.jit.load(str(DATA / "clip_openai.pt")).state_dict()
+    assert any(k.startswith("transformer.resblocks.") for k in sd) and "text_projection" in sd  # text tower present
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    torch.save({"epoch": torch.tensor(3), "state_dict": {"module." + k: v for k, v in sd.items()}},
+               tmp_path / "epoch_3.pt")
+    for f in ("open_clip_pytorch_model.bin", "epoch_3.pt"):
+        enc = E.from_checkpoint(tmp_path / f)
+        assert (enc.family, enc.config.heads, enc.config.norm_eps, enc.seed) == ("clip", 1, 1e-5, None)
+        torch.testing.assert_close(enc(gold["images_native"])[0], gold["global_native"], atol=1e-4, rtol=0)
+    from safetensors.torch import load_file
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shutil.copy(DATA / "clip" / "config.json", folder)
+    torch.save(load_file(str(DATA / "clip" / "model.safetensors")), folder / "pytorch_model.bin")
+    enc = E.from_checkpoint(folder)
+    assert enc.config.heads == 4 and enc.weights == str(folder)            # heads from config.json
+    torch.testing.assert_close(enc(GOLDEN["clip_hf"]["images_interp"])[1], GOLDEN["clip_hf"]["tokens_interp"],
+                               atol=1e-4, rtol=0)
+
+
+def test_hf_clip_vision_model_without_projection(tmp_path):
+    """A CLIPVisionModel file (no visual_projection) is still CLIP: global = ln_post(CLS), unprojected."""
+    from safetensors.torch import load_file, save_file
+    sd = {k: v for k, v in load_file(str(DATA / "clip" / "model.safetensors")).items() if k.startswith("vision_model.")}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    shutil.copy(DATA / "clip" / "config.json", tmp_path)
+    enc = E.from_checkpoint(tmp_path)
+    assert (enc.family, enc.embed_dim, enc.dim) == ("clip", 64, 64)
+    g, tokens = enc(GOLDEN["clip_hf"]["images_native"])
+    torch.testing.assert_close(tokens, GOLDEN["clip_hf"]["tokens_native"], atol=1e-4, rtol=0)
+    assert torch.equal(g, tokens[:, 0])
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['proj'\]"):
+        E._load_state(E.VisionEncoder(replace(enc.config, embed_dim=48), "x"), enc.state_dict(), "f")
+
+
+def test_mae_ignores_the_decoder(tmp_path):
+    """The full pretraining model (mae_visualize_*.pth) carries the decoder: dropped, the encoder is unchanged."""
+    ckpt = torch.load(DATA / "mae.pth")
+    assert set(ckpt) == {"model"}
+    ckpt["model"].update({"mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.zeros(16, 64),
+                          "decoder_pred.bias": torch.zeros(48)})
+    torch.save(ckpt, tmp_path / "mae_visualize.pth")
+    enc = E.from_checkpoint(tmp_path / "mae_visualize.pth", heads=2)
+    assert enc.name == "mae-custom" and not hasattr(enc, "mask_token")
+    torch.testing.assert_close(enc(GOLDEN["mae"]["images_native"])[1], GOLDEN["mae"]["tokens_native"], atol=1e-4,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("name,weights,found", [
+    ("clip-b16", "dinov2.pth", "found a DINOv2 checkpoint"),
+    ("mae-l16", "clip", "found a CLIP image tower checkpoint"),
+    ("dinov2-b14", "mae.pth", "found a MAE encoder checkpoint"),
+    ("siglip-b16-224", "clip_openai.pt", "found a CLIP image tower checkpoint"),
+    ("clip-l14", "siglip", "found a SigLIP checkpoint")])
+def test_wrong_family_is_a_one_line_error(name, weights, found):
+    with pytest.raises(ValueError, match=f"{name} expects .*{found}") as err:
+        E.load_encoder(name, weights=DATA / weights)
+    assert "\n" not in str(err.value) and E.OFFICIAL_FILES[name] in str(err.value)
+
+
+def test_clip_config_json_must_agree_with_the_preset(tmp_path):
+    """Exact-GELU OpenCLIP models look the same in the weights; config.json tells, and a preset refuses it."""
+    folder = tmp_path / "laion"
+    shutil.copytree(DATA / "clip", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"]["hidden_act"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert E.from_checkpoint(folder).config.act == "gelu"
+    with pytest.raises(ValueError, match="config.json has activation gelu.*clip-b16 uses quick_gelu"):
+        E.load_encoder("clip-b16", weights=folder)
+
+
+def test_official_files_and_encoder_attributes():
+    assert set(E.OFFICIAL_FILES) == set(E.ENCODER_PRESETS) - {"tiny"}
+    assert "ViT-B-16.pt" in E.OFFICIAL_FILES["clip-b16"] and "openai/clip-vit-large-patch14" in E.OFFICIAL_FILES["clip-l14"]
+    assert E.OFFICIAL_FILES["mae-l16"].startswith("mae_pretrain_vit_large.pth")
+    assert E.OFFICIAL_FILES["dinov2-l14-reg"] == "dinov2_vitl14_reg4_pretrain.pth"
+    enc = E.from_checkpoint(DATA / "mae.pth", heads=2)
+    assert (enc.name, enc.weights, enc.seed, enc.dim, enc.embed_dim) == ("mae-custom", str(DATA / "mae.pth"), None, 64, 64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        enc.config.dim = 3
+    tiny = E.load_encoder("tiny", seed=5)
+    assert (tiny.seed, tiny.weights, tiny.dim) == (5, None, 128)
+    assert E.EncoderConfig(**dataclasses.asdict(tiny.config)) == tiny.config
+
+
+def test_clip_and_mae_preprocessing():
+    """CLIP: Resize(224, bicubic) on the short side + CenterCrop(224); MAE: Resize(256) + CenterCrop(224)."""
+    x = torch.rand(2, 3, 300, 400) * 2 - 1
+    with torch.device("meta"):
+        clip, mae = (E.VisionEncoder(E.ENCODER_PRESETS[n], n) for n in ("clip-b16", "mae-l16"))
+    resized = F.interpolate(x, size=(224, 298), mode="bicubic", antialias=True).clamp(-1, 1)   # 400 * 224/300
+    torch.testing.assert_close(clip.preprocess(x), resized[..., :, 37:261])
+    resized = F.interpolate(x, size=(256, 341), mode="bicubic", antialias=True).clamp(-1, 1)
+    torch.testing.assert_close(mae.preprocess(x), resized[..., 16:240, 58:282])
+    assert clip.mean == E.CLIP_MEAN and mae.mean == E.IMAGENET_MEAN
+
+
+@pytest.mark.slow
+def test_random_mae_l16_for_app_e_training():
+    """App. E: load_encoder("mae-l16", seed=...) is a deterministic random ViT-L usable without weights."""
+    enc = E.load_encoder("mae-l16", seed=3)
+    assert (enc.seed, enc.weights, enc.dim, enc.num_tokens) == (3, None, 1024, 197)
+    assert sum(p.numel() for p in enc.parameters()) == 303_301_632    # ViT-L/16 encoder, mae_pretrain_vit_large
+    x = torch.rand(1, 3, 32, 32) * 2 - 1                                  # 2x2 patches: interpolated table
+    g, tokens = enc(x)
+    assert g.shape == (1, 1024) and tokens.shape == (1, 5, 1024) and torch.isfinite(tokens).all()
+    assert torch.equal(E.load_encoder("mae-l16", seed=3).pos_embed, enc.pos_embed)

@@ -122,3 +122,25 @@ def test_bad_inputs_raise(net):
         net(torch.full((1, 3, 8, 8), 255.0))       # uint8-range images
     with pytest.raises(ValueError, match="B, 3, H, W"):
         net(torch.zeros(1, 1, 8, 8))               # grayscale
+
+
+def test_folder_path_resizes_each_image_on_its_own_like_pytorch_fid(net, weights_path):
+    """metrics' feature network brings every image to 299x299 by itself (pytorch-fid's bilinear
+    resize inside the network), so images of different sizes batch together and a file's features
+    do not depend on its neighbours: equal to the network run on each image alone."""
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, h, w, generator=g) * 2 - 1 for h, w in ((40, 56), (299, 299), (64, 64))]
+    fn = metrics.feature_network("inception", weights_path)
+    got = torch.from_numpy(metrics.extract_features(fn, images, batch_size=2, progress=False))
+    want = torch.cat([net(x[None]) for x in images])
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_missing_weights_say_where_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pytorch-fid/releases"):
+        inception.load_inception(str(tmp_path / inception.WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=inception.WEIGHTS_FILE):
+        metrics.feature_network("inception")                    # no weights, no --random-weights
+    rand = metrics.feature_network("inception", allow_random=True)
+    assert rand.name == "inception-v3 pool3 (RANDOM weights)"
+    assert all(torch.equal(rand.net.state_dict()[k], v) for k, v in inception.random_state_dict(0).items())

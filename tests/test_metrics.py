@@ -1,12 +1,21 @@
 """metrics.py: the paper's statements about FID, precision/recall and the K-shot protocol (§7, §8.2)."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from PIL import Image
 
+import data
+import inception
 import metrics
+import metrics_fast
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def gaussian(n, d, seed, scale=1.0, shift=0.0):
@@ -33,14 +42,18 @@ def pytorch_fid_formula(mu1, sigma1, mu2, sigma2):
 
 
 def brute_force_pr(real, fake, k):
-    """Float64, full matrices, torch-fidelity's convention (kthvalue(k+1), <=)."""
-    real, fake = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
-    r_real = torch.cdist(real, real).kthvalue(k + 1, dim=1).values
-    r_fake = torch.cdist(fake, fake).kthvalue(k + 1, dim=1).values
-    d = torch.cdist(fake, real)                                   # (M, N)
-    precision = (d <= r_real[None, :]).any(1).double().mean().item()
-    recall = (d <= r_fake[:, None]).any(0).double().mean().item()
-    return precision, recall
+    """Kynkäänniemi et al. 2019 by the definition, written independently of metrics.py: numpy
+    float64, one point at a time, squared distances from the differences, radius = (k+1)-th smallest
+    in the point's own set (itself included at 0), membership with <=."""
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+
+    def sq_dists(a, b):                                          # (len(a), len(b))
+        return np.stack([((b - x) ** 2).sum(1) for x in a])
+
+    r2_real = np.sort(sq_dists(real, real), axis=1)[:, k]
+    r2_fake = np.sort(sq_dists(fake, fake), axis=1)[:, k]
+    d2 = sq_dists(fake, real)                                    # (M, N)
+    return float((d2 <= r2_real[None, :]).any(1).mean()), float((d2 <= r2_fake[:, None]).any(0).mean())
 
 
 # --------------------------------------------------------------------------------------------- FID
@@ -136,7 +149,7 @@ def test_copying_model_full_recall_one_but_one_shot_recall_collapses():
     wide, wide_labels, _ = classes(100, 10, 2048, 16)
     plan = metrics.kshot_select(wide_labels, 1)
     jittered = np.repeat(wide[[c for c, _ in plan]], 10, axis=0) + 1e-4 * gaussian(1000, 2048, 17)
-    assert metrics.precision_recall(wide, jittered) == brute_force_pr(wide, jittered, 3) == (1.0, 0.1)
+    assert metrics.precision_recall(wide, jittered) == (1.0, 0.1)
     # a model that varies within the class (fresh members of the class) keeps a high one-shot recall
     varied = means[labels] + gaussian(len(real), 32, 15)
     assert metrics.precision_recall(real, varied).recall > 0.5 > r
@@ -153,64 +166,118 @@ def test_dropping_modes_lowers_recall_keeps_precision():
     assert p_half >= p_all - 0.05
 
 
-@pytest.mark.parametrize("screen", [False, True])
-@pytest.mark.parametrize("block", [37, 64, 250, metrics.BLOCK])
-def test_tiled_equals_full_matrix_float64(block, screen):
-    real, fake = gaussian(300, 48, 18), gaussian(250, 48, 19, scale=1.2, shift=0.1)
-    ours = metrics.precision_recall(real, fake, k=3, block=block, screen=screen)
-    assert ours == pytest.approx(brute_force_pr(real, fake, 3), abs=0)
-
-
-def screen_cases():
-    """Data on which a loose or wrong bf16 error bound would flip decisions."""
+def pr_cases():
+    """Random and adversarial inputs: a loose screen bound, a global tolerance, a wrong radius index
+    or a strict < would each change at least one of these answers."""
     real, labels, means = classes(40, 10, 64, 30)
     copies = np.repeat(real[::10], 10, axis=0)                                  # one-shot copy model
+    cluster = 1e-3 * gaussian(400, 64, 39)
+    lattice = np.random.default_rng(40).integers(0, 3, (300, 6)).astype(np.float64)   # exact ties
+    sphere = gaussian(120, 16, 41)
+    sphere = np.concatenate([np.zeros((1, 16)), sphere / np.linalg.norm(sphere, axis=1, keepdims=True)])
     return {
         "gaussian": (gaussian(400, 64, 31), gaussian(400, 64, 32)),            # P, R far from 0 and 1
         "offset 1e3": (gaussian(400, 64, 33, shift=1e3), gaussian(400, 64, 34, shift=1e3)),
+        "far offset 1e6, fake shifted": (gaussian(300, 32, 42, shift=1e6), gaussian(300, 32, 43, shift=1e6 + 0.3)),
         "copies": (real, copies),
         "jittered copies": (real, copies + 1e-4 * gaussian(len(copies), 64, 35)),
         "same set": (real, real.copy()),
+        "duplicates in both sets": (np.repeat(real[:100], 3, axis=0), np.repeat(real[50:150], 2, axis=0)),
         "heavy tails": (gaussian(400, 64, 36) ** 3, gaussian(400, 64, 37) ** 3),
         "class means": (real, means[labels] + 0.9 * gaussian(len(real), 64, 38)),
+        "outlier + shifted cluster (issue 16.1)": (np.concatenate([cluster, np.full((1, 64), 100.0)]), cluster + 0.05),
+        "lattice ties": (lattice, np.random.default_rng(44).integers(0, 3, (250, 6)).astype(np.float64)),
+        "centre of a sphere (many equal distances)": (sphere, sphere[::-1] * 1.0000001),
+        "float32 input": (gaussian(300, 48, 45).astype(np.float32), gaussian(250, 48, 46, 1.2, 0.1).astype(np.float32)),
     }
 
 
-@pytest.mark.parametrize("case", list(screen_cases()))
-def test_bf16_screen_gives_the_float32_answer(case):
-    """The screen changes the work, never the result: equal to the float32 path and to float64."""
-    real, fake = screen_cases()[case]
-    exact = metrics.precision_recall(real, fake, block=96, screen=False)
-    assert metrics.precision_recall(real, fake, block=96, screen=True) == exact
-    assert exact == brute_force_pr(real, fake, 3)
+@pytest.mark.parametrize("case", list(pr_cases()))
+def test_precision_recall_plain_and_fast_equal_brute_force(case):
+    """§7 precision/recall: plain definition == fast path (float32 and bf16 screens, small tiles so
+    tile edges fall everywhere) == the independent float64 brute force."""
+    real, fake = pr_cases()[case]
+    want = brute_force_pr(real, fake, 3)
+    assert metrics.precision_recall(real, fake, fast=False) == want
+    assert metrics.precision_recall(real, fake, fast=True) == want
+    assert metrics.precision_recall(real, fake, fast=True, block=37, bf16=False) == want
+    assert metrics.precision_recall(real, fake, fast=True, block=64, bf16=True) == want
 
 
-def test_bf16_screen_fallback_to_float32_rows(monkeypatch):
-    """With every pair undecided (identical points; or MAX_OPEN = 0) the rows are redone in float32."""
-    same = np.ones((50, 8))
-    assert metrics.precision_recall(same, same, block=16, screen=True) == (1.0, 1.0)
-    monkeypatch.setattr(metrics, "MAX_OPEN", 0)
-    real, fake = screen_cases()["gaussian"]
-    assert metrics.precision_recall(real, fake, block=96, screen=True) == brute_force_pr(real, fake, 3)
+def test_one_far_point_does_not_change_recall():
+    """Issue 16.1: a tolerance taken from the largest norm (the old global floor) made the shifted
+    cluster's reals count as inside (recall 0.9975); brute force says 0.0."""
+    cluster = 1e-3 * gaussian(400, 64, 50)
+    real, fake = np.concatenate([cluster, np.full((1, 64), 100.0)]), cluster + 0.05
+    assert brute_force_pr(real, fake, 3)[1] == 0.0
+    assert metrics.precision_recall(real, fake, fast=False).recall == 0.0
+    assert metrics.precision_recall(real, fake, fast=True).recall == 0.0
+    assert metrics.precision_recall(real, fake, fast=True, bf16=True).recall == 0.0
 
 
-@pytest.mark.parametrize("shift, power", [(0.0, 1), (30.0, 1), (0.0, 3)])
-def test_bf16_tile_error_bound_holds(shift, power):
-    """|bf16 tile − exact squared distance| ≤ the returned bound, uncentred inputs included."""
-    x = torch.tensor(gaussian(256, 512, 40, shift=shift) ** power, dtype=torch.float32)
-    y = torch.tensor(gaussian(192, 512, 41, shift=shift) ** power, dtype=torch.float32)
-    p, q = (metrics._screen(t, t.square().sum(1), metrics._bf16_norms(t, 64), slice(None)) for t in (x, y))
-    d2, err = metrics._screened_sq_dists(p, q)
-    exact = torch.cdist(x.double(), y.double()).square()
-    assert (d2.double() - exact).abs().max().item() <= err
-    if not shift:                    # precision_recall centres the data: then the bound is tight enough
-        assert err < 0.05 * exact.mean().item()                  # to decide most pairs
+def test_exact_duplicates_are_inside():
+    """Identical features give distance exactly 0 <= radius 0 (§7: a copy is always inside)."""
+    assert metrics.precision_recall(np.ones((1024, 4096)), np.ones((1024, 4096))) == (1.0, 1.0)
+    assert metrics.precision_recall(np.ones((64, 512)), np.ones((64, 512)), fast=False) == (1.0, 1.0)
+
+
+def test_huge_finite_features_are_computed_not_overflowed():
+    """Issue 23.3: float32 features ~1e20 (squared distances overflow float32) must give the float64
+    answer. Reals: a tight cluster; fakes: a sparse ring far around it -> P = 0, R = 1."""
+    cluster = 0.01 * gaussian(200, 16, 51)
+    ring = gaussian(60, 16, 52)
+    ring = 10 * ring / np.linalg.norm(ring, axis=1, keepdims=True)
+    real, fake = (1e20 * cluster).astype(np.float32), (1e20 * ring).astype(np.float32)
+    assert np.isfinite(fake).all() and float(np.abs(fake).max()) ** 2 > float(np.finfo(np.float32).max)
+    assert brute_force_pr(real, fake, 3) == (0.0, 1.0)
+    assert metrics.precision_recall(real, fake, fast=True) == (0.0, 1.0)
+    assert metrics.precision_recall(real, fake, fast=False) == (0.0, 1.0)
+    tiny = (real.astype(np.float64) * 1e-250, fake.astype(np.float64) * 1e-250)   # the other end
+    assert metrics.precision_recall(*tiny, fast=True) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3", None])
+def test_k_must_be_a_positive_integer(k):
+    x = gaussian(20, 4, 53)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        metrics.precision_recall(x, x, k=k)
+
+
+def test_k_numpy_int_and_k_too_large():
+    real, fake = gaussian(30, 4, 54), gaussian(30, 4, 55)
+    assert metrics.precision_recall(real, fake, k=np.int64(5)) == brute_force_pr(real, fake, 5)
+    assert metrics.precision_recall(real, fake, k=1) == brute_force_pr(real, fake, 1)
+    with pytest.raises(ValueError, match="real: needs at least 31 samples"):
+        metrics.precision_recall(real, fake, k=30)
+
+
+def test_fast_path_fallbacks(monkeypatch):
+    """Force every exact fallback of metrics_fast: few radius candidates (whole rows recomputed) and
+    undecided pairs resolved after every tile; the answer stays the brute-force one."""
+    monkeypatch.setattr(metrics_fast, "CANDIDATES", 1)
+    monkeypatch.setattr(metrics_fast, "MAX_PENDING", 0)
+    for case in ("centre of a sphere (many equal distances)", "lattice ties", "copies", "gaussian"):
+        real, fake = pr_cases()[case]
+        assert metrics.precision_recall(real, fake, fast=True, block=50) == brute_force_pr(real, fake, 3), case
+
+
+@pytest.mark.parametrize("shift, power, lowp", [(0.0, 1, False), (0.0, 1, True), (0.0, 3, True), (30.0, 1, True)])
+def test_tile_error_bound_holds_per_pair(shift, power, lowp):
+    """|screened squared distance − exact| <= the per-pair bound metrics_fast decides with."""
+    x = torch.tensor(gaussian(256, 512, 56, shift=shift) ** power, dtype=torch.float32)
+    y = torch.tensor(gaussian(192, 512, 57, shift=shift) ** power, dtype=torch.float32)
+    d2, err = metrics_fast._tile(x, y, x.norm(dim=1), y.norm(dim=1), lowp)
+    exact = torch.cdist(x.double(), y.double(), compute_mode="donot_use_mm_for_euclid_dist").square()
+    assert ((d2.double() - exact).abs() <= err.double()).all()
+    if not shift and power == 1:                  # centred data: tight enough to decide most pairs
+        assert (err.double() < 0.05 * exact).float().mean() > 0.99
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_equals_cpu():
     real, fake = gaussian(2000, 64, 20), gaussian(2000, 64, 21, scale=1.1)
     cpu = metrics.precision_recall(real, fake)
+    assert cpu == brute_force_pr(real, fake, 3)
     assert metrics.precision_recall(torch.tensor(real).cuda(), torch.tensor(fake).cuda()) == cpu
     assert metrics.frechet_distance(torch.tensor(real).cuda(), fake) == pytest.approx(
         metrics.frechet_distance(real, fake), rel=1e-9)
@@ -234,12 +301,34 @@ def test_kshot_plan_bookkeeping():
     assert len(subset) == 12 and np.all(np.bincount(labels[subset])[[3, 5, 7]] == 4)
 
 
+def test_kshot_plan_is_the_section7_protocol():
+    """§7 / §8.2: of N test images in groups, K distinct conditioning images per group, N/K samples
+    each, N in all; a uniform random choice (every image is picked about K/n of the time)."""
+    n_groups, per_group, k = 50, 10, 2
+    labels = np.repeat(np.arange(n_groups), per_group)
+    picked = np.zeros(len(labels))
+    for seed in range(200):
+        plan = metrics.kshot_select(labels, k, seed=seed)
+        conds = [c for c, _ in plan]
+        assert len(plan) == n_groups * k and len(set(conds)) == len(conds)
+        assert all(n == per_group // k for _, n in plan)                   # N/K samples each
+        assert np.all(np.bincount(labels[conds], minlength=n_groups) == k)
+        picked[conds] += 1
+    assert abs(picked.mean() / 200 - k / per_group) < 1e-12
+    assert 0.1 < picked.min() / 200 and picked.max() / 200 < 0.35          # k / n = 0.2, 2000 draws
+    one_shot = metrics.kshot_select([0] * 12, 1, seed=3)                   # §7's ungrouped form
+    assert len(one_shot) == 1 and one_shot[0][1] == 12
+
+
 def test_kshot_metrics_reports_all_three():
     real, labels, _ = classes(20, 10, 8, 22)
     plan = metrics.kshot_select(labels, 1)
     fake = np.repeat(real[[c for c, _ in plan]], [n for _, n in plan], axis=0)
     out = metrics.kshot_metrics(real, fake)
-    assert (out["precision"], out["recall"]) == (1.0, 0.1) and out["fid"] > 0
+    assert (out["precision"], out["recall"]) == (1.0, 0.1)
+    mu_r, mu_f = real.mean(0), fake.mean(0)                     # FID by the formula, independently
+    assert out["fid"] == pytest.approx(pytorch_fid_formula(mu_r, np.cov(real, rowvar=False),
+                                                           mu_f, np.cov(fake, rowvar=False)), rel=1e-6)
     with pytest.raises(ValueError, match="N test images with N samples"):
         metrics.kshot_metrics(real, fake[:-1])
 
@@ -252,6 +341,22 @@ def test_alignment_is_mean_cosine_to_own_condition():
     assert metrics.alignment(cond, flat, counts=[1, 2, 1]) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="do not match"):
         metrics.alignment(cond, flat, counts=[1, 1, 1])
+
+
+def test_alignment_pairs_each_sample_with_its_own_condition():
+    """§8.2: every sample is compared with ITS conditioning image. Hand-built: samples of condition
+    i point along condition i, except the second sample of condition 1 (cos 0.6): mean (1+1+0.6)/3.
+    Pairing them with any other condition (a shifted or reversed pairing), or with the mean
+    condition, gives another value."""
+    cond = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    samples = np.array([[2.0, 0, 0], [0, 3.0, 0], [0, 0.6, 0.8]])     # counts: cond 0 -> 1, cond 1 -> 2
+    own = metrics.alignment(cond, samples, counts=[1, 2])
+    assert own == pytest.approx((1 + 1 + 0.6) / 3, abs=1e-12)
+    assert metrics.alignment(cond[::-1], samples, counts=[1, 2]) != pytest.approx(own)
+    assert metrics.alignment(cond, samples, counts=[2, 1]) != pytest.approx(own)
+    hand = np.mean([c @ s / np.linalg.norm(c) / np.linalg.norm(s)
+                    for c, s in zip(cond[[0, 1, 1]], samples)])
+    assert own == pytest.approx(hand, abs=1e-12)
 
 
 # -------------------------------------------------------------------------------- errors and CLI
@@ -284,13 +389,89 @@ def test_cli_on_feature_files(tmp_path, capsys):
     assert "dimensions differ" in capsys.readouterr().err
 
 
-def write_folder(folder, seed, n):
-    from PIL import Image
-    folder.mkdir()
+def test_fid_from_stats_refuses_nan_and_inf():
+    mu, sigma = np.zeros(4), np.eye(4)
+    for bad in ("mu", "sigma"):
+        m2, s2 = mu.copy(), sigma.copy()
+        (m2 if bad == "mu" else s2)[1] = np.nan if bad == "mu" else np.inf
+        with pytest.raises(ValueError, match=f"{bad}2: .* NaN/inf"):
+            metrics.fid_from_stats(mu, sigma, m2, s2)
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "metrics.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def assert_usage_error(res, needle):
+    """argparse-style: exit 2, the message on one line of stderr, no traceback."""
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and needle in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("metrics.py: error:")
+
+
+def write_folder(folder, seed, n, size=(40, 48)):
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (folder / "broken.png").write_bytes(b"not an image")        # skipped with a logged reason
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_cli_user_errors_are_one_liners(tmp_path):
+    """Issue 17 / 23.1 / 16.3: bad k, empty folder, random weights without the flag, missing
+    Inception weights -> one-line argparse errors (exit 2), nothing computed."""
+    np.save(tmp_path / "real.npy", gaussian(20, 4, 60)), np.save(tmp_path / "fake.npy", gaussian(20, 4, 61))
+    assert_usage_error(run_cli(tmp_path / "real.npy", tmp_path / "fake.npy", "--k", "0"), "positive integer")
+    (tmp_path / "empty").mkdir()
+    write_folder(tmp_path / "full", 0, 3)
+    assert_usage_error(run_cli(tmp_path / "empty", tmp_path / "full", "--features", "tiny", "--random-weights"),
+                       "no images")
+    assert_usage_error(run_cli(tmp_path / "full", tmp_path / "full", "--features", "tiny"), "--random-weights")
+    res = run_cli(tmp_path / "full", tmp_path / "full", "--features", "inception", "--weights", tmp_path / "nope.pth")
+    assert_usage_error(res, inception.WEIGHTS_URL)
+
+
+def test_api_refuses_random_feature_networks():
+    for name in ("inception", "tiny"):
+        with pytest.raises(ValueError, match="--random-weights"):
+            metrics.feature_network(name)
+    assert metrics.feature_network("tiny", allow_random=True).name == "tiny global embedding (RANDOM weights)"
+
+
+def test_cli_k_flag(tmp_path, capsys):
+    real, fake = gaussian(30, 4, 62), gaussian(30, 4, 63)
+    np.save(tmp_path / "real.npy", real), np.save(tmp_path / "fake.npy", fake)
+    for bad in ("0", "-1", "2.5", "x"):
+        with pytest.raises(SystemExit) as e:
+            metrics.main([str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), "--k", bad])
+        assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        metrics.main([str(tmp_path / "real.npy"), str(tmp_path / "fake.npy"), "--k", "30"])
+    assert "needs at least 31 samples" in capsys.readouterr().err
+
+
+def test_folder_features_do_not_depend_on_the_other_files(tmp_path):
+    """Issue 16.2: each image reaches the network on its own; a 16x16 thumbnail that sorts first
+    (it used to set every image's size) changes no other file's features."""
+    net = metrics.feature_network("tiny", allow_random=True)
+    write_folder(tmp_path / "a", 0, 4, size=(40, 56))
+    before = metrics.extract_features(net, tmp_path / "a", batch_size=3, progress=False)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a" / "+thumb.png")
+    assert data.find_images(tmp_path / "a")[0].name == "+thumb.png"            # it sorts first
+    after = metrics.extract_features(net, tmp_path / "a", batch_size=3, progress=False)
+    assert len(after) == 5
+    np.testing.assert_allclose(after[1:], before, rtol=0, atol=1e-5)
+    single = metrics.extract_features(net, [data.load_image(tmp_path / "a" / "2.png")], progress=False)
+    np.testing.assert_allclose(single[0], before[2], rtol=0, atol=1e-5)
+
+
+def test_folder_walk_follows_symlinks(tmp_path):
+    """Issue 16.3: one walk for the project (data.find_images): a symlinked sub-folder counts."""
+    write_folder(tmp_path / "a", 0, 1)
+    write_folder(tmp_path / "elsewhere", 1, 5)
+    (tmp_path / "a" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    net = metrics.feature_network("tiny", allow_random=True)
+    assert len(metrics.extract_features(net, tmp_path / "a", progress=False)) == 6
 
 
 @pytest.mark.filterwarnings("ignore:FID with")
@@ -298,11 +479,13 @@ def write_folder(folder, seed, n):
 def test_cli_on_image_folders(tmp_path, capsys, network):
     """Folder → features → metrics, naming the network; inception with a random file in the FID layout."""
     write_folder(tmp_path / "a", 0, 6), write_folder(tmp_path / "b", 1, 6)
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")   # skipped with a logged reason
     flags = ["--features", network, "--k", "2", "--device", "cpu"]
     if network == "inception":
-        import inception
         torch.save(inception.random_state_dict(0), tmp_path / "pt_inception.pth")
         flags += ["--weights", str(tmp_path / "pt_inception.pth")]
+    else:
+        flags += ["--random-weights"]
     metrics.main([str(tmp_path / "a"), str(tmp_path / "b")] + flags)
     out = json.loads(capsys.readouterr().out)
     assert out["n_real"] == out["n_fake"] == 6 and np.isfinite(out["fid"])

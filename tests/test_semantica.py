@@ -1,15 +1,25 @@
-"""semantica.py: frozen encoder outside the module tree, condition dropout, gradients, overfitting,
-batched guided sampling, checkpoints."""
+"""semantica.py: frozen encoder outside the module tree, condition dropout (§6.1 CFG training), the eps-space
+loss, guidance direction / null pass / w = 0 (Ho & Salimans), float32 guidance under bf16 autocast, noise that
+does not depend on the batch, argument checks, the EMA, and the one checkpoint format and loader.
+
+Expected values are computed here independently: binomial bounds, the closed-form schedule (diffusion.md §1),
+stub networks whose conditional and null outputs are known, hand-written float32 combinations."""
 import copy
 import dataclasses
+import hashlib
+import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch import nn
 
-import diffusion
 import encoders
 import uvit
-from semantica import Semantica
+from semantica import (FORMAT, Semantica, build_encoder, check_encoder, checkpoint_header, save_checkpoint,
+                       update_ema)
 from test_uvit import randomize  # random weights everywhere (zero-init outputs would hide dependencies)
 
 # 16 px target images, one conv level and a 2-block cross-attention transformer at 8x8; the "tiny"
@@ -27,16 +37,26 @@ def images(b, size, seed):
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+def closed_form_alpha_sigma(t, image_size, noise_size=32):
+    """diffusion.md §1.1-1.2 in float64: clipped cosine in log-SNR (±15), shifted by 2 ln(noise/image)."""
+    t_min, t_max = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
+    lam = -2 * np.log(np.tan(t_min + np.asarray(t, np.float64) * (t_max - t_min))) + 2 * math.log(noise_size / image_size)
+    return np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
+
+
+# ----------------------------------------------------------------------------- the frozen encoder
+
 def test_encoder_is_frozen_and_outside_the_module_tree(encoder):
     model = Semantica(MICRO, encoder)
     enc_params = {id(p) for p in encoder.parameters()}
     assert not enc_params & {id(p) for p in model.parameters()}                # not in the optimiser / EMA
-    assert not any(k.startswith("encoder") for k in model.state_dict())        # not in checkpoints
     assert set(model.state_dict()) == {"null_cond"} | {"net." + k for k in model.net.state_dict()}
     model.train()
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
-    ema = copy.deepcopy(model)                                                  # EMA copies share the encoder
-    assert ema.encoder is encoder and ema.net is not model.net
+    ema = model.ema_copy()                                                      # the EMA shares the encoder
+    assert ema.encoder is encoder and ema.net is not model.net and not ema.training
+    assert all(not p.requires_grad for p in ema.parameters())
+    assert copy.deepcopy(model).encoder is not encoder                          # a bare deepcopy duplicates it
     model.to(torch.float64)                                                     # .to() moves the encoder too
     assert next(encoder.parameters()).dtype == torch.float64
     model.to(torch.float32)
@@ -58,15 +78,42 @@ def test_condition_uses_tokens_or_global_feature(encoder):
         Semantica(MICRO, encoder).loss(images(2, 16, 0), cls)
 
 
-@pytest.mark.parametrize("p_uncond", [0.0, 0.1, 1.0])
-def test_null_condition_used_at_the_configured_rate(p_uncond):
+# ----------------------------------------------------------------------------- training: dropout and loss
+
+@pytest.mark.parametrize("p_uncond", [0.0, 0.1, 0.5, 1.0])
+def test_condition_dropout_rate_within_binomial_bounds(p_uncond):
     model = Semantica(MICRO, p_uncond=p_uncond)
-    cond = torch.randn(20_000, 3, 128)
+    n = 20_000
+    cond = torch.randn(n, 3, 128)
     out = model.drop_condition(cond, generator=torch.Generator().manual_seed(0))
-    is_null = (out == model.null_cond).all(dim=(1, 2))
+    is_null = (out == model.null_cond).all(dim=(1, 2))     # a dropped row equals the learned null exactly
     is_cond = (out == cond).all(dim=(1, 2))
-    assert torch.all(is_null ^ is_cond)         # each example keeps its condition or gets the whole null
-    assert abs(is_null.float().mean().item() - p_uncond) < 0.01
+    assert torch.all(is_null ^ is_cond)                   # each example keeps its condition or gets the whole null
+    rate = is_null.float().mean().item()
+    assert abs(rate - p_uncond) <= 5 * math.sqrt(p_uncond * (1 - p_uncond) / n)  # 5 sigma; exact at p = 0, 1
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "film"])
+def test_loss_is_the_eps_space_loss_of_the_conditioned_network(conditioning):
+    cfg = dataclasses.replace(MICRO, conditioning=conditioning)
+    g = torch.Generator().manual_seed(0)
+    x = images(4, 16, seed=3).clamp(-0.9, 0.9)
+    t = torch.tensor([0.05, 0.3, 0.6, 0.95])
+    eps = torch.randn(4, 3, 16, 16, generator=g)
+    cond = torch.randn((4, 5, 128) if conditioning == "cross_attention" else (4, 128), generator=g)
+    for p_uncond in (0.0, 1.0):                                   # all conditional / all null
+        model = randomize(Semantica(cfg, p_uncond=p_uncond), seed=4).eval()
+        alpha, sigma = (torch.from_numpy(a).view(-1, 1, 1, 1) for a in closed_form_alpha_sigma(t, 16))
+        z = alpha * x.double() + sigma * eps.double()            # Eq. 1
+        seen = cond if p_uncond == 0 else model.null_cond.expand_as(cond)
+        with torch.no_grad():
+            v = model.net(z.float(), t, seen).double()
+        expected = ((eps.double() - (sigma * z + alpha * v)) ** 2).mean().item()   # eps-hat = sigma z + alpha v
+        with torch.no_grad():
+            got = model.loss(x, cond, generator=torch.Generator().manual_seed(1), t=t, eps=eps).item()
+        assert got == pytest.approx(expected, rel=1e-4), p_uncond
+        v_loss = ((alpha * eps.double() - sigma * x.double() - v) ** 2).mean().item()
+        assert abs(v_loss - expected) > 1e-2 * expected            # the v-space loss is a different number
 
 
 def test_gradients_reach_every_trainable_parameter_and_never_the_encoder(encoder):
@@ -78,8 +125,20 @@ def test_gradients_reach_every_trainable_parameter_and_never_the_encoder(encoder
         assert all(p.grad is None for p in encoder.parameters())
 
 
+def test_update_ema_is_polyak_averaging():
+    model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    model.register_buffer("count", torch.tensor(5.0))
+    ema.register_buffer("count", torch.tensor(0.0))
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.9)
+    for e, e0, p in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * e0 + 0.1 * p, atol=1e-7)   # decay * ema + (1 - decay) * model
+    assert ema.count.item() == 5.0                                 # buffers copied
+
+
 @pytest.mark.slow  # ~20 s on one CPU core
 def test_overfits_one_pair(encoder):
+    import diffusion
     torch.manual_seed(0)
     model = Semantica(MICRO, encoder, p_uncond=0.0)
     target = images(1, 16, seed=2).clamp(-0.8, 0.8).expand(16, -1, -1, -1)
@@ -103,38 +162,254 @@ def test_overfits_one_pair(encoder):
     assert eval_loss() < before / 10                          # measured: ~16x
 
 
+# ----------------------------------------------------------------------------- sampling: guidance
+
+class ConstantV(nn.Module):
+    """Stub network: v = the first entry of the condition, everywhere; records its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, z_t, t, cond):
+        self.calls.append((z_t.clone(), cond.shape[0]))
+        c = cond[:, 0, 0] if cond.ndim == 3 else cond[:, 0]
+        return c.view(-1, 1, 1, 1).expand_as(z_t).clone()
+
+
+@pytest.mark.parametrize("w, v_guided", [(0.5, 1.5 * 0.2 - 0.5 * -0.4), (1.5, 2.5 * 0.2 - 1.5 * -0.4), (0.0, 0.2)])
+def test_guidance_direction_learned_null_and_w0(w, v_guided):
+    """v_cond = 0.2 (the real condition), v_null = -0.4 (the learned null): a one-step sample is
+    x = clip(alpha_1 z - sigma_1 v~) with v~ = (1 + w) v_cond - w v_null. Swapped arguments give
+    (1 + w)(-0.4) - w 0.2, a null half fed the real condition 0.2, a zero null (1 + w) 0.2: all fail."""
+    model = Semantica(MICRO)
+    model.net = ConstantV()
+    with torch.no_grad():
+        model.null_cond.fill_(-0.4)
+    x = model.sample(cond=torch.full((2, 5, 128), 0.2), num_samples=3, steps=1, guidance=w, seed=0)
+    (z, batch), = model.net.calls
+    assert batch == (6 if w == 0 else 12)                      # w = 0: no null pass; else [cond; null] at once
+    alpha, sigma = closed_form_alpha_sigma(1.0, 16)
+    expected = np.clip(alpha * z[:6].double().numpy() - sigma * v_guided, -1, 1)
+    np.testing.assert_allclose(x.reshape(6, 3, 16, 16).double().numpy(), expected, atol=1e-5)
+
+
 def test_sample_batches_conditional_and_null_passes(encoder):
     model = randomize(Semantica(MICRO, encoder), seed=1)
     batches = []
     model.net.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
     cond_images = images(2, 32, seed=4)
-    x = model.sample(cond_images, num_samples=3, steps=4, guidance=0.5, generator=torch.Generator().manual_seed(0))
+    x = model.sample(cond_images, num_samples=3, steps=4, guidance=0.5, seed=0)
     assert x.shape == (2, 3, 3, 16, 16) and x.abs().max() <= 1.0
     assert batches == [2 * 2 * 3] * 4                          # one network call per step on [cond; null]
-    again = model.sample(cond_images, num_samples=3, steps=4, guidance=0.5, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x, again)                              # deterministic given the generator
+    assert torch.equal(x, model.sample(cond_images, num_samples=3, steps=4, guidance=0.5, seed=0))  # seeded
+    assert not torch.equal(x, model.sample(cond_images, num_samples=3, steps=4, guidance=0.5, seed=1))
     assert model.training                                     # sampling restores the mode
 
 
-def test_save_load_roundtrip_and_mismatch_errors(encoder, tmp_path):
-    model = randomize(Semantica(dataclasses.replace(MICRO, conditioning="film"), encoder, p_uncond=0.2), seed=2)
-    path = tmp_path / "model.pt"
-    model.save(path, step=7)
-    loaded = Semantica.from_checkpoint(path)                  # encoder rebuilt from its stored name
-    assert loaded.config == model.config and loaded.p_uncond == 0.2 and loaded.encoder_spec == {"name": "tiny", "weights": None}
-    z_t, t, cond_images = images(2, 16, 5), torch.rand(2), images(2, 32, 6)
-    cond = model.condition(cond_images)
-    assert torch.equal(loaded.condition(cond_images), cond)
-    assert torch.equal(loaded.eval().net(z_t, t, cond), model.eval().net(z_t, t, cond))
+def test_guidance_and_sampler_updates_are_float32_under_bf16_autocast():
+    """The network runs in bf16; guidance must combine its outputs in float32 (issue 16.10)."""
+    model = randomize(Semantica(MICRO), seed=2)
+    seen = []
+    model.net.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    cond, w = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(5)), 1.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = model.sample(cond=cond, num_samples=2, steps=3, guidance=w, seed=0)
+    assert x.dtype == torch.float32 and all(z.dtype == torch.float32 for z, _ in seen)   # sampler state
+    z, v = seen[-1]                                             # the last step: x = clip(alpha z - sigma v~)
+    assert v.dtype == torch.bfloat16                            # the network really ran in bf16
+    v_cond, v_null = v.float().chunk(2)
+    alpha, sigma = (float(a) for a in closed_form_alpha_sigma(1 / 3, 16))
+    hand = (alpha * z[:4].double() - sigma * ((1 + w) * v_cond - w * v_null).double()).clamp(-1, 1)
+    assert torch.allclose(x.reshape(4, 3, 16, 16).double(), hand, atol=1e-5)
+    in_bf16 = (alpha * z[:4].double() - sigma * ((1 + w) * v.chunk(2)[0] - w * v.chunk(2)[1]).double()).clamp(-1, 1)
+    assert (in_bf16 - hand).abs().max() > 1e-4                  # a bf16 combination would be caught
 
+
+def test_variations_do_not_depend_on_batch_composition(encoder):
+    model = randomize(Semantica(MICRO, encoder), seed=3)
+    abc = images(3, 32, seed=6)
+    kw = dict(steps=3, guidance=0.5, seed=7)
+    together = model.sample(abc, num_samples=2, **kw)
+    alone = [model.sample(abc[i:i + 1], num_samples=2, first_index=i, **kw) for i in range(3)]
+    assert torch.allclose(torch.cat(alone), together, atol=1e-5)
+    split = model.sample(abc[1:], num_samples=2, first_index=1, **kw)                # any split of the images
+    assert torch.allclose(split, together[1:], atol=1e-5)
+    one = model.sample(abc[2:], num_samples=1, first_index=2, first_sample=1, **kw)  # samples split across calls
+    assert torch.allclose(one[0, 0], together[2, 1], atol=1e-5)
+    assert not torch.allclose(together[:, 0], together[:, 1])                       # samples differ
+
+
+def test_sample_accepts_pil_images(encoder):
+    model = randomize(Semantica(MICRO, encoder), seed=4)
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    as_tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1    # [0, 255] -> [-1, 1]
+    kw = dict(num_samples=1, steps=2, seed=0)
+    assert torch.allclose(model.sample([Image.fromarray(pixels)], **kw), model.sample(as_tensor[None], **kw))
+    big = Image.fromarray(np.zeros((40, 64, 3), np.uint8)).convert("L")                 # resized, made RGB
+    assert model.sample([big, Image.fromarray(pixels)], **kw).shape == (2, 1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(num_samples=0), "num_samples"),
+    (dict(guidance=float("nan")), "guidance"), (dict(guidance=float("inf")), "guidance"),
+    (dict(gamma=float("nan")), "gamma"), (dict(seed=-1), "seed"), (dict(first_index=-1), "first_index")])
+def test_sample_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Semantica(MICRO).sample(cond=torch.randn(1, 5, 128), **kwargs)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def write_checkpoint(path, model, ema, step=1000, ema_decay=0.99, prefix=""):
+    """A checkpoint as train.py writes it (semantica.py's format + train-only keys)."""
+    payload = {**checkpoint_header(model), "step": step, "ema_decay": ema_decay, "train_config": {"lr": 1.0},
+               "model": {prefix + k: v for k, v in model.state_dict().items()},
+               "ema": {prefix + k: v for k, v in ema.state_dict().items()}, "opt": {"state": {}}}
+    save_checkpoint(path, payload)
+    return path
+
+
+def outputs(model, cond_images):
+    g = torch.Generator().manual_seed(0)
+    z_t, t = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g)
+    with torch.no_grad():
+        return model.net(z_t, t, model.condition(cond_images))
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "film"])
+def test_checkpoint_roundtrip_ema_by_default(conditioning, tmp_path):
+    enc = encoders.load_encoder("tiny", seed=3)          # a random encoder of seed 3 must come back as seed 3
+    model = randomize(Semantica(dataclasses.replace(MICRO, conditioning=conditioning), enc, p_uncond=0.2), seed=2)
+    ema = randomize(model.ema_copy(), seed=5)
+    path = write_checkpoint(tmp_path / "ckpt.pt", model, ema, step=1234)
+    cond_images = images(2, 32, 6)
+    loaded = Semantica.from_checkpoint(path)
+    assert not loaded.training and loaded.checkpoint_step == 1234 and loaded.p_uncond == 0.2
+    assert loaded.config == model.config
+    for k, v in enc.state_dict().items():                # rebuilt from its stored state, not from seed 0
+        assert torch.equal(loaded.encoder.state_dict()[k], v), k
+    assert not torch.equal(loaded.encoder.blocks[0].attn.qkv.weight,
+                           encoders.load_encoder("tiny", seed=0).blocks[0].attn.qkv.weight)
+    assert torch.equal(outputs(loaded, cond_images), outputs(ema.eval(), cond_images))       # EMA weights
+    raw = Semantica.from_checkpoint(path, ema=False)
+    assert torch.equal(outputs(raw, cond_images), outputs(model.eval(), cond_images))
+
+
+def test_wrapped_state_dict_prefixes_are_stripped(encoder, tmp_path):
+    model = randomize(Semantica(MICRO, encoder), seed=2)
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        path = write_checkpoint(tmp_path / "w.pt", model, model, prefix=prefix)
+        loaded = Semantica.from_checkpoint(path)
+        assert torch.equal(outputs(loaded, images(2, 32, 1)), outputs(model.eval(), images(2, 32, 1)))
+
+
+def test_checkpoint_refuses_another_encoder_and_stays_untouched(tmp_path):
+    file_a, file_b = tmp_path / "a.pth", tmp_path / "b.pth"
+    encoders.save_dinov2(encoders.load_encoder("tiny", seed=1), file_a)
+    encoders.save_dinov2(encoders.load_encoder("tiny", seed=2), file_b)
+    enc_a = encoders.load_encoder("tiny", weights=str(file_a))
+    model = randomize(Semantica(MICRO, enc_a), seed=2)
+    path = write_checkpoint(tmp_path / "ckpt.pt", model, model)
+    before = sha(path)
+    with pytest.raises(ValueError, match=r"trained with tiny \(weights .*a\.pth.*got tiny \(weights .*b\.pth"):
+        Semantica.from_checkpoint(path, encoder=encoders.load_encoder("tiny", weights=str(file_b)))
+    with pytest.raises(ValueError, match="encoder mismatch"):
+        Semantica.from_checkpoint(path, encoder_weights=str(file_b))                  # same name, other file
+    with pytest.raises(ValueError, match=r"got tiny \(random init"):
+        Semantica.from_checkpoint(path, encoder=encoders.load_encoder("tiny"))       # random vs pretrained
+    moved = tmp_path / "moved.pth"
+    file_a.rename(moved)
+    with pytest.raises(ValueError, match="not at .*a.pth"):
+        Semantica.from_checkpoint(path)
+    assert Semantica.from_checkpoint(path, encoder_weights=str(moved)).encoder.weights == str(moved)  # same sha256
+    assert sha(path) == before                                                      # rejected: left untouched
+    identity = checkpoint_header(model)["encoder"]                                  # another model of the same width
+    identity = {**identity, "name": "siglip-b16-256",
+                "config": dataclasses.asdict(encoders.ENCODER_PRESETS["siglip-b16-256"])}
+    with pytest.raises(ValueError, match=r"trained with siglip-b16-256 .* got tiny"):
+        check_encoder(identity, encoders.load_encoder("tiny", weights=str(moved)))
+
+
+def test_random_encoder_seed_mismatch_is_refused(tmp_path):
+    model = Semantica(MICRO, encoders.load_encoder("tiny", seed=3))
+    path = write_checkpoint(tmp_path / "ckpt.pt", model, model)
+    with pytest.raises(ValueError, match="encoder mismatch"):
+        Semantica.from_checkpoint(path, encoder=encoders.load_encoder("tiny", seed=0))
+    identity = checkpoint_header(model)["encoder"]
+    assert torch.equal(build_encoder(identity).pos_embed, model.encoder.pos_embed)
+    # The stored state is the identity, not the seed: a random init that a later encoders.py draws
+    # differently (simulated by changing the stored state) still comes back as stored.
+    state = {**identity["state"], "pos_embed": identity["state"]["pos_embed"] + 1}
+    assert torch.equal(build_encoder({**identity, "state": state}).pos_embed, state["pos_embed"])
+
+
+def test_bad_checkpoints_are_one_line_errors(encoder, tmp_path):
+    model = Semantica(dataclasses.replace(MICRO, conditioning="film"), encoder)
+    path = write_checkpoint(tmp_path / "ckpt.pt", model, model)
     ckpt = torch.load(path, weights_only=True)
-    ckpt["config"]["width"] = 64                                # weights no longer fit the config
-    torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="bad.pt.*do not match"):
+    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "width": 64}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt.*do not fit"):
         Semantica.from_checkpoint(tmp_path / "bad.pt")
-    torch.save({"model": ckpt["model"]}, tmp_path / "noconfig.pt")
-    with pytest.raises(ValueError, match="not a Semantica checkpoint"):
-        Semantica.from_checkpoint(tmp_path / "noconfig.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "format"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=f"old.pt: not a {FORMAT}"):
+        Semantica.from_checkpoint(tmp_path / "old.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt"):
+    with pytest.raises(ValueError, match="junk.pt: cannot read"):
         Semantica.from_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError):
+        Semantica.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_young_ema_warns(encoder, tmp_path):
+    model = Semantica(MICRO, encoder)
+    young = write_checkpoint(tmp_path / "young.pt", model, model, step=100, ema_decay=0.99)
+    with pytest.warns(UserWarning, match=r"EMA at step 100 with decay 0.99 still holds 37% of the initial"):
+        Semantica.from_checkpoint(young)                                # 0.99^100 = 0.366
+    old = write_checkpoint(tmp_path / "old.pt", model, model, step=1000, ema_decay=0.99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Semantica.from_checkpoint(old)                                  # 0.99^1000 = 4e-5: silent
+        Semantica.from_checkpoint(young, ema=False)                     # raw weights: nothing to warn about
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"step": 2, "bad": lambda: None})         # fails while pickling
+    assert torch.load(path, weights_only=True) == {"step": 1}           # the previous file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]          # and no temporary file is left
+
+
+def test_row_sampler_is_diffusion_ddpm_sample_per_row():
+    """Semantica's per-row loop draws exactly what diffusion.ddpm_sample (the tested sampler) draws for a
+    batch of one row with the same generator."""
+    import diffusion
+    from semantica import ddpm_sample_rows
+    weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def v_fn(z, t):                                                 # any smooth function of (z, t)
+        return torch.einsum("ij,bjhw->bihw", weight, z) * t.view(-1, 1, 1, 1)
+
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows = ddpm_sample_rows(v_fn, noise, 5, 0.2, [torch.Generator().manual_seed(10 + r) for r in range(2)])
+    for r in range(2):
+        alone = diffusion.ddpm_sample(v_fn, noise[r:r + 1], 5, gamma=0.2, generator=torch.Generator().manual_seed(10 + r))
+        assert torch.allclose(rows[r:r + 1], alone, atol=1e-6)
+
+
+def test_model_folder_hash_covers_weights_and_config_only(tmp_path):
+    from semantica import file_sha256
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").write_text("{}")
+    before = file_sha256(tmp_path)
+    (tmp_path / "README.md").write_text("downloaded another way")                 # extras do not count
+    assert file_sha256(tmp_path) == before
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")                # the weights do
+    assert file_sha256(tmp_path) != before
+    assert file_sha256(tmp_path / "config.json") == hashlib.sha256(b"{}").hexdigest()  # a file: its bytes

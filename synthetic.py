@@ -1,0 +1,157 @@
+"""Synthetic "web pages": a deterministic stand-in for Episodic WebLI for tests, demos and CPU runs.
+
+Not part of the paper. Semantica trains on images grouped by web page (§5, Episodic WebLI); this module
+draws such pages procedurally so the whole pipeline (data.py's pairs and filter, train.py, sample.py)
+runs without a dataset. A page shares semantics (object kind, palette, texture, background family);
+its images vary in pose, scale, position, count and lighting, and a fraction are unrelated outliers or
+near duplicates: what the §5 similarity filter removes. Every image is a pure function of
+(seed, page, index), so DataLoader workers and ranks agree without shared state.
+
+    pages = SyntheticPages(num_pages=100, image_size=32)   # the "pages" interface of data.py
+    x = pages.image(3, 1)                                   # float (3, 32, 32) in [-1, 1]
+    pages.write("out/")                                     # out/page000003/01.png ...: a folder source
+
+All numbers below are DESIGN choices (no paper source).
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+KINDS = ("circle", "square", "triangle", "star", "ring", "cross", "crescent", "hexagon")
+TEXTURES = ("solid", "stripes", "dots", "two-tone", "shaded")
+
+
+def _shape_sdf(kind, u, v):
+    """Signed distance (approx., object radius 1) of shape `kind` at local coordinates u, v."""
+    r = np.sqrt(u * u + v * v)
+    if kind == "circle":
+        return r - 1.0
+    if kind == "square":
+        return np.maximum(abs(u), abs(v)) - 0.8
+    if kind == "triangle":
+        return np.maximum(np.maximum(0.866 * u + 0.5 * v, -0.866 * u + 0.5 * v), -v) - 0.5
+    if kind == "star":
+        a = (np.arctan2(v, u) * 5 / (2 * np.pi)) % 1.0
+        return r - (0.45 + 0.55 * abs(2 * a - 1) ** 2)   # 5 points
+    if kind == "ring":
+        return abs(r - 0.72) - 0.28
+    if kind == "cross":
+        return np.minimum(np.maximum(abs(u) - 0.3, abs(v) - 0.95), np.maximum(abs(u) - 0.95, abs(v) - 0.3))
+    if kind == "crescent":
+        return np.maximum(r - 1.0, 0.8 - np.sqrt((u - 0.45) ** 2 + v * v))
+    angles = np.arange(6) * np.pi / 3                    # hexagon
+    return np.max(np.cos(angles)[:, None, None] * u + np.sin(angles)[:, None, None] * v, axis=0) - 0.87
+
+
+def _hsv(h, s, v):
+    """HSV in [0,1] -> RGB array in [0,1]."""
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+
+
+class SyntheticPages:
+    """Deterministic procedural "web pages" (DESIGN: a stand-in for Episodic WebLI, §5).
+
+    A page shares semantics across its images: object kind (one of KINDS, `.label(page)`), a colour
+    palette, a texture and a background family. Images of a page vary in pose (rotation), scale,
+    position, object count, background and lighting. Like real pages, a fraction of images is
+    unrelated (`p_outlier`, a random other kind/palette) or a near duplicate of the page's first
+    image (`p_duplicate`): what the low/high similarity filter of §5 removes. Every image is made
+    from (seed, page, index) alone, so workers and ranks agree without sharing state. All defaults are
+    DESIGN choices (no paper source): pages and resolution sized for CPU runs of the tiny preset.
+    """
+
+    def __init__(self, num_pages=2000, image_size=32, seed=0, images_per_page=(2, 8), p_outlier=0.1,
+                 p_duplicate=0.05):
+        self.num_pages, self.image_size, self.seed = num_pages, image_size, seed
+        self.images_per_page, self.p_outlier, self.p_duplicate = images_per_page, p_outlier, p_duplicate
+
+    def __len__(self):
+        return self.num_pages
+
+    def _page_style(self, page):
+        rng = np.random.default_rng([self.seed, page, 0])
+        lo, hi = self.images_per_page
+        return dict(count=int(rng.integers(lo, hi + 1)), kind=int(rng.integers(len(KINDS))),
+                    hue=rng.random(), hue2=rng.random(), texture=int(rng.integers(len(TEXTURES))),
+                    bg_hue=rng.random(), bg_dark=bool(rng.random() < 0.3), max_objects=int(rng.integers(1, 4)))
+
+    def count(self, page):
+        return self._page_style(page)["count"]
+
+    def label(self, page):
+        return self._page_style(page)["kind"]
+
+    def key(self, page, index):
+        return f"synthetic:{page}:{index}"
+
+    def fingerprint(self):
+        return f"synthetic-v1:{self.seed}:{self.num_pages}:{self.images_per_page}:{self.p_outlier}:{self.p_duplicate}"
+
+    def image(self, page, index, size=None):
+        """(3, size, size) float in [-1, 1] for image `index` of `page`."""
+        style = self._page_style(page)
+        rng = np.random.default_rng([self.seed, page, index + 1])
+        roll = rng.random()
+        if index > 0 and roll < self.p_duplicate:        # near duplicate: page image 0, slightly relit
+            return (self.image(page, 0, size) * (0.95 + 0.1 * rng.random())).clamp(-1, 1)
+        if roll > 1 - self.p_outlier:                    # unrelated image on the page
+            style = self._page_style(int(rng.integers(1 << 30)) + self.num_pages)
+        return torch.from_numpy(self._render(style, rng, size or self.image_size))
+
+    def _render(self, st, rng, size):
+        y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size * 2 - 1   # pixel centres in [-1, 1]
+        # background: the page's hue family, a random two-colour linear gradient per image
+        a = rng.uniform(0, 2 * np.pi)
+        g = (np.cos(a) * x + np.sin(a) * y + 1) / 2
+        val = (0.15, 0.35) if st["bg_dark"] else (0.75, 0.95)
+        c1 = _hsv((st["bg_hue"] + rng.normal(0, 0.05)) % 1, rng.uniform(0.1, 0.4), rng.uniform(*val))
+        c2 = _hsv((st["bg_hue"] + rng.normal(0, 0.05)) % 1, rng.uniform(0.1, 0.4), rng.uniform(*val))
+        img = c1[:, None, None] * (1 - g) + c2[:, None, None] * g                      # (3, S, S)
+        col1 = _hsv((st["hue"] + rng.normal(0, 0.03)) % 1, rng.uniform(0.6, 0.95), rng.uniform(0.6, 0.95))
+        col2 = _hsv((st["hue2"] + rng.normal(0, 0.03)) % 1, rng.uniform(0.5, 0.9), rng.uniform(0.3, 0.7))
+        n = int(rng.integers(1, st["max_objects"] + 1))
+        for _ in range(n):
+            scale = rng.uniform(0.35, 0.6) / np.sqrt(n)
+            cx, cy = rng.uniform(-0.9 + scale, 0.9 - scale, size=2)
+            th = rng.uniform(0, 2 * np.pi)
+            u = (np.cos(th) * (x - cx) + np.sin(th) * (y - cy)) / scale   # rotate + scale into shape coords
+            v = (-np.sin(th) * (x - cx) + np.cos(th) * (y - cy)) / scale
+            sdf = _shape_sdf(KINDS[st["kind"]], u, v) * scale * size / 2  # in pixels
+            mask = np.clip(0.5 - sdf, 0, 1)                                # antialiased edge
+            outline = np.clip(1.0 - abs(sdf + 0.5), 0, 1) * 0.5
+            tex = TEXTURES[st["texture"]]
+            if tex == "stripes":
+                t = (np.sin(u * 7) > 0).astype(np.float32)
+            elif tex == "dots":
+                t = ((np.sin(u * 9) * np.sin(v * 9)) > 0.3).astype(np.float32)
+            elif tex == "two-tone":
+                t = (v > 0).astype(np.float32)
+            elif tex == "shaded":
+                t = np.clip((u + v + 1.5) / 3, 0, 1)
+            else:
+                t = np.zeros_like(u)
+            obj = col1[:, None, None] * (1 - t) + col2[:, None, None] * t
+            obj = obj * (1 - outline)                                      # darker rim
+            img = img * (1 - mask) + obj * mask
+        la = rng.uniform(0, 2 * np.pi)                                     # lighting: level + direction
+        img = img * rng.uniform(0.75, 1.15) * (1 + rng.uniform(0, 0.25) * (np.cos(la) * x + np.sin(la) * y))
+        return (np.clip(img, 0, 1) * 2 - 1).astype(np.float32)
+
+    def write(self, out, size=None):
+        """Write OUT/page<p>/<i>.png (a folder source that data.scan reads back)."""
+        for p in range(len(self)):
+            d = os.path.join(out, f"page{p:06d}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(self.count(p)):
+                save_png(self.image(p, i, size), os.path.join(d, f"{i:02d}.png"))
+
+
+def save_png(x, path):
+    """(3, H, W) or (B, 3, H, W) float in [-1, 1] -> an 8-bit PNG at `path` (a batch becomes one row)."""
+    x = x if x.dim() == 3 else torch.cat(list(x), dim=2)
+    a = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(a).save(path)

@@ -1,0 +1,32 @@
+"""Tests for synthetic.py, the procedural "web pages" used by tests and demos (not part of the paper).
+Speed is measured in bench/, not here."""
+import numpy as np
+import torch
+
+import data
+import images
+import synthetic
+
+
+def test_synthetic_pages_deterministic_and_page_coherent():
+    a, b = synthetic.SyntheticPages(40, 32, seed=0), synthetic.SyntheticPages(40, 32, seed=0)
+    assert torch.equal(a.image(7, 1), b.image(7, 1)) and a.count(7) == b.count(7)
+    assert not torch.equal(a.image(7, 1), synthetic.SyntheticPages(40, 32, seed=1).image(7, 1))
+    assert {a.label(p) for p in range(40)} <= set(range(len(synthetic.KINDS)))
+    imgs = [[a.image(p, i) for i in range(a.count(p))] for p in range(40)]
+    assert all(x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 for page in imgs for x in page)
+    # images of a page share colours: mean-colour distance within pages < across pages
+    means = [torch.stack([x.mean((1, 2)) for x in page]) for page in imgs]
+    within = np.mean([torch.pdist(m).mean().item() for m in means if len(m) > 1])
+    across = torch.pdist(torch.stack([m[0] for m in means])).mean().item()
+    assert within < 0.7 * across
+
+
+def test_write_reads_back_through_data(tmp_path):
+    sp = synthetic.SyntheticPages(3, 16, seed=2)
+    sp.write(str(tmp_path))
+    pages, skipped = data.scan(str(tmp_path))
+    assert skipped == {} and [len(v) for v in pages.values()] == [sp.count(p) for p in range(3)]
+    x = images.load_image(pages["page000001"][0], 16)
+    assert (x - sp.image(1, 0)).abs().max() <= 1 / 127.5 + 1e-6           # 8-bit PNG round trip
+    assert data.SyntheticPages is synthetic.SyntheticPages                 # re-exported for old callers
