@@ -22,11 +22,10 @@ interpolated schedule and multiscale loss, other samplers (DDIM, DPM-Solver).
 Formulas and their numerical checks: shared/reference/diffusion.md.
 """
 import math
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 LOGSNR_MIN, LOGSNR_MAX = -15.0, 15.0  # simple diffusion appendix pseudocode: cosine clipped to [-15, 15]
 NOISE_SIZE = 32  # Semantica §6.1: "cosine adjusted schedule with a noise resolution of 32"
@@ -42,6 +41,16 @@ def _expand(a, x):
 
 def _math_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _randn(shape, generator, device, dtype):
+    """N(0, I) noise of `shape`; `generator` is one torch.Generator (or None), or a list with one per row
+    (shape[0] of them), so that each row's draws do not depend on the other rows (Semantica.sample)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} rows")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -164,15 +173,15 @@ def ddpm_sample(v_fn, noise, steps, *, gamma=GAMMA, noise_size=NOISE_SIZE, clip=
     Each step t = i/N -> s = (i-1)/N evaluates v_hat = v_fn(z_t, t) (t of shape (B,)),
     x_hat = alpha_t z_t - sigma_t v_hat, optionally clipped to [-1, 1], then draws
     z_s ~ N(mean, std^2) from `ddpm_posterior`. The last step returns x_hat without noise.
-    progress=True prints steps done and the rate to stderr about every 10 % of the steps.
+    generator: a torch.Generator for the step noise, or a list of B generators, one per row.
+    progress=True shows a tqdm bar (steps done, rate, ETA) on stderr.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     dtype = _math_dtype(noise)
     z = noise.to(dtype)
     b, image_size = z.shape[0], z.shape[-1]
-    start, report_every = time.time(), max(1, steps // 10)
-    for i in range(steps, 0, -1):
+    for i in tqdm(range(steps, 0, -1), desc="ddpm steps", total=steps, disable=not progress):
         t = torch.full((b,), i / steps, device=z.device, dtype=dtype)
         logsnr_t = logsnr_schedule(t, image_size, noise_size)
         alpha_t, sigma_t = alpha_sigma(logsnr_t)
@@ -184,10 +193,6 @@ def ddpm_sample(v_fn, noise, steps, *, gamma=GAMMA, noise_size=NOISE_SIZE, clip=
         else:
             logsnr_s = logsnr_schedule(torch.full_like(t, (i - 1) / steps), image_size, noise_size)
             mean, std = ddpm_posterior(z, x_hat, logsnr_t, logsnr_s, gamma)
-            xi = torch.randn(z.shape, generator=generator, device=z.device, dtype=dtype)
+            xi = _randn(z.shape, generator, z.device, dtype)
             z = mean + _expand(std, z) * xi
-        done = steps - i + 1
-        if progress and (done % report_every == 0 or done == steps):
-            rate = done / max(time.time() - start, 1e-9)
-            print(f"ddpm: {done}/{steps} steps, {rate:.2f} steps/s", file=sys.stderr, flush=True)
     return z

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
 import encoders
 import inception
 import metrics_fast
+from images import find_images, iter_images
 
 K_NN = 3                # Kynkäänniemi et al. 2019 (nhood_sizes=[3]); §7 "Kth nearest neighbor"
 CHUNK = 1 << 24         # DESIGN: float64 elements per distance chunk of the plain path (128 MiB)
@@ -295,15 +295,16 @@ def feature_network(name, weights=None, device="cpu", allow_random=False):
     return net.to(device).eval()
 
 
-def extract_features(net, images, batch_size=64, device="cpu", progress=True):
-    """Features (N, D) float32 numpy of an image folder (data.find_images: recursive, follows links;
+def extract_features(net, images, batch_size=64, device="cpu", progress=True, max_pixels=None):
+    """Features (N, D) float32 numpy of an image folder (images.find_images: recursive, follows links;
     unreadable files skipped with a logged reason) or of an iterable of (3, H, W) / (B, 3, H, W)
     tensors in [-1, 1]. Every image is brought to the network's input size on its own (its
-    `preprocess`), then batched. Raises ValueError for an empty folder or no readable image."""
+    `preprocess`), then batched. max_pixels: images.py's decompression-bomb limit (None = Pillow's
+    setting, 0 = none). Raises ValueError for an empty folder or no readable image."""
     total = None
     if isinstance(images, (str, Path)):
-        paths = data.find_images(images)
-        images, total = data.iter_images(paths), len(paths)
+        paths = find_images(images)
+        images, total = iter_images(paths, max_pixels=max_pixels), len(paths)
     prepare = getattr(net, "preprocess", None)
     run = net.features if isinstance(net, FeatureNetwork) else net
     feats, batch = [], []
@@ -356,6 +357,8 @@ def main(argv=None):
     ap.add_argument("--random-weights", action="store_true",
                     help="allow a feature network without weights (smoke tests; the numbers are meaningless)")
     ap.add_argument("--batch-size", type=_positive_int, default=64, help="images per network call")
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="decompression-bomb limit per image in pixels (default: Pillow's Image.MAX_IMAGE_PIXELS; 0 = none)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     paths = [Path(args.real), Path(args.fake)]
@@ -365,7 +368,7 @@ def main(argv=None):
     try:
         if all(p.is_dir() for p in paths):
             net = feature_network(args.features, args.weights, args.device, args.random_weights)
-            real, fake = (extract_features(net, p, args.batch_size, args.device) for p in paths)
+            real, fake = (extract_features(net, p, args.batch_size, args.device, max_pixels=args.max_pixels) for p in paths)
             source = net.name
         elif all(p.suffix == ".npy" for p in paths):
             real, fake = (np.load(p) for p in paths)

@@ -37,6 +37,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
+import images
+from synthetic import save_png
 import diffusion
 import encoders
 import metrics
@@ -65,6 +67,7 @@ class SampleConfig:
     ema: bool = True                   # sample from the EMA weights (--no-ema: the raw weights)
     batch: int = 64                    # samples per sampling call (with guidance the network sees at most 2x)
     device: str = ""                   # cpu, cuda, cuda:1; default cuda when available (torchrun: cuda:LOCAL_RANK)
+    max_pixels: int = -1               # decompression-bomb limit per image in pixels; -1 = Pillow's Image.MAX_IMAGE_PIXELS at call time, 0 = no limit
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -188,7 +191,7 @@ def describe(encoder):
 
 
 def quantize(x):
-    """[-1, 1] -> the values an 8-bit PNG of x reads back as (data.save_png's rounding)."""
+    """[-1, 1] -> the values an 8-bit PNG of x reads back as (synthetic.save_png's rounding)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
@@ -230,7 +233,7 @@ def progress(total, what):
 def save(image, path):
     """Atomic PNG write: a killed run never leaves a truncated sample that a resume would trust."""
     tmp = f"{path}.tmp{os.getpid()}.png"
-    data.save_png(image.cpu(), tmp)
+    save_png(image.cpu(), tmp)
     os.replace(tmp, path)
 
 
@@ -241,7 +244,7 @@ def grid(cfg, model, device):
     cond = []
     for path in cfg.images:
         try:
-            cond.append(data.load_image(path, size))
+            cond.append(images.load_image(path, size, max_pixels=None if cfg.max_pixels < 0 else cfg.max_pixels))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             fail(f"cannot read conditioning image {path}: {type(e).__name__}: {e}")
     cond = torch.stack(cond).to(device)                                    # (B, 3, S, S)
@@ -299,7 +302,8 @@ def kshot_plan(cfg):
     """-> (pages, items [(page, image)], plan [(item, num_samples)], §7 via metrics.kshot_select).
     Every problem is a one-line error naming the page and what to change, before any model loads."""
     try:
-        pages, skipped = data.open_pages(cfg.data, None, decode=True)   # decode: no bad file hours later
+        pages, skipped = data.open_pages(cfg.data, None, decode=True,
+                                         max_pixels=None if cfg.max_pixels < 0 else cfg.max_pixels)   # decode: no bad file hours later
     except (OSError, ValueError, KeyError) as e:
         fail(f"--data {cfg.data}: {e}")
     if skipped:
@@ -330,9 +334,9 @@ def read_png(path):
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
-def embed(encoder, images):
-    """Global embedding (B, D) float32 of images in [-1, 1]: the §8.2 alignment space / default features."""
-    return encoder(encoder.preprocess(images))[0].float()
+def embed(encoder, x):
+    """Global embedding (B, D) float32 of images x in [-1, 1]: the §8.2 alignment space / default features."""
+    return encoder(encoder.preprocess(x))[0].float()
 
 
 def write_text(path, text):

@@ -33,11 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
-import data
 import diffusion
 import encoders
+import images
 from uvit import UViT, UViTConfig
 
 P_UNCOND = 0.1  # INTERPRETATION: the paper does not state its condition-dropout rate; 0.1 as in Google's
@@ -139,16 +138,16 @@ class Semantica(nn.Module):
         return self.loss(target_images, cond, generator)
 
     # -- sampling
-    def as_images(self, images):
+    def as_images(self, pictures):
         """PIL image(s) or tensors -> float (B, 3, H, W) on the model's device; PIL images become 8-bit RGB,
-        resized (shorter side) and centre-cropped to the model's resolution as in training (data.py)."""
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            return images.to(self.null_cond.device, torch.float32)
-        if isinstance(images, (Image.Image, torch.Tensor)):
-            images = [images]
+        centre-cropped and resized to the model's resolution as in training (images.py)."""
+        if isinstance(pictures, torch.Tensor) and pictures.ndim == 4:
+            return pictures.to(self.null_cond.device, torch.float32)
+        if isinstance(pictures, (Image.Image, torch.Tensor)):
+            pictures = [pictures]
         size = self.config.image_size
-        rows = [data.centre_crop_resize(data.to_rgb(im), size) if isinstance(im, Image.Image) else torch.as_tensor(im)
-                for im in images]
+        rows = [images.centre_crop_resize(images.to_rgb(im), size) if isinstance(im, Image.Image)
+                else torch.as_tensor(im) for im in pictures]
         if len({tuple(r.shape) for r in rows}) > 1 or rows[0].ndim != 3 or rows[0].shape[0] != 3:
             raise ValueError(f"conditioning images must be PIL images or (3, H, W) tensors of one size, got "
                              f"shapes {sorted({tuple(r.shape) for r in rows})}")
@@ -195,7 +194,7 @@ class Semantica(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x = ddpm_sample_rows(v_fn, noise, steps, gamma, generators, progress)
+            x = diffusion.ddpm_sample(v_fn, noise, steps, gamma=gamma, generator=generators, progress=progress)
         finally:
             self.train(was_training)
         return x.view(b, num_samples, 3, size, size)
@@ -261,29 +260,6 @@ def sample_generator(seed, image_index, sample_index, device="cpu"):
     sample)), so every pair has its own stream whatever else is sampled with it."""
     word = np.random.SeedSequence(seed, spawn_key=(image_index, sample_index)).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(word) >> 1)  # 63 bits: a valid seed on every backend
-
-
-@torch.no_grad()
-def ddpm_sample_rows(v_fn, noise, steps, gamma, generators, progress=False):
-    """diffusion.ddpm_sample's ancestral loop (§3.1: t = 1, 1 - 1/N, ..., 0) with one generator per row:
-    the step noise of row r is drawn from generators[r] alone, so no row depends on the others.
-
-    noise (B, 3, S, S) float32; v_fn(z_t, t) -> v (cast to float32); every update is float32. Same steps as
-    ddpm_sample: x_hat = alpha_t z - sigma_t v_hat clipped to [-1, 1], z_s from diffusion.ddpm_posterior,
-    x_hat returned at s = 0. DESIGN: kept here until diffusion.ddpm_sample takes a list of generators.
-    """
-    z, b, size = noise.float(), noise.shape[0], noise.shape[-1]
-    for i in tqdm(range(steps, 0, -1), desc="ddpm", total=steps, disable=not progress):
-        t = torch.full((b,), i / steps, device=z.device)
-        logsnr_t = diffusion.logsnr_schedule(t, size)
-        alpha_t, sigma_t = diffusion.alpha_sigma(logsnr_t)
-        x_hat = diffusion.x_from_v(z, v_fn(z, t).float(), alpha_t, sigma_t).clamp(-1.0, 1.0)
-        if i == 1:
-            return x_hat                                   # s = 0: the denoised estimate, no noise
-        logsnr_s = diffusion.logsnr_schedule(torch.full_like(t, (i - 1) / steps), size)
-        mean, std = diffusion.ddpm_posterior(z, x_hat, logsnr_t, logsnr_s, gamma)
-        xi = torch.stack([torch.randn(z.shape[1:], generator=g, device=z.device) for g in generators])
-        z = mean + std.view(-1, 1, 1, 1) * xi
 
 
 @torch.no_grad()

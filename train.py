@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
@@ -97,6 +98,7 @@ class TrainConfig:
     compile: bool = False              # torch.compile the denoiser
     bf16: bool = True                  # bf16 autocast on CUDA/XLA with fp32 master weights; CPU stays fp32
     num_workers: int = 4               # DataLoader worker processes per rank
+    max_pixels: int = -1               # decompression-bomb limit per image in pixels; -1 = Pillow's Image.MAX_IMAGE_PIXELS at call time, 0 = no limit
 
 
 # Applied before explicit flags (style.md C7). Unlisted fields keep the paper defaults above.
@@ -122,7 +124,7 @@ CHOICES = {"conditioning": ("cross_attention", "film"), "pairs": ("page", "same"
            "backend": ("auto", "single", "ddp", "xla")}
 # Fields that may change between a checkpoint and its resumption; any other difference is an error.
 RESUMABLE = {"steps", "resume", "reshard", "log_every", "ckpt_every", "sample_every", "sample_steps",
-             "grid_images", "grid_n", "compile", "grad_checkpoint", "num_workers", "out", "encoder_weights",
+             "grid_images", "grid_n", "compile", "grad_checkpoint", "num_workers", "max_pixels", "out", "encoder_weights",
              "tensorboard", "device", "cond_cache", "backend"}  # backend: check_world guards the world size
 RESHARDABLE = {"micro_batch", "fsdp"}  # may also change with --reshard (another world size)
 
@@ -215,10 +217,17 @@ def check_paths(cfg):
         raise UserError(f"--out {cfg.out} is not writable")
 
 
+def max_pixels(flag):
+    """--max-pixels -> images.py's max_pixels: None = Pillow's setting at call time, 0 = no limit."""
+    return None if flag < 0 else flag
+
+
 def say(*args):
-    """print to stdout; a closed pipe (`| head`, a killed `tee`) silences stdout instead of stopping the run."""
+    """print to stdout (above the progress bar); a closed pipe (`| head`, a killed `tee`) silences stdout
+    instead of stopping the run."""
     try:
-        print(*args, flush=True)
+        tqdm.write(" ".join(map(str, args)), file=sys.stdout)
+        sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python docs' SIGPIPE recipe
 
@@ -439,10 +448,12 @@ def xla_launch(cfg):
         for child in multiprocessing.active_children():  # none inside a child
             os.kill(child.pid, sig)
 
-    # DESIGN: a persistent compilation cache under OUT, so a resumed run (after a preemption) does not
-    # recompile the step (minutes to half an hour for large models, pytorch/xla #5058). Set
-    # XLA_PERSISTENT_CACHE_PATH to share one cache between runs.
-    os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", os.path.join(os.path.abspath(cfg.out), "xla_cache"))
+    # DESIGN: on TPU a persistent compilation cache under OUT, so a resumed run (after a preemption) does not
+    # recompile the step (minutes to half an hour for large models, pytorch/xla #5058); set
+    # XLA_PERSISTENT_CACHE_PATH to share one between runs. XLA:CPU cannot load one ("Deserializing serialized
+    # executable not supported"), so none there. UNTESTED on TPU.
+    if os.environ.get("PJRT_DEVICE") == "TPU":
+        os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", os.path.join(os.path.abspath(cfg.out), "xla_cache"))
     STOP.clear()
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:  # fork, not torch_xla's default spawn: a spawned child would not inherit the handlers
@@ -484,7 +495,7 @@ def build_dataset(cfg, image_size, encoder, d):
     A missing or empty source, or a cache of other images or another encoder: UserError."""
     cache, kind = cfg.cond_cache or None, "tokens" if cfg.conditioning == "cross_attention" else "global"  # §3.4
     try:
-        pages, skipped = data.open_pages(cfg.data, image_size, **(
+        pages, skipped = data.open_pages(cfg.data, image_size, max_pixels=max_pixels(cfg.max_pixels), **(
             dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
         pairs = None
         if cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1):
@@ -776,6 +787,9 @@ def main(cfg):
     gen = torch.Generator(d.device) if d.kind != "xla" else None  # XLA: the device RNG, seeded per step
     stop, old_handlers = install_stop_handlers()
     running, n_running, t_last, step = torch.zeros((), device=d.device), 0, time.time(), start_step
+    # progress between log lines (stderr; rank 0): steps, rate and ETA; redrawn every 60 s into a log file
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not d.is_main,
+               mininterval=1 if sys.stderr.isatty() else 60, dynamic_ncols=True)
     try:
         while step < cfg.steps:
             for k in range(accum):
@@ -786,6 +800,7 @@ def main(cfg):
                 loss.backward()
                 running += loss.detach()  # stays on the device: no host sync per step
             step, n_running, data_position = step + 1, n_running + 1, data_position + accum
+            bar.update()
             stop_now = poll_stop(stop, d, step, cfg)
             save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now
             log_now = step % cfg.log_every == 0 or save_now
@@ -804,6 +819,7 @@ def main(cfg):
                 tell(f"stopped by signal {stop[0] if stop else '(on another rank)'} at step {step}")
                 break
     finally:
+        bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
     logger.close()

@@ -211,6 +211,7 @@ class UViT(nn.Module):
         self.is_transformer = [i >= levels - c.transformer_levels for i in range(levels)]
         self.time_embed = nn.Sequential(nn.Linear(c.channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if c.conditioning == "film":  # App. D / §3.4: normalise the CLS token, dense projection, add to time
+            # INTERPRETATION: "we normalize the CLS token" read as a LayerNorm (learned affine) before the Linear.
             self.cond_embed = nn.Sequential(nn.LayerNorm(c.cond_dim), nn.Linear(c.cond_dim, emb_dim))
         else:                         # §3.4: projected and normalised encoder tokens for the cross-attention
             self.cond_embed = nn.Sequential(nn.LayerNorm(c.cond_dim), nn.Linear(c.cond_dim, c.width),

@@ -22,6 +22,8 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +36,6 @@ DDPM_STEPS = semantica.DDPM_STEPS  # DESIGN (the paper gives no step count): the
 
 def forward_flops(config, tokens):
     """Model FLOPs of one network forward per image, counted on a meta-device copy."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         net = uvit.UViT(config).eval()
         s = config.image_size

@@ -43,6 +43,8 @@ import time
 import warnings
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 import semantica  # noqa: E402
@@ -80,8 +82,6 @@ def make_batch(model, batch, tokens, device, channels_last=False):
 
 def count_flops(config, tokens, n=1):
     """Model FLOPs of one forward + backward per image, counted on a meta-device copy (no memory, no time)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model = semantica.Semantica(config).train()
         x, cond = make_batch(model, n, tokens, torch.device("meta"))

@@ -357,7 +357,9 @@ def run(cc, out, data_arg, results_path):
                 fake_img, cond = load_samples(d, float(w))
                 fake_f = torch.from_numpy(metrics.extract_features(feat_net, fake_img.split(256), progress=False))
                 evals[(name, proto, w)] = score(cc, real_img, real_f, page, fake_img, fake_f, cond)
-                encoder_space[(name, proto, w)] = s["results"][str(float(w))]
+                res = dict(s["results"][str(float(w))])      # sample.py: alignment per space; the default
+                res["alignment"] = next(iter(res["alignment"].values()))   # space is the checkpoint's encoder
+                encoder_space[(name, proto, w)] = res
                 evals[(name, proto, w)]["samples_dir"] = d
             timing[f"eval {name} {proto}"] = time.time() - t
 

@@ -39,8 +39,6 @@ fi
 "$MAIN_PYTHON" -c "import torch" || { echo "error: MAIN_PYTHON=$MAIN_PYTHON cannot import torch" >&2; exit 1; }
 
 # SEMANTICA_REQUIRE_XLA: here a missing torch_xla is an error, not a skip (CI skips these tests).
-# SEMANTICA_XLA_CACHE: XLA's compilation cache, kept beside the virtualenv so later runs skip compiling.
 export PJRT_DEVICE=CPU SEMANTICA_REQUIRE_XLA=1 SEMANTICA_MAIN_PYTHON="$MAIN_PYTHON"
-export SEMANTICA_XLA_CACHE=${SEMANTICA_XLA_CACHE:-$VENV/xla-cache}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 exec "$VENV/bin/python" -m pytest -m xla -q -p no:cacheprovider tests/test_xla.py "$@"

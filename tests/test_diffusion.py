@@ -392,3 +392,20 @@ def test_guidance_direction_by_hand():
     w = torch.tensor([[0.0], [1.0]])
     assert torch.allclose(D.guided(vc.expand(2, 3), vu.expand(2, 3), w), torch.tensor([[2.0, -1.0, 0.5], [3.0, -3.0, 0.5]]))
     assert D.GUIDANCE == 0.5 and D.GAMMA == 0.2 and D.NOISE_SIZE == 32  # §6.1 ablation defaults
+
+
+def test_ddpm_sample_with_one_generator_per_row_draws_each_row_alone():
+    """generator=[g_0, ..., g_{B-1}]: row r's step noise comes from g_r only, so a batch of rows equals each
+    row sampled on its own with a batch of one and the same generator (per-image noise, issue 17)."""
+    weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def v_fn(z, t):                                                 # any smooth function of (z, t)
+        return torch.einsum("ij,bjhw->bihw", weight, z) * t.view(-1, 1, 1, 1)
+
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows = D.ddpm_sample(v_fn, noise, 5, gamma=0.2, generator=[torch.Generator().manual_seed(10 + r) for r in range(3)])
+    for r in range(3):
+        alone = D.ddpm_sample(v_fn, noise[r:r + 1], 5, gamma=0.2, generator=torch.Generator().manual_seed(10 + r))
+        assert torch.allclose(rows[r:r + 1], alone, atol=1e-6)
+    with pytest.raises(ValueError, match="generators"):
+        D.ddpm_sample(v_fn, noise, 5, generator=[torch.Generator()])

@@ -173,8 +173,11 @@ def pr_cases():
     copies = np.repeat(real[::10], 10, axis=0)                                  # one-shot copy model
     cluster = 1e-3 * gaussian(400, 64, 39)
     lattice = np.random.default_rng(40).integers(0, 3, (300, 6)).astype(np.float64)   # exact ties
-    sphere = gaussian(120, 16, 41)
-    sphere = np.concatenate([np.zeros((1, 16)), sphere / np.linalg.norm(sphere, axis=1, keepdims=True)])
+    sphere = gaussian(120, 17, 41)
+    sphere[:, 16] = 0                                       # 120 unit vectors in 16-d, and their centre:
+    sphere = np.concatenate([np.zeros((1, 17)), sphere / np.linalg.norm(sphere, axis=1, keepdims=True)])
+    axis = np.zeros((6, 17))                                # the centre's radius ≈ 1 (120 near-ties) alone
+    axis[:, 16] = [1 - 1e-6, 1 + 1e-6, -(1 - 1e-6), -(1 + 1e-6), 1 - 2e-6, -(1 + 2e-6)]   # decides P
     return {
         "gaussian": (gaussian(400, 64, 31), gaussian(400, 64, 32)),            # P, R far from 0 and 1
         "offset 1e3": (gaussian(400, 64, 33, shift=1e3), gaussian(400, 64, 34, shift=1e3)),
@@ -187,7 +190,7 @@ def pr_cases():
         "class means": (real, means[labels] + 0.9 * gaussian(len(real), 64, 38)),
         "outlier + shifted cluster (issue 16.1)": (np.concatenate([cluster, np.full((1, 64), 100.0)]), cluster + 0.05),
         "lattice ties": (lattice, np.random.default_rng(44).integers(0, 3, (250, 6)).astype(np.float64)),
-        "centre of a sphere (many equal distances)": (sphere, sphere[::-1] * 1.0000001),
+        "centre of a sphere (many equal distances)": (sphere, axis),
         "float32 input": (gaussian(300, 48, 45).astype(np.float32), gaussian(250, 48, 46, 1.2, 0.1).astype(np.float32)),
     }
 
@@ -202,6 +205,27 @@ def test_precision_recall_plain_and_fast_equal_brute_force(case):
     assert metrics.precision_recall(real, fake, fast=True) == want
     assert metrics.precision_recall(real, fake, fast=True, block=37, bf16=False) == want
     assert metrics.precision_recall(real, fake, fast=True, block=64, bf16=True) == want
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_fast_equals_plain_on_random_mixtures(seed):
+    """Random sizes, widths, scales, offsets, k, tiles and screens; fakes mix exact copies of reals,
+    copies with jitter near float32 rounding, duplicates and fresh points."""
+    rng = np.random.default_rng(100 + seed)
+    n, m = rng.integers(6, 90, 2)
+    d = int(rng.choice([1, 2, 3, 8, 33, 130]))
+    scale, shift = 10.0 ** rng.uniform(-4, 4), rng.uniform(-1e3, 1e3) * rng.integers(0, 2)
+    real = rng.standard_normal((n, d)) * scale + shift
+    src = real[rng.integers(0, n, m)]
+    kind = rng.integers(0, 4, m)[:, None]
+    fake = np.where(kind == 0, src, np.where(kind == 1, src * (1 + 1e-7 * rng.standard_normal((m, d))),
+                    rng.standard_normal((m, d)) * scale * rng.uniform(0.5, 2) + shift))
+    fake[kind[:, 0] == 3] = fake[0]                                      # duplicates of one point
+    k = int(rng.integers(1, min(n, m)))
+    want = brute_force_pr(real, fake, k)
+    assert metrics.precision_recall(real, fake, k, fast=False) == want
+    block, bf16 = int(rng.integers(3, 70)), bool(rng.integers(0, 2))
+    assert metrics.precision_recall(real, fake, k, fast=True, block=block, bf16=bf16) == want, (block, bf16)
 
 
 def test_one_far_point_does_not_change_recall():

@@ -386,23 +386,6 @@ def test_save_checkpoint_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]          # and no temporary file is left
 
 
-def test_row_sampler_is_diffusion_ddpm_sample_per_row():
-    """Semantica's per-row loop draws exactly what diffusion.ddpm_sample (the tested sampler) draws for a
-    batch of one row with the same generator."""
-    import diffusion
-    from semantica import ddpm_sample_rows
-    weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
-
-    def v_fn(z, t):                                                 # any smooth function of (z, t)
-        return torch.einsum("ij,bjhw->bihw", weight, z) * t.view(-1, 1, 1, 1)
-
-    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    rows = ddpm_sample_rows(v_fn, noise, 5, 0.2, [torch.Generator().manual_seed(10 + r) for r in range(2)])
-    for r in range(2):
-        alone = diffusion.ddpm_sample(v_fn, noise[r:r + 1], 5, gamma=0.2, generator=torch.Generator().manual_seed(10 + r))
-        assert torch.allclose(rows[r:r + 1], alone, atol=1e-6)
-
-
 def test_model_folder_hash_covers_weights_and_config_only(tmp_path):
     from semantica import file_sha256
     (tmp_path / "model.safetensors").write_bytes(b"weights")

@@ -84,7 +84,7 @@ def test_output_depends_on_condition_and_t_per_example(conditioning):
     v3 = net(z_t, t + 0.1, cond)
     assert not torch.allclose(v, v3, atol=1e-4)           # the noise level matters
     assert torch.allclose(net(z_t[:1], t[:1], cond[:1]), v[:1], atol=1e-5)  # batch-size independent
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="cond has batch 1 but z_t has batch 2"):
         net(z_t, t, cond[:1])
 
 
@@ -121,6 +121,28 @@ def test_bad_config_is_rejected():
         uvit.UViTConfig(image_size=200)
     with pytest.raises(ValueError, match="head_dim"):
         uvit.UViTConfig(width=1000)
+    small = dict(image_size=16, width=32, depth=1, head_dim=16, cond_dim=8)
+    with pytest.raises(ValueError, match=r"blocks \(1,\) and transformer_levels 0 do not describe the same levels"):
+        uvit.UViTConfig(channels=(16, 32), blocks=(1,), transformer_levels=0, **small)
+    with pytest.raises(ValueError, match="do not describe the same levels"):
+        uvit.UViTConfig(channels=(16,), blocks=(1,), transformer_levels=2, **small)
+    with pytest.raises(ValueError, match="transformer width 24 is not a multiple of head_dim 16"):
+        uvit.UViTConfig(channels=(16, 24), blocks=(1, 1), transformer_levels=1, **small)  # a transformer level
+    with pytest.raises(ValueError, match=r"conv channels 10 must be a multiple of 4 and of min\(32, c // 4\)"):
+        uvit.UViTConfig(channels=(10, 32), blocks=(1, 1), transformer_levels=1, **small)
+    # the limits themselves are valid: every level a transformer; a transformer level whose width breaks
+    # the conv-level GroupNorm rule (18 is not a multiple of 4) but is a multiple of head_dim
+    uvit.UViTConfig(channels=(32,), blocks=(1,), transformer_levels=1, **small)
+    uvit.UViTConfig(channels=(16, 18), blocks=(1, 1), transformer_levels=1, image_size=16, width=36, depth=1,
+                    head_dim=6, cond_dim=8)
+
+
+def test_position_embedding_is_learned_and_small_at_init():
+    # DESIGN (diffusion.md §0): a learned absolute embedding of the lowest-resolution tokens, initialised small.
+    torch.manual_seed(0)
+    net = uvit.UViT(REF)
+    assert net.pos_embed.requires_grad and net.pos_embed.shape == (1, REF.lowest_size ** 2, REF.width)
+    assert 0.015 < net.pos_embed.std().item() < 0.025 and net.pos_embed.abs().max().item() < 0.15
 
 
 # ----------------------------------------------------------------------------- hand-built reference
