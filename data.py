@@ -31,7 +31,7 @@ import encoders
 # Names not used here are re-exported for callers (data.encode_cache, data.iter_images, data.save_png, ...).
 from embeddings import CondCache, cached_embeddings, encode_cache, encode_cache_torchrun  # noqa: F401
 from images import centre_crop_resize, check_image, find_images, iter_images, load_image, to_rgb  # noqa: F401
-from synthetic import SyntheticPages, save_png  # noqa: F401
+from synthetic import SyntheticPages  # noqa: F401
 
 log = logging.getLogger("semantica.data")
 

@@ -128,3 +128,28 @@ def iter_images(paths, size=None, max_pixels=None):
             yield load_image(path, size, max_pixels)
         except Exception as e:
             log.warning("skipping %s: %s: %s", path, type(e).__name__, e)
+
+
+# ----------------------------------------------------------------------------- writing images
+
+def save_png(x, path):
+    """(3, H, W) or (B, 3, H, W) float in [-1, 1] -> an 8-bit PNG at `path` (a batch becomes one row)."""
+    x = x if x.dim() == 3 else torch.cat(list(x), dim=2)
+    a = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(a).save(path)
+
+
+def save_grid(rows, path):
+    """rows (R, C, 3, H, W) in [-1, 1] -> one PNG (R rows x C columns, 2 px white gaps), written atomically
+    (temporary file, then rename); returns the (H', W', 3) uint8 canvas (Fig. 1 layout: condition, variations)."""
+    rows = ((rows.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    r, c, _, h, w = rows.shape
+    canvas = np.full((r * (h + 2) + 2, c * (w + 2) + 2, 3), 255, np.uint8)
+    for i in range(r):
+        for j in range(c):
+            canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = \
+                rows[i, j].permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(canvas).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    return canvas

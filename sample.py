@@ -22,7 +22,6 @@ calls, any number of processes and a resumed run give the same images. K-shot sa
 from the 8-bit images as written, so a resumed run gives the same numbers.
 """
 import argparse
-import inspect
 import json
 import math
 import os
@@ -38,7 +37,6 @@ from tqdm import tqdm
 
 import data
 import images
-from synthetic import save_png
 import diffusion
 import encoders
 import metrics
@@ -73,7 +71,10 @@ class SampleConfig:
 # ------------------------------------------------------------------------------------ arguments
 def _comments(cls):
     """{field: its comment in the class source}: the one place each flag is described."""
-    return dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", inspect.getsource(cls), re.MULTILINE))
+    with open(os.path.abspath(__file__)) as f:  # this file, not inspect.getsource: works under -m cProfile too
+        src = f.read()
+    src = src[src.index(f"class {cls.__name__}"):]
+    return dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", src[:src.index("\n\n\n")], re.MULTILINE))
 
 
 def _number(kind, low=None, high=None):
@@ -191,7 +192,7 @@ def describe(encoder):
 
 
 def quantize(x):
-    """[-1, 1] -> the values an 8-bit PNG of x reads back as (synthetic.save_png's rounding)."""
+    """[-1, 1] -> the values an 8-bit PNG of x reads back as (images.save_png's rounding)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
@@ -233,7 +234,7 @@ def progress(total, what):
 def save(image, path):
     """Atomic PNG write: a killed run never leaves a truncated sample that a resume would trust."""
     tmp = f"{path}.tmp{os.getpid()}.png"
-    save_png(image.cpu(), tmp)
+    images.save_png(image.cpu(), tmp)
     os.replace(tmp, path)
 
 

@@ -61,9 +61,10 @@ class Semantica(nn.Module):
 
     def __init__(self, config: UViTConfig, encoder=None, p_uncond=P_UNCOND):
         super().__init__()
-        if encoder is not None and encoder.dim != config.cond_dim:
-            raise ValueError(f"encoder {encoder.name} gives {encoder.dim}-dim features but the U-ViT expects "
-                             f"cond_dim={config.cond_dim}; use dataclasses.replace(config, cond_dim={encoder.dim})")
+        width = None if encoder is None else cond_width(encoder, config.conditioning)
+        if encoder is not None and width != config.cond_dim:
+            raise ValueError(f"encoder {encoder.name} gives {width}-dim features but the U-ViT expects "
+                             f"cond_dim={config.cond_dim}; use dataclasses.replace(config, cond_dim={width})")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.config, self.p_uncond = config, p_uncond
@@ -242,6 +243,12 @@ class Semantica(nn.Module):
                           f"{100 * decay ** ckpt['step']:.0f}% of the initial weights; its samples may be noise "
                           f"(load the raw weights with ema=False / --no-ema, or train longer)", stacklevel=2)
         return model.to(device).eval()
+
+
+def cond_width(encoder, conditioning):
+    """The U-ViT's cond_dim for this encoder: the token width D for cross-attention (§3.4), the global
+    feature width for FiLM (App. D; CLIP's projected global is narrower than its tokens: `embed_dim`)."""
+    return encoder.dim if conditioning == "cross_attention" else getattr(encoder, "embed_dim", encoder.dim)
 
 
 def _check_sampling(steps, num_samples, guidance, gamma, seed, first_index, first_sample):

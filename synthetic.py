@@ -17,7 +17,8 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+
+from images import save_png
 
 KINDS = ("circle", "square", "triangle", "star", "ring", "cross", "crescent", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "two-tone", "shaded")
@@ -148,10 +149,3 @@ class SyntheticPages:
             os.makedirs(d, exist_ok=True)
             for i in range(self.count(p)):
                 save_png(self.image(p, i, size), os.path.join(d, f"{i:02d}.png"))
-
-
-def save_png(x, path):
-    """(3, H, W) or (B, 3, H, W) float in [-1, 1] -> an 8-bit PNG at `path` (a batch becomes one row)."""
-    x = x if x.dim() == 3 else torch.cat(list(x), dim=2)
-    a = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(a).save(path)

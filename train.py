@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -41,7 +40,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -49,6 +47,7 @@ from torch.distributed.fsdp import fully_shard
 
 import data
 import encoders
+import images
 import semantica
 import uvit
 
@@ -135,8 +134,11 @@ class UserError(ValueError):
 
 def config_help(cls):
     """{field: help}: the end-of-line comment of each field in the dataclass source (the single source)."""
+    with open(os.path.abspath(__file__)) as f:  # this file, not inspect.getsource: works under -m cProfile too
+        src = f.read()
+    src = src[src.index(f"class {cls.__name__}"):]
     return {m.group(1): m.group(2).strip() for m in
-            re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", inspect.getsource(cls), re.MULTILINE)}
+            re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", src[:src.index("\n\n\n")], re.MULTILINE)}
 
 
 def device_flag(text):
@@ -485,7 +487,8 @@ def load_frozen_encoder(cfg, identity=None):
 
 def build_model(cfg, encoder):
     """Semantica = frozen encoder + U-ViT denoiser sized by the preset, conditioned on the encoder."""
-    net_cfg = dataclasses.replace(uvit.PRESETS[cfg.model], conditioning=cfg.conditioning, cond_dim=encoder.dim)
+    net_cfg = dataclasses.replace(uvit.PRESETS[cfg.model], conditioning=cfg.conditioning,
+                                  cond_dim=semantica.cond_width(encoder, cfg.conditioning))
     return semantica.Semantica(net_cfg, encoder=encoder, p_uncond=cfg.p_uncond)
 
 
@@ -524,21 +527,6 @@ def grid_inputs(dataset, cfg, device):
     return cond, torch.stack(shown).to(device)
 
 
-def save_grid(rows, path):
-    """rows: (R, C, 3, H, W) in [-1, 1] -> one PNG, R rows x C columns, 2 px white gaps (atomic write)."""
-    rows = ((rows.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    r, c, _, h, w = rows.shape
-    canvas = np.full((r * (h + 2) + 2, c * (w + 2) + 2, 3), 255, np.uint8)
-    for i in range(r):
-        for j in range(c):
-            canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = \
-                rows[i, j].permute(1, 2, 0).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(canvas).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-    return canvas
-
-
 @torch.no_grad()
 def variation_grid(ema, grid, cfg, d, step, autocast, logger):
     """Fig. 1 layout from the EMA: each conditioning image followed by grid_n variations."""
@@ -555,7 +543,7 @@ def variation_grid(ema, grid, cfg, d, step, autocast, logger):
             ema.reshard()
         if d.is_main:
             path = os.path.join(cfg.out, f"variations_{step:07d}.png")
-            logger.image(step, save_grid(torch.cat([shown[:, None].to(samples.dtype), samples], 1), path))
+            logger.image(step, images.save_grid(torch.cat([shown[:, None].to(samples.dtype), samples], 1), path))
             say(f"wrote {path}")
     barrier(d)
 

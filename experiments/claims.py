@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,6 +45,7 @@ sys.path.insert(0, HERE)
 import data  # noqa: E402
 import diffusion  # noqa: E402
 import encoders  # noqa: E402
+import images  # noqa: E402
 import features  # noqa: E402  (experiments/features.py: a library module of this folder, no main)
 import metrics  # noqa: E402
 import semantica  # noqa: E402
@@ -115,18 +115,6 @@ def run_script(script, **flags):
     proc = subprocess.run(cmd)
     if proc.returncode:
         raise SystemExit(f"{script} failed with exit status {proc.returncode} (command above)")
-
-
-def save_grid(rows, path):
-    """rows: (R, C, 3, H, W) in [-1, 1] -> one PNG, R rows x C columns, 2 px white gaps."""
-    rows = ((rows.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    r, c, _, h, w = rows.shape
-    canvas = np.full((r * (h + 2) + 2, c * (w + 2) + 2, 3), 255, np.uint8)
-    for i in range(r):
-        for j in range(c):
-            canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = \
-                rows[i, j].permute(1, 2, 0).numpy()
-    Image.fromarray(canvas).save(path)
 
 
 # ----------------------------------------------------------------------------- data
@@ -453,7 +441,7 @@ def _grids(r, folder, real_img, page, sweep, w_abl, rows=6):
     E, out = r["evals"], {}
     pages = page.unique()[:rows].tolist()
     real_rows = torch.stack([real_img[page == p] for p in pages])
-    save_grid(real_rows, os.path.join(folder, "test_pages.png"))
+    images.save_grid(real_rows, os.path.join(folder, "test_pages.png"))
     out["Test pages (one row per page; never trained on)"] = "test_pages.png"
 
     def samples(name, proto, w):                                  # {cond index: its samples}, first rows
@@ -465,20 +453,20 @@ def _grids(r, folder, real_img, page, sweep, w_abl, rows=6):
     _, pag = samples(sweep, "one_shot", 0.0)
     k = min(4, min(len(v) for v in rec.values()))
     fig2 = torch.stack([torch.cat([real_img[c][None], rec[c][:k], pag[c][:k]]) for c in conds])
-    save_grid(fig2, os.path.join(folder, "fig2_reconstruction_vs_pages.png"))
+    images.save_grid(fig2, os.path.join(folder, "fig2_reconstruction_vs_pages.png"))
     out[f"Fig. 2 layout, guidance 0: condition | {k} reconstruction samples | {k} {sweep} samples"] = \
         "fig2_reconstruction_vs_pages.png"
     for name in SETTINGS:
         conds, by = samples(name, "one_shot", w_abl)
         g = torch.stack([torch.cat([real_img[c][None], by[c]]) for c in conds])
         fname = f"oneshot_{name.replace(' ', '_').replace('+', '_')}.png"
-        save_grid(g, os.path.join(folder, fname))
+        images.save_grid(g, os.path.join(folder, fname))
         out[f"One-shot samples, {name}, guidance {w_abl}: condition | its samples"] = fname
     cols = {w: samples(sweep, "one_shot", w)[1] for w in r["guidances"]}
     conds = list(cols[r["guidances"][0]])[:4]
     k = min(3, min(len(v) for v in cols[r["guidances"][0]].values()))
     g = torch.stack([torch.cat([real_img[c][None]] + [cols[w][c][:k] for w in r["guidances"]]) for c in conds])
-    save_grid(g, os.path.join(folder, "fig3_guidance.png"))
+    images.save_grid(g, os.path.join(folder, "fig3_guidance.png"))
     out[f"Guidance sweep ({sweep}): condition | {k} samples per guidance {r['guidances']}"] = "fig3_guidance.png"
     return out
 

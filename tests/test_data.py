@@ -40,7 +40,7 @@ def write_pages(root, counts, size=24, seed=0):
         os.makedirs(d, exist_ok=True)
         for i in range(n):
             path = os.path.join(d, f"{i}.png")
-            synthetic.save_png(sp.image(p, i % sp.count(p)), path)
+            images.save_png(sp.image(p, i % sp.count(p)), path)
             pages.setdefault(f"page{p}", []).append(path)
     return pages
 
@@ -101,7 +101,7 @@ class LookupEncoder(torch.nn.Module):
 def test_names_callers_use_stay_importable_from_data():
     """metrics, sample, semantica, experiments and other tests call these as data.*: the same objects."""
     for module, names in ((images, ("find_images", "iter_images", "load_image", "to_rgb", "centre_crop_resize")),
-                          (embeddings, ("encode_cache", "CondCache")), (synthetic, ("SyntheticPages", "save_png"))):
+                          (embeddings, ("encode_cache", "CondCache")), (synthetic, ("SyntheticPages",))):
         assert all(getattr(data, n) is getattr(module, n) for n in names)
 
 
@@ -318,7 +318,7 @@ def test_build_pairs_counts_and_embedding_cache_invalidation(tmp_path, capsys):
     calls = enc.calls
     pairs2, _ = data.build_pairs(fp, enc, tmp_path / "cache", low=-1.0, high=0.99)
     assert enc.calls == calls and torch.equal(pairs, pairs2)                     # served from the cache
-    synthetic.save_png(torch.zeros(3, 30, 30), fp.files[1][0])                        # rewrite one file
+    images.save_png(torch.zeros(3, 30, 30), fp.files[1][0])                        # rewrite one file
     emb, _ = embeddings.cached_embeddings(fp, enc, tmp_path / "cache")
     assert enc.calls > calls and len(os.listdir(tmp_path / "cache")) == 2
     assert emb.dtype == torch.float16 and emb.shape[0] == 9

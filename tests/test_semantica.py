@@ -396,3 +396,15 @@ def test_model_folder_hash_covers_weights_and_config_only(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"other weights")                # the weights do
     assert file_sha256(tmp_path) != before
     assert file_sha256(tmp_path / "config.json") == hashlib.sha256(b"{}").hexdigest()  # a file: its bytes
+
+
+def test_film_on_clip_conditions_on_the_projected_global_width():
+    """App. D FiLM takes the encoder's global feature; CLIP's is the projected CLS (embed_dim, narrower than
+    its tokens), so cond_dim follows the conditioning kind: tokens for cross-attention, global for FiLM."""
+    import semantica
+    enc = encoders.load_encoder("clip-b16", seed=0)
+    assert (semantica.cond_width(enc, "cross_attention"), semantica.cond_width(enc, "film")) == (768, 512)
+    cfg = dataclasses.replace(uvit.PRESETS["tiny-32"], conditioning="film", cond_dim=512)
+    Semantica(cfg, enc)                                                    # accepted
+    with pytest.raises(ValueError, match="512-dim"):
+        Semantica(dataclasses.replace(cfg, cond_dim=768), enc)
