@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -67,7 +68,7 @@ class TrainConfig:
     cond_cache: str = ""               # precomputed conditioning (python data.py encode): train without running the encoder (§3.2)
     pairs: str = "page"                # page: pairs from one web page (§5, Eq. 3); same: reconstruction (§4, Eq. 2)
     num_pages: int = 2048              # number of synthetic pages (DESIGN)
-    filter_low: Optional[float] = None   # pair filter lower cosine threshold; default: the encoder's (App. C: DINOv2 0.3, SigLIP/CLIP 0.65)
+    filter_low: Optional[float] = None   # pair filter lower cosine threshold; default: the encoder's (App. C: DINOv2 0.3, SigLIP/CLIP 0.65); -1 with 1 = no filter
     filter_high: Optional[float] = None  # pair filter upper threshold (drops near-duplicates); default: the encoder's (App. C: 0.9)
     steps: int = 300_000               # optimiser steps (§6.1: "around 300K steps")
     batch: int = 2048                  # global batch = micro-batch x accumulation x world (§6.1: 2048)
@@ -170,7 +171,31 @@ def parse_args(argv=None):
     defaults = {**asdict(TrainConfig()), **RES_PRESETS[res], "res": res}
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     add_flags(parser, TrainConfig, defaults, CHOICES)
-    return TrainConfig(**vars(parser.parse_args(argv)))  # unknown flags: argparse error, exit 2
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))  # unknown flags: argparse error, exit 2
+    problem = check_numbers(cfg)
+    if problem:
+        parser.error(problem)  # before any work: one line, exit 2
+    return cfg
+
+
+def check_numbers(cfg):
+    """The first flag value nothing can be computed with, as a message (None when all are usable)."""
+    for name in ("steps", "batch", "log_every", "ckpt_every", "sample_every", "sample_steps", "grid_images", "grid_n"):
+        if getattr(cfg, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}"
+    for name in ("micro_batch", "num_workers", "seed", "num_pages"):
+        if getattr(cfg, name) < 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}"
+    for name, low, high in (("lr", 0, math.inf), ("beta1", 0, 1), ("beta2", 0, 1), ("adam_eps", 0, math.inf),
+                            ("ema_decay", 0, 1), ("p_uncond", 0, 1), ("guidance", -math.inf, math.inf),
+                            ("filter_low", -1, 1), ("filter_high", -1, 1)):
+        v = getattr(cfg, name)
+        if v is not None and not (math.isfinite(v) and low <= v <= high and (name != "lr" or v > 0)):
+            span = "> 0" if name == "lr" else f"in [{low}, {high}]"
+            return f"--{name.replace('_', '-')} must be a finite number {span}, got {v}"
+    if cfg.max_pixels < -1:
+        return f"--max-pixels must be -1 (Pillow's limit), 0 (none) or a pixel count, got {cfg.max_pixels}"
+    return None
 
 
 def filter_band(cfg):
@@ -798,11 +823,11 @@ def main(cfg):
             if log_now:
                 report(logger, d, step, running, n_running, gnorm, time.time() - t_last)
                 running, n_running, t_last = torch.zeros((), device=d.device), 0, time.time()
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                variation_grid(ema, grid, cfg, d, step, autocast, logger)
-            if save_now:
+            if save_now:  # before the grid: nothing the grid does can cost the checkpoint
                 save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, data_position), d)
                 tell(f"saved {path} at step {step}")
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                variation_grid(ema, grid, cfg, d, step, autocast, logger)
             if stop_now:
                 tell(f"stopped by signal {stop[0] if stop else '(on another rank)'} at step {step}")
                 break

@@ -359,3 +359,16 @@ def test_ddp_fsdp_and_reshard_on_two_gloo_processes(tmp_path):
     for k in ddp["ema"]:
         expected = 0.99 * ddp["ema"][k].double() + 0.01 * after["model"][k].double()
         torch.testing.assert_close(after["ema"][k].double(), expected, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("flags", [["--guidance", "nan"], ["--guidance", "inf"], ["--lr", "nan"], ["--lr", "0"],
+                                   ["--steps", "0"], ["--log-every", "0"], ["--ckpt-every", "0"],
+                                   ["--sample-every", "0"], ["--p-uncond", "1.5"], ["--ema-decay", "2"],
+                                   ["--batch", "0"], ["--max-pixels", "-5"]])
+def test_numbers_nothing_can_be_computed_with_are_parse_errors(flags, capsys):
+    """Refused when parsed (exit 2, one line naming the flag), before any folder is made or step is run:
+    a nan guidance used to train and then crash on the final grid without a checkpoint."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and flags[0] in err[-1]
