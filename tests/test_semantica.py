@@ -408,3 +408,21 @@ def test_film_on_clip_conditions_on_the_projected_global_width():
     Semantica(cfg, enc)                                                    # accepted
     with pytest.raises(ValueError, match="512-dim"):
         Semantica(dataclasses.replace(cfg, cond_dim=768), enc)
+
+
+def test_loss_and_condition_dropout_draw_from_the_given_generator(encoder):
+    """All of a training step's randomness (t, eps, which rows are dropped to the null) comes from `generator`:
+    the same seed gives the same loss and mask whatever the global RNG did, another seed another loss;
+    a dropped bf16 condition stays bf16 (the null is cast to the condition's dtype)."""
+    torch.manual_seed(0)
+    model = randomize(Semantica(MICRO, encoder, p_uncond=0.5))
+    x, c = images(8, 16, 1), images(8, 32, 2)
+    first = model.loss(x, c, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(123)                                               # the global RNG must not matter
+    assert torch.equal(model.loss(x, c, generator=torch.Generator().manual_seed(7)), first)
+    assert not torch.equal(model.loss(x, c, generator=torch.Generator().manual_seed(8)), first)
+    cond = model.as_cond(c)
+    masks = [(model.drop_condition(cond, torch.Generator().manual_seed(s)) == model.null_cond).flatten(1).all(1)
+             for s in (3, 3, 4)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    assert model.drop_condition(cond.bfloat16(), torch.Generator().manual_seed(3)).dtype == torch.bfloat16
