@@ -115,6 +115,11 @@ def check_out(out, folder):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         return f"--out {out}: cannot write under {parent}"
+    target = os.path.abspath(out) if folder else os.path.dirname(os.path.abspath(out))
+    try:  # made now, not after sampling: a folder that cannot be created (e.g. under /proc) fails here
+        os.makedirs(target, exist_ok=True)
+    except OSError as e:
+        return f"--out {out}: cannot create {target} ({e.strerror})"
     return None
 
 

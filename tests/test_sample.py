@@ -108,7 +108,8 @@ def test_bad_out_is_refused_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "f.txt"
     a_file.write_text("x")
     for out, text in [(tmp_path, "is a folder"), (tmp_path / "grid.pdfx", "unknown image extension"),
-                      (a_file / "grid.png", "cannot write")]:
+                      (a_file / "grid.png", "cannot write"),
+                      ("/proc/no-such-dir/grid.png", "cannot create")]:   # writable-looking, cannot mkdir
         with pytest.raises(SystemExit) as e:
             sample.parse_args(["--ckpt", "missing.pt", "--images", "a.png", "--out", str(out)])
         assert e.value.code == 2 and text in capsys.readouterr().err
