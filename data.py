@@ -12,8 +12,10 @@ ROOT/<page>/.../<image>, a .csv/.jsonl manifest (`page`, `path` relative to it),
 
     python data.py scan DIR --encoder dinov2-b14 --encoder-weights W.pth   # pairs before/after the filter
     torchrun --nproc_per_node=8 data.py encode DIR CACHE --encoder dinov2-b14 --encoder-weights W.pth --image-size 256
-Order: page sources, pairs + §5 filter, PagePairs + loader, CLI (image I/O: images.py; encoder passes: embeddings.py).
-Left out: tar shards, multi-image conditioning, the manual inspection that set the thresholds (App. C).
+    python data.py shard SRC shards/ --per-shard 1000 [--page-key doc_id]    # page shards (shards.py, streamed by stream.py)
+Order: page sources, §5 filter (the selection itself: pairs.py), PagePairs + loader, CLI (image I/O: images.py;
+encoder passes: embeddings.py; page shards: shards.py, stream.py).
+Left out: multi-image conditioning, the manual inspection that set the thresholds (App. C).
 """
 import argparse
 import csv
@@ -31,12 +33,14 @@ import encoders
 # Names not used here are re-exported for callers (data.encode_cache, data.iter_images, data.save_png, ...).
 from embeddings import CondCache, cached_embeddings, encode_cache, encode_cache_torchrun  # noqa: F401
 from images import centre_crop_resize, check_image, find_images, iter_images, load_image, to_rgb  # noqa: F401
+from pairs import FILTER_DEFAULTS, MAX_PAIRS_PER_PAGE, candidate_pairs, cosine, filter_band, filter_pairs  # noqa: F401
+from pairs import histogram_counts, histogram_text, select_pairs
+from pairs import histogram_png as pairs_histogram_png
+from shards import filter_shards_torchrun, is_pattern, records_from_img2dataset, records_from_pages, write_shards
+from stream import ShardStream, StreamLoader
 from synthetic import SyntheticPages  # noqa: F401
 
 log = logging.getLogger("semantica.data")
-
-MAX_PAIRS_PER_PAGE = 64  # DESIGN: cap on candidate ordered pairs per page before filtering
-
 
 # ----------------------------------------------------------------------------- page sources
 
@@ -121,6 +125,8 @@ class FilePages:
 
 def open_pages(source, image_size, decode=False, max_pixels=None, **synthetic_kwargs):
     """scan + wrap -> (pages object, skipped); ValueError for an unknown source or no usable image."""
+    if is_pattern(source):
+        raise ValueError(f"{source}: page shards are streamed (train.py --data, stream.ShardStream), not indexed")
     if source == "synthetic":
         return SyntheticPages(image_size=image_size, **synthetic_kwargs), {}
     pages, skipped = scan(source, decode, max_pixels)
@@ -131,62 +137,12 @@ def open_pages(source, image_size, decode=False, max_pixels=None, **synthetic_kw
 
 # ----------------------------------------------------------------------------- pairs and the §5 filter
 
-FILTER_DEFAULTS = {  # encoder family -> (low, high) on cos(global_cond, global_target)
-    "dinov2": (0.3, 0.9),   # App. C: 0.3 removes unrelated images, 0.9 near duplicates
-    "siglip": (0.65, 0.9),  # App. C: lower 0.65 ("CLIP"; Fig. 8 right is SigLIP); INTERPRETATION: upper 0.9
-    "clip": (0.65, 0.9),    # App. C: "a lower threshold of 0.65 for CLIP"; INTERPRETATION: upper 0.9 (not given)
-    "mae": (0.3, 0.9),      # INTERPRETATION: App. E gives no band for MAE; DINOv2's (both self-supervised ViTs)
-}  # App. C's rule for a new encoder: move `low` until about as many pairs pass as with DINOv2 (`scan --encoder`)
-
-
-def filter_band(encoder_name):
-    """Default (low, high) of an encoder preset (its family's; other names read as "<family>-...")."""
-    config = encoders.ENCODER_PRESETS.get(encoder_name)
-    family = config.family if config is not None else str(encoder_name).split("-")[0]
-    if family not in FILTER_DEFAULTS:
-        raise ValueError(f"no default filter band for encoder {encoder_name!r} (family {family!r}; known: "
-                         f"{sorted(FILTER_DEFAULTS)}); give low/high explicitly")
-    return FILTER_DEFAULTS[family]
-
-
-def candidate_pairs(pages, max_pairs_per_page=MAX_PAIRS_PER_PAGE, seed=0):
-    """All ordered (page, cond_idx, target_idx) pairs with cond != target within each page (Eq. 3); pages
-    with more contribute a seeded random subset of max_pairs_per_page (DESIGN). -> LongTensor (P, 3)."""
-    rows = [np.zeros((0, 3), np.int64)]
-    for p in range(len(pages)):
-        c, t = np.nonzero(~np.eye(pages.count(p), dtype=bool))
-        if len(c) > max_pairs_per_page:
-            keep = np.sort(np.random.default_rng([seed, p]).choice(len(c), max_pairs_per_page, replace=False))
-            c, t = c[keep], t[keep]
-        rows.append(np.stack([np.full_like(c, p), c, t], 1))
-    return torch.from_numpy(np.concatenate(rows)).long()
-
-
-def cosine(emb_cond, emb_target):
-    """Row-wise cosine similarity (P,) in float64 of (P, D) embeddings (need not be normalised)."""
-    a, b = emb_cond.double(), emb_target.double()
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
-
-
-def filter_pairs(emb_cond, emb_target, low, high):
-    """§5, App. C: keep a pair when low <= cos(global_cond, global_target) <= high. -> bool (P,)."""
-    cos = cosine(emb_cond, emb_target)
-    return (cos >= low) & (cos <= high)
-
-
-def histogram_text(cos, low, high, bins=20, width=40):
-    """Text histogram of pair similarities over [-1, 1] (Fig. 8 centre/right), the band marked with '|'."""
-    counts, edges = np.histogram(cos.numpy(), bins=bins, range=(-1, 1))
-    top = max(1, counts.max())
-    return "\n".join(f"{e0:+.2f}..{e1:+.2f} {'|' if low <= (e0 + e1) / 2 <= high else ' '} "
-                     f"{'#' * int(round(width * c / top)):<{width}} {c}" for c, e0, e1 in zip(counts, edges, edges[1:]))
-
-
 def build_pairs(pages, encoder, cache_dir, low=None, high=None, max_pairs_per_page=MAX_PAIRS_PER_PAGE,
                 seed=0, histogram_png=None, cond_cache=None):
     """§5 filtered (page, cond, target) pairs -> (LongTensor (K, 3), report). low/high default to
     filter_band(encoder); embeddings come from `cond_cache` when given (encoder may be None), else from
-    an encoder pass. Pairs touching an undecodable image are dropped (`unreadable`)."""
+    an encoder pass; the selection is pairs.select_pairs (the sharded pass runs the same function).
+    Pairs touching an undecodable image are dropped (`unreadable`)."""
     if cond_cache is not None:
         cache = CondCache.open(cond_cache, pages, encoder)
         emb, valid = (torch.from_numpy(np.array(cache.arrays()[k])) for k in ("global", "valid"))
@@ -195,29 +151,11 @@ def build_pairs(pages, encoder, cache_dir, low=None, high=None, max_pairs_per_pa
         (emb, valid), name = cached_embeddings(pages, encoder, cache_dir), encoder.name
     band = filter_band(name) if low is None or high is None else (low, high)
     low, high = band[0] if low is None else low, band[1] if high is None else high
-    cand = candidate_pairs(pages, max_pairs_per_page, seed)
-    offsets = torch.tensor(np.cumsum([0] + [pages.count(p) for p in range(len(pages))]))
-    ci, ti = offsets[cand[:, 0]] + cand[:, 1], offsets[cand[:, 0]] + cand[:, 2]
-    ok, cos = valid[ci] & valid[ti], cosine(emb[ci], emb[ti])
-    keep = filter_pairs(emb[ci], emb[ti], low, high) & ok
-    report = {"encoder": name, "low": low, "high": high, "pairs_before": len(cand), "pairs_after": int(keep.sum()),
-              "dropped_low": int(((cos < low) & ok).sum()), "dropped_high": int(((cos > high) & ok).sum()),
-              "unreadable": int((~ok).sum()), "histogram": histogram_text(cos[ok], low, high)}
-    if histogram_png and importlib.util.find_spec("matplotlib") is None:
-        log.warning("no histogram PNG %s: matplotlib is not installed (pip install matplotlib)", histogram_png)
-    elif histogram_png:
-        import matplotlib.pyplot as plt                  # optional extra [plots]
-        fig = plt.figure(figsize=(5, 3))
-        plt.hist(cos[ok].numpy(), bins=50, range=(-1, 1))
-        for x in (low, high):
-            plt.axvline(x, color="k", ls="--")
-        plt.xlabel(f"cosine similarity ({name})")
-        plt.ylabel("pairs")
-        fig.tight_layout()
-        fig.savefig(histogram_png)
-        plt.close(fig)
+    kept, counts, cos = select_pairs(pages, emb, valid, low, high, max_pairs_per_page, seed)
+    report = {"encoder": name, **counts, "histogram": histogram_text(cos, low, high)}
+    if histogram_png and pairs_histogram_png(histogram_png, histogram_counts(cos, 50), low, high, name):
         report["histogram_png"] = histogram_png
-    return cand[keep], report
+    return kept, report
 
 
 # ----------------------------------------------------------------------------- pair dataset + loader
@@ -316,7 +254,10 @@ class StepSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset, batch_size, rank, world_size, seed, start=0, num_workers=0):
     """Infinite DataLoader of (cond, target) batches for one rank (rank/world explicit: DDP or XLA).
-    `start` = batches this rank already consumed (from the checkpoint: step x accumulation)."""
+    `start` = batches this rank already consumed (from the checkpoint: step x accumulation). A ShardStream
+    (which knows its rank, world and seed) gets a StreamLoader; `start` is then its position() or None."""
+    if isinstance(dataset, ShardStream):
+        return StreamLoader(dataset, batch_size, num_workers, start=start or None)
     sampler = StepSampler(len(dataset), batch_size, rank, world_size, seed, start)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
@@ -325,12 +266,14 @@ def make_loader(dataset, batch_size, rank, world_size, seed, start=0, num_worker
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    """`python data.py scan|synth|encode ...`; user errors end in one argparse-style line (exit 2)."""
+    """`python data.py scan|synth|encode|shard|filter ...`; user errors end in one argparse-style line (exit 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sc = sub.add_parser("scan", help="index a folder / manifest / 'synthetic' and print a JSON summary")
     sy = sub.add_parser("synth", help="write synthetic pages as PNG folders (synthetic.py)")
     en = sub.add_parser("encode", help="§3.2: precompute every image's encoder tokens + global embedding")
+    sh = sub.add_parser("shard", help="write page shards (WebDataset layout, one sample per page; shards.py)")
+    fi = sub.add_parser("filter", help="§5 filter pass over page shards into new shards (torchrun: each rank its shards)")
     for p in (sc, en):
         p.add_argument("source", help="folder ROOT/<page>/<image>, .csv/.jsonl manifest, or 'synthetic'")
         p.add_argument("--encoder-weights", "--weights", dest="weights", help="local encoder weights file")
@@ -349,6 +292,25 @@ def main(argv=None):
     en.add_argument("--pages", type=int, default=2048, help="number of synthetic pages (train.py --num-pages)")
     en.add_argument("--batch-size", type=int, default=64)
     en.add_argument("--overwrite", action="store_true", help="replace an existing cache in OUT")
+    sh.add_argument("source", help="folder ROOT/<page>/<image>, .csv/.jsonl manifest, 'synthetic' or an img2dataset "
+                    "output folder (with --page-key)")
+    sh.add_argument("out", help="new folder for OUT/000000.tar, ...")
+    sh.add_argument("--per-shard", type=int, default=1000, help="pages per shard")
+    sh.add_argument("--page-key", help="img2dataset source: the .json column holding the page / document id")
+    sh.add_argument("--pages", type=int, default=2048, help="number of synthetic pages (train.py --num-pages)")
+    sh.add_argument("--size", type=int, default=64, help="synthetic image size")
+    fi.add_argument("pattern", help="page shards, e.g. 'shards/{000000..000099}.tar'")
+    fi.add_argument("out", help="new folder for the filtered shards (same names), filter.json, filter.png")
+    fi.add_argument("--encoder", required=True, help="encoders.py preset name (its App. C band is the default)")
+    fi.add_argument("--random-encoder", action="store_true", help="allow random weights (smoke runs only)")
+    fi.add_argument("--filter-low", type=float, help="lower cosine bound (default: the encoder's, App. C)")
+    fi.add_argument("--filter-high", type=float, help="upper cosine bound (default: the encoder's, App. C)")
+    fi.add_argument("--image-size", type=int, help="also store float16 conditioning tokens at this training size (§3.2)")
+    fi.add_argument("--batch-size", type=int, default=64)
+    fi.add_argument("--encoder-weights", "--weights", dest="weights", help="local encoder weights file")
+    for p in (sh, fi):
+        p.add_argument("--max-pixels", type=int, help="decompression-bomb limit (default: Pillow's; 0 = none)")
+        p.add_argument("--seed", type=int, default=0, help="synthetic pages' seed (and a random encoder's)")
     sy.add_argument("out")
     sy.add_argument("--pages", type=int, default=100)
     sy.add_argument("--size", type=int, default=64)
@@ -361,7 +323,7 @@ def main(argv=None):
         ap.error("--histogram needs --encoder or --cond-cache (the similarities come from an encoder)")
     if getattr(args, "histogram", None) and importlib.util.find_spec("matplotlib") is None:
         ap.error("--histogram needs matplotlib: pip install matplotlib (or drop --histogram)")
-    if args.cmd == "encode" and not (args.weights or args.random_encoder):
+    if args.cmd in ("encode", "filter") and not (args.weights or args.random_encoder):
         ap.error(f"--encoder {args.encoder} without --encoder-weights has random weights; "
                  "pass --random-encoder to allow it")
     if args.cmd == "encode" and os.path.exists(os.path.join(args.out, "meta.json")) and not args.overwrite:
@@ -370,6 +332,8 @@ def main(argv=None):
         if args.cmd == "synth":
             SyntheticPages(args.pages, args.size, args.seed).write(args.out)
             return print(json.dumps({"out": args.out, "pages": args.pages, "size": args.size}))
+        if args.cmd in ("shard", "filter"):
+            return shard_commands(args)
         kw = {"num_pages": args.pages, "seed": args.seed} if args.source == "synthetic" else {}
         encoder = None if not args.encoder else encoders.load_encoder(args.encoder, args.weights, seed=args.seed)
         if args.cmd == "encode":
@@ -392,6 +356,30 @@ def main(argv=None):
         print(json.dumps(summary, indent=1))
     except (ValueError, KeyError, OSError) as e:         # user errors: one line, exit 2
         ap.error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+
+
+def shard_commands(args):
+    """`shard` (write page shards) and `filter` (the sharded §5 pass); prints a JSON summary (rank 0)."""
+    if args.cmd == "shard":
+        if args.per_shard < 1:
+            raise ValueError(f"--per-shard must be >= 1, got {args.per_shard}")
+        if args.page_key:
+            records = records_from_img2dataset(args.source, args.page_key)
+        elif os.path.isdir(args.source) and any(f.endswith(".tar") for f in os.listdir(args.source)):
+            raise ValueError(f"{args.source} holds .tar shards (img2dataset output?): pass --page-key COLUMN")
+        else:
+            kw = {"num_pages": args.pages, "seed": args.seed} if args.source == "synthetic" else {}
+            records = records_from_pages(open_pages(args.source, args.size, max_pixels=args.max_pixels, **kw)[0])
+        return print(json.dumps(write_shards(records, args.out, args.per_shard), indent=1))
+    encoder = encoders.load_encoder(args.encoder, args.weights, seed=args.seed)
+    band = filter_band(encoder.name) if args.filter_low is None or args.filter_high is None else None
+    low = args.filter_low if args.filter_low is not None else band[0]
+    high = args.filter_high if args.filter_high is not None else band[1]
+    report = filter_shards_torchrun(args.pattern, args.out, encoder, low, high, args.image_size, args.seed,
+                                    args.batch_size, args.max_pixels)
+    if report is not None:
+        print(report.pop("histogram"), file=sys.stderr)
+        print(json.dumps(report, indent=1))
 
 
 

@@ -44,13 +44,17 @@ def _math_dtype(x):
 
 
 def _randn(shape, generator, device, dtype):
-    """N(0, I) noise of `shape`; `generator` is one torch.Generator (or None), or a list with one per row
-    (shape[0] of them), so that each row's draws do not depend on the other rows (Semantica.sample)."""
+    """N(0, I) noise of `shape` on `device`; `generator` is one torch.Generator (or None), or a list with one
+    per row (shape[0] of them), so that each row's draws do not depend on the other rows (Semantica.sample).
+    Each generator draws on its own device and the noise is moved: a device without generators (torch_xla)
+    samples from CPU generators."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} rows")
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
+                            for g in generator])
+    on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=on, dtype=dtype).to(device)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -166,7 +170,7 @@ def guided(v_cond, v_uncond, w):
 
 @torch.no_grad()
 def ddpm_sample(v_fn, noise, steps, *, gamma=GAMMA, noise_size=NOISE_SIZE, clip=True, generator=None,
-                progress=False):
+                progress=False, on_step=None):
     """Ancestral DDPM sampling (Ho et al. 2020; Semantica §3.1) from t = 1 to t = 0 on a uniform grid.
 
     noise: z_1 ~ N(0, I), (B, C, H, W); the image size for the schedule is noise.shape[-1].
@@ -175,6 +179,8 @@ def ddpm_sample(v_fn, noise, steps, *, gamma=GAMMA, noise_size=NOISE_SIZE, clip=
     z_s ~ N(mean, std^2) from `ddpm_posterior`. The last step returns x_hat without noise.
     generator: a torch.Generator for the step noise, or a list of B generators, one per row.
     progress=True shows a tqdm bar (steps done, rate, ETA) on stderr.
+    on_step: called with no arguments after every step (train.py under torch_xla: torch_xla.sync, so that
+    the lazily traced graph is one step, compiled once, rather than all `steps` of them).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -182,7 +188,9 @@ def ddpm_sample(v_fn, noise, steps, *, gamma=GAMMA, noise_size=NOISE_SIZE, clip=
     z = noise.to(dtype)
     b, image_size = z.shape[0], z.shape[-1]
     for i in tqdm(range(steps, 0, -1), desc="ddpm steps", total=steps, disable=not progress):
-        t = torch.full((b,), i / steps, device=z.device, dtype=dtype)
+        # t and s are made on the CPU and moved: data, not constants of the graph, so that under torch_xla
+        # every step traces the same graph (compiled once, not once per step)
+        t = torch.full((b,), i / steps, dtype=dtype).to(z.device)
         logsnr_t = logsnr_schedule(t, image_size, noise_size)
         alpha_t, sigma_t = alpha_sigma(logsnr_t)
         x_hat = x_from_v(z, v_fn(z, t).to(dtype), alpha_t, sigma_t)
@@ -191,8 +199,11 @@ def ddpm_sample(v_fn, noise, steps, *, gamma=GAMMA, noise_size=NOISE_SIZE, clip=
         if i == 1:
             z = x_hat  # s = 0: return the denoised estimate, no noise
         else:
-            logsnr_s = logsnr_schedule(torch.full_like(t, (i - 1) / steps), image_size, noise_size)
+            logsnr_s = logsnr_schedule(torch.full((b,), (i - 1) / steps, dtype=dtype).to(z.device), image_size,
+                                       noise_size)
             mean, std = ddpm_posterior(z, x_hat, logsnr_t, logsnr_s, gamma)
             xi = _randn(z.shape, generator, z.device, dtype)
             z = mean + _expand(std, z) * xi
+        if on_step is not None:
+            on_step()
     return z

@@ -10,6 +10,7 @@ Left out: video/animation frames (the first frame of a GIF/TIFF is used), colour
 profiles are ignored), remote URLs (download first; see img2dataset).
 """
 import contextlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -58,14 +59,15 @@ def pixel_limit(max_pixels=None):
 @contextlib.contextmanager
 def open_checked(path, max_pixels=None):
     """Open lazily (header only); refuse empty files and images over pixel_limit(max_pixels) before
-    decoding. Raises ValueError / OSError with the reason."""
+    decoding. `path`: a file path, or the encoded image's bytes (a tar member). Raises ValueError /
+    OSError with the reason."""
     limit = pixel_limit(max_pixels)
-    if os.path.getsize(path) == 0:
+    if (len(path) if isinstance(path, bytes) else os.path.getsize(path)) == 0:
         raise ValueError("empty file")
     # DESIGN: our check replaces Pillow's (which would refuse a larger explicit limit); restored on close.
     saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             if limit and im.width * im.height > limit:
                 raise ValueError(f"decompression bomb: {im.width}x{im.height} > {limit} pixels "
                                  f"(raise --max-pixels / PIL.Image.MAX_IMAGE_PIXELS)")

@@ -156,7 +156,8 @@ class Semantica(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond_images=None, num_samples=1, steps=DDPM_STEPS, guidance=diffusion.GUIDANCE,
-               gamma=diffusion.GAMMA, seed=0, cond=None, progress=False, first_index=0, first_sample=0):
+               gamma=diffusion.GAMMA, seed=0, cond=None, progress=False, first_index=0, first_sample=0,
+               on_step=None):
         """num_samples variations of each conditioning image -> float32 (B, num_samples, 3, S, S) in [-1, 1].
 
         cond_images: a tensor (B, 3, H, W) / (3, H, W) in [-1, 1], a PIL image or a list of either; or give
@@ -169,6 +170,8 @@ class Semantica(nn.Module):
         (numpy SeedSequence), for its initial noise and every step's noise, so an image's variations do not
         depend on the other images of the batch, nor on how its samples are split across calls; the same
         noise is used for every guidance value (columns of a guidance sweep differ only in w).
+        On a device without torch.Generator (torch_xla) the generators live on CPU and the noise is moved.
+        on_step: called after every DDPM step (diffusion.ddpm_sample; train.py passes torch_xla.sync).
         Raises ValueError for steps / num_samples < 1, non-finite guidance or gamma, negative seed or indices.
         """
         _check_sampling(steps, num_samples, guidance, gamma, seed, first_index, first_sample)
@@ -188,14 +191,17 @@ class Semantica(nn.Module):
             v_cond, v_null = self.net(torch.cat([z_t, z_t]), torch.cat([t, t]), both).float().chunk(2)
             return diffusion.guided(v_cond, v_null, guidance)                     # float32, also under autocast
 
-        generators = [sample_generator(seed, first_index + i, first_sample + j, device)
+        # DESIGN: torch_xla has no torch.Generator ("XLA device type not an accelerator"): CPU streams there
+        gen_device = torch.device("cpu") if device.type == "xla" else device
+        generators = [sample_generator(seed, first_index + i, first_sample + j, gen_device)
                       for i in range(b) for j in range(num_samples)]
-        noise = torch.stack([torch.randn(3, size, size, generator=g, device=device, dtype=torch.float32)
-                             for g in generators])
+        noise = torch.stack([torch.randn(3, size, size, generator=g, device=gen_device, dtype=torch.float32)
+                             for g in generators]).to(device)
         was_training = self.training
         self.eval()
         try:
-            x = diffusion.ddpm_sample(v_fn, noise, steps, gamma=gamma, generator=generators, progress=progress)
+            x = diffusion.ddpm_sample(v_fn, noise, steps, gamma=gamma, generator=generators, progress=progress,
+                                      on_step=on_step)
         finally:
             self.train(was_training)
         return x.view(b, num_samples, 3, size, size)

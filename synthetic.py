@@ -86,6 +86,18 @@ class SyntheticPages:
     def label(self, page):
         return self._page_style(page)["kind"]
 
+    def kind(self, page, index):
+        """Object kind (index into KINDS) actually drawn in image `index` of `page`: the page's kind,
+        except for an unrelated outlier image (another page's style) -- the ground truth of a kind
+        classifier (experiments/kinds.py)."""
+        rng = np.random.default_rng([self.seed, page, index + 1])
+        roll = rng.random()
+        if index > 0 and roll < self.p_duplicate:
+            return self.kind(page, 0)
+        if roll > 1 - self.p_outlier:
+            return self._page_style(int(rng.integers(1 << 30)) + self.num_pages)["kind"]
+        return self.label(page)
+
     def key(self, page, index):
         return f"synthetic:{page}:{index}"
 

@@ -47,9 +47,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 
 import data
+import embeddings
 import encoders
 import images
 import semantica
+import shards
+import stream
 import uvit
 
 CKPT_NAME = "ckpt.pt"
@@ -64,8 +67,8 @@ class TrainConfig:
     encoder: str = "dinov2-b14"        # frozen encoder preset (encoders.ENCODER_PRESETS); dinov2-b14 is the §6.1 baseline
     encoder_weights: str = ""          # the encoder's official weight file (required for real encoders)
     random_encoder: bool = False       # allow a randomly initialised encoder (smoke runs only)
-    data: str = "synthetic"            # image folder ROOT/<page>/<image>, manifest (.jsonl/.csv) or "synthetic"
-    cond_cache: str = ""               # precomputed conditioning (python data.py encode): train without running the encoder (§3.2)
+    data: str = "synthetic"            # image folder ROOT/<page>/<image>, manifest (.jsonl/.csv), "synthetic", or page shards 'DIR/{000000..000999}.tar' (streamed)
+    cond_cache: str = ""               # precomputed conditioning (python data.py encode): train without running the encoder (§3.2); "shards": the tokens in the --data shards (data.py filter --image-size)
     pairs: str = "page"                # page: pairs from one web page (§5, Eq. 3); same: reconstruction (§4, Eq. 2)
     num_pages: int = 2048              # number of synthetic pages (DESIGN)
     filter_low: Optional[float] = None   # pair filter lower cosine threshold; default: the encoder's (App. C: DINOv2 0.3, SigLIP/CLIP 0.65); -1 with 1 = no filter
@@ -98,6 +101,7 @@ class TrainConfig:
     compile: bool = False              # torch.compile the denoiser
     bf16: bool = True                  # bf16 autocast on CUDA/XLA with fp32 master weights; CPU stays fp32
     num_workers: int = 4               # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000         # page shards (--data PATTERN.tar): items in each data worker's shuffle buffer (DESIGN)
     max_pixels: int = -1               # decompression-bomb limit per image in pixels; -1 = Pillow's Image.MAX_IMAGE_PIXELS at call time, 0 = no limit
 
 
@@ -224,7 +228,7 @@ def check_paths(cfg):
         raise UserError("--reshard only applies with --resume")
     for flag, value in (("--data", cfg.data), ("--encoder-weights", cfg.encoder_weights),
                         ("--cond-cache", cfg.cond_cache)):
-        if value and value != "synthetic" and not os.path.exists(value):
+        if value and value not in ("synthetic", "shards") and not shards.is_pattern(value) and not os.path.exists(value):
             raise UserError(f"{flag} {value}: no such file or folder")
     if cfg.encoder not in encoders.ENCODER_PRESETS and not cfg.encoder_weights:
         raise UserError(f"unknown --encoder {cfg.encoder}; presets: {', '.join(sorted(encoders.ENCODER_PRESETS))}")
@@ -317,7 +321,7 @@ def wrap(raw, ema, cfg, d):
     if cfg.compile:
         raw.net.compile()  # in place: state_dict keys keep their names (no "_orig_mod.")
     if d.kind == "xla":
-        return xla_wrap(raw)
+        return xla_wrap(raw, ema)
     if cfg.fsdp:
         for m in (raw, ema):  # the same sharding for both, so the EMA lerp stays shard-local
             for block in m.net.modules():  # one FSDP unit per block, then the rest at the root
@@ -397,10 +401,63 @@ def xla_setup():
     return Dist("xla", rank, world, xr.local_ordinal(), torch_xla.device(), rank == 0)
 
 
-def xla_wrap(raw):
-    """No wrapper on XLA; TPU v2/v3 threads share the RNG, so broadcast rank 0's initial weights."""
+# XLA:CPU only (see xla_reduce): one channel id per call site, and a barrier shared by the replica threads.
+XLA_CHANNELS = {"broadcast": 1, "grads": 2, "loss": 3, "stop": 4, "barrier": 5}
+XLA_CPU_BARRIER, XLA_CPU_BARRIER_LOCK = [], threading.Lock()
+
+
+@torch.no_grad()
+def xla_reduce(tensors, op, channel):
+    """In place over the replicas: op "mean" (the average), "max", or "first" (replica 0's values); one
+    replica: nothing. On TPU: xm.all_reduce / xm.collective_broadcast, the usual torch_xla collectives.
+
+    DESIGN: XLA:CPU with several devices (CPU_NUM_DEVICES=2, the tests: one thread per device in one
+    process) needs another route; scripts/xla_cpu_collectives.py shows both problems.
+    1. torch_xla compiles one executable per device, and XLA:CPU pairs the replicas of a collective by its
+       channel id or, without one, by the id of the compiled HLO module, which differs between the two
+       compilations. xm.all_reduce (and what is built on it: optimizer_step, broadcast_master_param,
+       rendezvous, mesh_reduce) sets no channel id, so each replica waits under its own key until XLA aborts
+       the process (pytorch/xla #9089, "collective operations are hanging when using XLA:CPU"). An
+       xm.all_gather with an explicit channel id is paired: the tensors go as one flat float32 vector,
+       gathered from every replica (world x its size: fine for tests), reduced here in replica order, so
+       every replica computes bit-identical results.
+    2. XLA:CPU aborts a collective whose replicas arrive more than 10 s apart (in-process collectives'
+       fixed terminate timeout), and each replica compiles its graphs at its own pace (minutes for the step).
+       So the collective runs as a small graph of its own, entered by all replica threads together.
+    """
+    import torch_xla
     import torch_xla.core.xla_model as xm
-    xm.broadcast_master_param(raw)
+    import torch_xla.runtime as xr
+    world = xr.world_size()
+    if world == 1 or not tensors:
+        return
+    if xr.device_type() != "CPU":
+        if op == "first":
+            return xm.collective_broadcast(tensors)
+        return xm.all_reduce(xm.REDUCE_MAX if op == "max" else xm.REDUCE_SUM, tensors,
+                             scale=1.0 / world if op == "mean" else 1.0)
+    torch_xla.sync()  # the graph so far runs without the collective, and has finished when the barrier opens
+    xm.wait_device_ops()
+    with XLA_CPU_BARRIER_LOCK:  # made by the first replica thread that gets here
+        if not XLA_CPU_BARRIER:
+            XLA_CPU_BARRIER.append(threading.Barrier(world))
+    XLA_CPU_BARRIER[0].wait(timeout=1800)  # a replica that died: BrokenBarrierError, not a hang forever
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    every = xm.all_gather(flat[None], dim=0, groups=[list(range(world))], pin_layout=False, channel_id=channel,
+                          use_global_device_ids=True)  # (world, N): row r from replica r
+    flat = {"mean": lambda: every.sum(0) / world, "max": lambda: every.amax(0), "first": lambda: every[0]}[op]()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+    torch_xla.sync()
+
+
+def xla_wrap(raw, ema):
+    """No wrapper on XLA. Replica threads of one process (TPU v2/v3 cores, XLA:CPU devices) share the global
+    RNG, so their initialisations interleave: every replica takes replica 0's model and EMA."""
+    import torch_xla
+    xla_reduce([*raw.parameters(), *raw.buffers(), *ema.parameters(), *ema.buffers()], "first",
+               XLA_CHANNELS["broadcast"])
+    torch_xla.sync()
     return raw
 
 
@@ -410,8 +467,11 @@ def xla_seed(seed):
 
 
 def xla_optimizer_step(opt):
-    import torch_xla.core.xla_model as xm
-    xm.optimizer_step(opt)  # all-reduce gradients (mean over replicas), then Adam
+    """xm.optimizer_step(opt) spelled out (its reduce_gradients + step): gradients averaged over the
+    replicas, then Adam. Through xla_reduce, so XLA:CPU's replicas meet too."""
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    xla_reduce(grads, "mean", XLA_CHANNELS["grads"])
+    opt.step()
 
 
 def xla_loader(loader, d):
@@ -421,8 +481,9 @@ def xla_loader(loader, d):
 
 def xla_mean(value, d):
     """Mean over replicas of a device scalar, inside the step's graph (no host sync)."""
-    import torch_xla.core.xla_model as xm
-    return xm.all_reduce(xm.REDUCE_SUM, value, scale=1.0 / d.world)
+    value = value.clone()
+    xla_reduce([value], "mean", XLA_CHANNELS["loss"])
+    return value
 
 
 def xla_report(fn, args):
@@ -438,24 +499,33 @@ def xla_save(state, path, d):
     xm.save(state, path + ".tmp", global_master=True)
     if d.is_main:
         os.replace(path + ".tmp", path)
-    xm.rendezvous("ckpt")
+    xla_barrier()  # (xm.rendezvous("ckpt"), which XLA:CPU's replicas cannot pass: xla_reduce)
 
 
-def xla_skip_grid(step, cfg):
-    """No variation grid under XLA (yet): semantica.sample draws its noise with torch.Generator, which has
-    no XLA device ("XLA device type not an accelerator"), and its DDPM loop has no xm.mark_step per step, so
-    it would trace one graph of sample_steps network evaluations. Sample the checkpoint with sample.py."""
-    say(f"step {step}: no variation grid under --backend xla; run sample.py --ckpt {cfg.out}/{CKPT_NAME}")
+def xla_barrier():
+    """Return once every replica has called this: a max over replicas of a scalar, read on the host."""
+    import torch_xla
+    token = torch.zeros((), device=torch_xla.device())
+    xla_reduce([token], "max", XLA_CHANNELS["barrier"])
+    token.item()
+
+
+def xla_step_boundary():
+    """Run the lazily traced graph now (torch_xla.sync). Called after every DDPM step of a variation grid,
+    so that each step is one graph (compiled once, reused) instead of one graph of all sample_steps steps."""
+    import torch_xla
+    torch_xla.sync()
 
 
 def xla_poll_stop(stop, step, cfg):
     """Replicas agree on stopping: each process (and each replica thread) may see the signal at another
-    step. Every 10 steps, a host-side max over replicas (xm.mesh_reduce: a rendezvous, which also cuts the
-    step's graph there)."""
+    step. Every 10 steps, a max over replicas read on the host (a sync of that small graph only)."""
     if step % 10 and step != cfg.steps:
         return False
-    import torch_xla.core.xla_model as xm
-    return xm.mesh_reduce("semantica-stop", float(bool(stop)), max) > 0
+    import torch_xla
+    flag = torch.tensor(float(bool(stop)), device=torch_xla.device())
+    xla_reduce([flag], "max", XLA_CHANNELS["stop"])
+    return flag.item() > 0
 
 
 def xla_launch(cfg):
@@ -520,8 +590,13 @@ def build_model(cfg, encoder):
 def build_dataset(cfg, image_size, encoder, d):
     """(cond, target) pairs from pages (§5), similarity-filtered with the frozen encoder (App. C); with
     --cond-cache the conditions (and the filter's embeddings) come from the precomputed cache (§3.2).
-    A missing or empty source, or a cache of other images or another encoder: UserError."""
+    A missing or empty source, or a cache of other images or another encoder: UserError. Page shards
+    (--data PATTERN.tar) are streamed instead (stream_dataset)."""
+    if shards.is_pattern(cfg.data):
+        return stream_dataset(cfg, image_size, encoder, d)
     cache, kind = cfg.cond_cache or None, "tokens" if cfg.conditioning == "cross_attention" else "global"  # §3.4
+    if cache == "shards":
+        raise UserError("--cond-cache shards reads tokens stored in page shards: --data must be a shard pattern")
     try:
         pages, skipped = data.open_pages(cfg.data, image_size, max_pixels=max_pixels(cfg.max_pixels), **(
             dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
@@ -543,8 +618,68 @@ def build_dataset(cfg, image_size, encoder, d):
     return dataset
 
 
+def stream_dataset(cfg, image_size, encoder, d):
+    """Page shards streamed by every rank (stream.ShardStream). Nothing is listed or opened up front except
+    the first page of the first shard, which says whether the shards carry this run's §5 filter result
+    (data.py filter: the kept pairs, App. C band) and, for --cond-cache shards, tokens of this encoder and
+    size (§3.2). Shards not filtered with the run's band, a pattern whose first shard has no page: UserError."""
+    filtered = cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1)
+    tokens = cfg.cond_cache == "shards"
+    try:
+        dataset = stream.ShardStream(cfg.data, image_size, cfg.pairs, (cfg.filter_low, cfg.filter_high) if filtered
+                                     else None, "tokens" if tokens else "pixels", cfg.seed, d.rank, d.world,
+                                     cfg.shuffle_buffer, max_pixels(cfg.max_pixels))
+        first = next(shards.read_pages(dataset.urls[0]), None)
+    except ValueError as e:
+        raise UserError(f"--data {cfg.data}: {e}") from e
+    if first is None:
+        raise UserError(f"--data {cfg.data}: no readable page in its first shard {dataset.urls[0]}")
+    f = first["meta"].get("filter") or {}
+    if filtered and [f.get("low"), f.get("high")] != [cfg.filter_low, cfg.filter_high]:
+        raise UserError(f"--data {cfg.data}: shards not filtered with [{cfg.filter_low}, {cfg.filter_high}] (found "
+                        f"{[f['low'], f['high']] if f else 'no filter'}): run python data.py filter with that band, or "
+                        f"train unfiltered with --filter-low -1 --filter-high 1")
+    if tokens and (cfg.conditioning != "cross_attention" or f.get("token_size") != image_size or
+                   f.get("encoder_fingerprint") != embeddings.encoder_fingerprint(encoder)):
+        raise UserError(f"--cond-cache shards: the shards' tokens are not {encoder.name}'s at {image_size} px for "
+                        f"cross-attention (found {f.get('encoder')} at {f.get('token_size')} px); re-run data.py filter")
+    if d.is_main:
+        say(f"streaming {len(dataset.urls)} shards ({cfg.pairs} pairs, {'filter by ' + f['encoder'] if filtered else 'no filter'}, "
+            f"shuffle buffer {cfg.shuffle_buffer} items, {stream.WINDOW_SHARDS}-shard windows)")
+    return dataset
+
+
+def stream_position(loader, d):
+    """The checkpoint's data position of a streaming run: every rank's StreamLoader.position() (a collective,
+    every rank calls it) -> {"format", "world", "ranks": [...]}."""
+    mine = loader.position()
+    if d.kind == "ddp":
+        ranks = [None] * d.world
+        dist.all_gather_object(ranks, mine)
+    elif d.kind == "xla" and d.world > 1:
+        import torch_xla.core.xla_model as xm           # UNTESTED: host-side gather over replicas
+        ranks = xm.mesh_reduce("semantica-data-position", mine, list)
+    else:
+        ranks = [mine]
+    return {"format": stream.FORMAT, "world": d.world, "ranks": ranks}
+
+
+def check_stream_resume(ckpt, cfg, d):
+    """A streaming run continues exactly or not at all: each reader (rank, worker) owns its shards."""
+    position = ckpt.get("data_position") if ckpt is not None else None
+    if isinstance(position, dict) and position["world"] != d.world:
+        raise UserError(f"cannot resume a streaming run with another world size (checkpoint {position['world']}, "
+                        f"now {d.world}): its readers own shards by rank")
+
+
 def grid_inputs(dataset, cfg, device):
     """(what the model is conditioned on, the images shown in the grid's first column) for the grids."""
+    if isinstance(dataset, stream.ShardStream):         # the first pages of the first shards
+        try:
+            cond, shown = (torch.stack(t).to(device) for t in zip(*dataset.preview(cfg.grid_images)))
+        except ValueError as e:
+            raise UserError(f"--data {cfg.data}: {e}") from e
+        return cond, shown
     cond = torch.stack([dataset[i][0] for i in range(cfg.grid_images)]).to(device)
     if not cfg.cond_cache:
         return cond, cond
@@ -555,15 +690,14 @@ def grid_inputs(dataset, cfg, device):
 @torch.no_grad()
 def variation_grid(ema, grid, cfg, d, step, autocast, logger):
     """Fig. 1 layout from the EMA: each conditioning image followed by grid_n variations."""
-    if d.kind == "xla":
-        return xla_skip_grid(step, cfg)
     if d.is_main or cfg.fsdp:  # FSDP: the sharded EMA's forward is a collective
         if cfg.fsdp:
             ema.unshard()  # sample() is not forward(): gather the root's parameters by hand
         cond, shown = grid
         with autocast:  # (B, n, 3, H, W); per-image noise from (seed, row, sample)
             samples = ema.sample(**{"cond" if cfg.cond_cache else "cond_images": cond}, num_samples=cfg.grid_n,
-                                 steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed)
+                                 steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                                 on_step=xla_step_boundary if d.kind == "xla" else None)
         if cfg.fsdp:
             ema.reshard()
         if d.is_main:
@@ -750,6 +884,7 @@ def main(cfg):
     tell = say if d.is_main else (lambda *a: None)  # rank 0 prints; the others stay silent
     path = os.path.join(cfg.out, CKPT_NAME)
     ckpt = load_checkpoint(path, cfg) if cfg.resume else None
+    check_stream_resume(ckpt, cfg, d)
     check_world(ckpt, cfg, d)
     micro, accum = batch_plan(cfg, d.world)
     if cfg.fsdp and d.kind != "ddp":
@@ -788,10 +923,14 @@ def main(cfg):
 
     # Data: per-rank, infinite; each rank skips the batches it consumed: step x accumulation. With the
     # same world that is exact; resharded it continues from the same number of global samples (step x batch).
-    data_position = start_step * accum
-    loader = data.make_loader(dataset, micro, d.rank, d.world, cfg.seed, start=data_position,
-                              num_workers=cfg.num_workers)
-    batches = iter(xla_loader(loader, d) if d.kind == "xla" else loader)
+    # A stream continues from its recorded per-reader position (no XLA device loader: it would read ahead).
+    data_position, streaming = start_step * accum, isinstance(dataset, stream.ShardStream)
+    start = ckpt["data_position"]["ranks"][d.rank] if streaming and ckpt is not None else data_position
+    try:
+        loader = data.make_loader(dataset, micro, d.rank, d.world, cfg.seed, start=start, num_workers=cfg.num_workers)
+    except ValueError as e:
+        raise UserError(f"--data {cfg.data}: {e}") from e
+    batches = iter(xla_loader(loader, d) if d.kind == "xla" and not streaming else loader)
     grid = grid_inputs(dataset, cfg, d.device)
     del ckpt
 
@@ -824,8 +963,9 @@ def main(cfg):
                 report(logger, d, step, running, n_running, gnorm, time.time() - t_last)
                 running, n_running, t_last = torch.zeros((), device=d.device), 0, time.time()
             if save_now:  # before the grid: nothing the grid does can cost the checkpoint
-                save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, data_position), d)
-                tell(f"saved {path} at step {step}")
+                position = stream_position(loader, d) if streaming else data_position
+                save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, position), d)
+                tell(f"saved {path} at step {step}" + (f"; {stream.summary(position['ranks'])}" if streaming else ""))
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 variation_grid(ema, grid, cfg, d, step, autocast, logger)
             if stop_now:
@@ -835,6 +975,9 @@ def main(cfg):
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        if hasattr(batches, "close"):  # a generator (streaming): closing it drops its DataLoader iterator
+            batches.close()
+        del batches  # the DataLoader's worker processes end now, not whenever the garbage collector runs
     logger.close()
     return dict(losses=logger.losses, model=raw, ema=ema, step=step, dist=d, optimizer=opt,
                 stopped_by=stop[0] if stop else None)

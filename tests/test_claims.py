@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,3 +45,54 @@ def test_quick_run_writes_every_claim(tmp_path):
     import encoders
     enc = encoders.from_checkpoint(res["encoder"])
     assert enc.name == "tiny" and enc.family == "dinov2"
+
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+
+def _result(rec_to_cond=0.19, one=(0.9, 0.75), full=(0.8, 0.78), fids=(20.0, 23.0)):
+    """A hand-built claims result: only the numbers judge() reads."""
+    import claims
+    ws = [0.0, 0.5, 4.0]
+    base = dict(pixel_to_cond=0.4, pixel_diversity=0.35, alignment=0.7, recall=0.5, fid=30.0, fid_std=1.0)
+    E = {(n, "one_shot", 0.5): dict(base) for n in claims.SETTINGS}
+    E[("reconstruction", "one_shot", 0.0)] = dict(base, pixel_to_cond=rec_to_cond, pixel_diversity=0.2)
+    for w, o, f in zip(ws, (one[0], (one[0] + one[1]) / 2, one[1]), (full[0], full[0], full[1])):
+        E[(claims.SWEEP, "one_shot", w)] = dict(base, recall=o)
+        E[(claims.SWEEP, "full", w)] = dict(base, recall=f)
+    E[(claims.SWEEP, "one_shot", 0.5)].update(fid=fids[0], fid_std=1.0)
+    E[("reconstruction", "one_shot", 0.5)].update(fid=fids[1], fid_std=1.0)
+    return dict(evals=E, real_reference=dict(pixel_diversity=0.3, alignment=0.9), guidances=ws,
+                config=dict(test_pages=20, per_page=10),
+                copy=dict(full=dict(fid=0.0, recall=1.0), one_shot=dict(recall=0.1), k_over_n=0.1))
+
+
+def test_judge_applies_the_criteria_stated_before_the_run():
+    """Issue 20.4's criteria at their boundaries, numbers worked out by hand: claim 1 = RMSE ratio < 0.5
+    and samples closer than two real page images (0.2 < 0.3); claim 2 = one-shot recall drop >= 0.1 and
+    full-set drop <= 2 sqrt(sum of r(1-r)/N) (N = 200); 4a = FID gap > 2 sqrt(2) = 2.83."""
+    import claims
+    verdict = lambda r: {c["id"]: c["verdict"].startswith("holds") for c in claims.judge(r, claims.SWEEP, 0.5)}
+    assert verdict(_result()) == {"1": True, "2": True, "3": True, "4a": True, "4b": True, "4c": True}
+    assert not verdict(_result(rec_to_cond=0.21))["1"]              # ratio 0.525
+    assert not verdict(_result(one=(0.9, 0.81)))["2"]               # one-shot drop 0.09
+    assert verdict(_result(full=(0.8, 0.725)))["2"]                  # drop 0.075 <= 0.0848 (r = 0.725)
+    assert not verdict(_result(full=(0.8, 0.71)))["2"]               # drop 0.09 > 0.0856 (r = 0.71)
+    assert not verdict(_result(fids=(20.0, 22.5)))["4a"]            # 2.5 < 2.83: within noise
+
+
+def test_kind_scores_by_hand():
+    """Agreement = P[pred(sample) == pred(its condition)], accuracy against the condition's true kind;
+    a stub classifier reads the kind off a constant image (value k / 10), so every number is by hand."""
+    import kinds
+
+    class Stub(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x.mean((1, 2, 3)) * 10).round().long(), 8).float()
+
+    img = lambda ks: torch.stack([torch.full((3, 4, 4), k / 10) for k in ks])
+    cond, cond_kind = img([0, 1, 2]), torch.tensor([0, 1, 3])           # the third condition is misread
+    samples, sample_cond = img([0, 0, 1, 2, 2, 5]), torch.tensor([0, 0, 1, 1, 2, 2])
+    s = kinds.kind_scores(Stub(), cond, cond_kind, samples, sample_cond, img([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0]))
+    assert abs(s["agreement"] - 4 / 6) < 1e-6 and s["sample_accuracy"] == 3 / 6
+    assert s["real_accuracy"] == 3 / 4 and abs(s["relative_accuracy"] - (3 / 6) / (3 / 4)) < 1e-6

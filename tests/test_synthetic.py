@@ -30,3 +30,24 @@ def test_write_reads_back_through_data(tmp_path):
     x = images.load_image(pages["page000001"][0], 16)
     assert (x - sp.image(1, 0)).abs().max() <= 1 / 127.5 + 1e-6           # 8-bit PNG round trip
     assert data.SyntheticPages is synthetic.SyntheticPages                 # re-exported for old callers
+
+
+def test_kind_is_the_shape_that_is_drawn(monkeypatch):
+    """SyntheticPages.kind (the kind classifier's ground truth) names the shape the renderer draws:
+    observed by recording _shape_sdf's argument, on pages where most images are outliers (their own
+    kind) or near duplicates (image 0's kind)."""
+    drawn = []
+    real_sdf = synthetic._shape_sdf
+    monkeypatch.setattr(synthetic, "_shape_sdf", lambda kind, u, v: drawn.append(kind) or real_sdf(kind, u, v))
+    for kw in (dict(p_outlier=0.6, p_duplicate=0.0), dict(p_outlier=0.3, p_duplicate=0.5)):
+        pages = synthetic.SyntheticPages(30, 16, seed=5, **kw)
+        differs = 0
+        for p in range(len(pages)):
+            for i in range(pages.count(p)):
+                drawn.clear()
+                pages.image(p, i)
+                assert drawn and set(drawn) == {synthetic.KINDS[pages.kind(p, i)]}, (kw, p, i)
+                differs += pages.kind(p, i) != pages.label(p)
+        assert differs > 10                              # outliers do carry other kinds
+    clean = synthetic.SyntheticPages(30, 16, seed=5, p_outlier=0.0, p_duplicate=0.0)
+    assert all(clean.kind(p, i) == clean.label(p) for p in range(30) for i in range(clean.count(p)))

@@ -1,0 +1,225 @@
+"""Streaming training pairs from page shards (Semantica §5 at web scale), with an exactly resumable position.
+
+`train.py --data 'shards/{000000..000999}.tar'` trains from shards.py's page shards without listing or
+opening them up front (the brace pattern is only expanded). The stream is split into READERS: reader
+u = rank x W + worker of U = world x W (W = DataLoader workers, at least 1). For each (seed, epoch) the shard
+order is a permutation, and reader u takes shards u, u + U, ... of it (no shard on two readers, none lost;
+U may not exceed the number of shards). A reader reads its shards in windows of WINDOW_SHARDS; within a
+window its items pass a shuffle buffer (`shuffle_buffer` items, DESIGN) whose random numbers come from
+(seed, epoch, reader, window), and the buffer is emptied at the window's end. Items, as the folder path
+(data.PagePairs): `--pairs page` = one pair of two different images per page per epoch (Eq. 3, §5; drawn
+from (seed, epoch, reader, window, page)), or the filter pass's kept pairs when the run filters (§5, App. C);
+`--pairs same` = every image as its own condition (Eq. 2, §4).
+
+Position: each sample carries its reader's state after it (epoch, window, items out of the window's
+buffer, and the counters below); StreamLoader records the state of the last batch each reader delivered,
+and the checkpoint stores it. Resuming skips earlier windows without opening their shards and replays the
+current window's buffer without decoding an image: exact, at the cost of re-reading at most one window.
+Counted and logged: pages with fewer than 2 usable images (skipped), pages without the run's filter
+result, unreadable members (shards.decode's reason); a truncated shard is logged by shards.read_tar.
+"""
+import logging
+
+import numpy as np
+import torch
+
+import shards
+
+log = logging.getLogger("semantica.stream")
+
+WINDOW_SHARDS = 4  # DESIGN: shards per re-creatable shuffle window; a resume re-reads at most this many per reader
+STATE = ("epoch", "window", "out", "skipped_pages", "unfiltered_pages", "bad_members")  # one reader's position
+FORMAT = "semantica-stream/1"
+
+
+def shuffled(items, size, rng):
+    """A shuffle buffer of `size` items (size 1 = stream order), emptied in random order at the end."""
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = int(rng.integers(size))
+        yield buf[k]
+        buf[k] = item
+    while buf:
+        k = int(rng.integers(len(buf)))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        yield buf.pop()
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Infinite (cond, target, state (6,) int64, page id) samples of one rank from page shards.
+
+    target: float (3, S, S) in [-1, 1]; cond: the condition image (3, S, S), or with cond="tokens" the
+    shards' float16 conditioning tokens as float32 (T, D) (shards.filter_shards with a token size, §3.2).
+    band=(low, high): use the kept pairs of pages filtered with exactly that band (§5, App. C); None:
+    unfiltered page pairs. `epochs` ends the stream after that many epochs (tests). ValueError for bad
+    arguments. The position to start from is set by StreamLoader (`start`)."""
+
+    def __init__(self, pattern, image_size, mode="page", band=None, cond="pixels", seed=0, rank=0, world=1,
+                 shuffle_buffer=1000, max_pixels=None, epochs=None):
+        if mode not in ("page", "same") or (band is not None and mode != "page"):
+            raise ValueError(f"mode must be 'page' (optionally filtered) or 'same', got {mode!r}")
+        if cond not in ("pixels", "tokens") or shuffle_buffer < 1:
+            raise ValueError(f"cond must be 'pixels' or 'tokens' and shuffle_buffer >= 1, got {cond!r}, {shuffle_buffer}")
+        self.urls = shards.expand(pattern)
+        self.image_size, self.mode, self.band, self.cond, self.seed = image_size, mode, band, cond, seed
+        self.rank, self.world, self.shuffle_buffer, self.max_pixels, self.epochs = rank, world, shuffle_buffer, max_pixels, epochs
+        self.start = None  # {"workers": W, "units": [state per worker], "rotation": r} (StreamLoader)
+
+    def reader_shards(self, unit, units, epoch):
+        """Shard URLs of reader `unit` of `units` in `epoch`: a (seed, epoch) permutation, every units-th."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+        return [self.urls[i] for i in order[unit::units]]
+
+    def expand_pages(self, urls, counters):
+        """Items (page record, cond index, target index, draw) of the pages of `urls`, in shard order; a page
+        pair to draw later has indices None and draw = its number in the window."""
+        for j, rec in enumerate(r for url in urls for r in shards.read_pages(url)):
+            n = len(rec["images"])
+            if self.mode == "same":                      # Eq. 2: every image is its own condition
+                yield from ((rec, i, i, None) for i in range(n))
+            elif n < 2:
+                counters[3] += 1                         # a page pair needs two images
+            elif self.band is None:
+                yield rec, None, None, j                 # Eq. 3: a pair drawn when decoded
+            else:
+                f = rec["meta"].get("filter") or {}
+                if [f.get("low"), f.get("high")] != list(self.band):
+                    counters[4] += 1
+                    log.warning("page %s of %s skipped: not filtered with [%s, %s] (data.py filter)", rec["key"],
+                                rec["url"], *self.band)
+                    continue
+                yield from ((rec, c, t, None) for c, t in f["pairs"])   # §5: the kept pairs
+
+    def items(self, unit, units, state):
+        """(record, cond, target, draw, counters) of reader `unit` from `state` (STATE values) on; counters is
+        the reader's live STATE list (sample() adds to it; copy it after). The first window is replayed
+        without decoding up to state's `out`."""
+        epoch, window, done = state[:3]
+        counters = list(state)
+        while self.epochs is None or epoch < self.epochs:
+            urls, produced = self.reader_shards(unit, units, epoch), False
+            for w in range(window, -(-len(urls) // WINDOW_SHARDS)):
+                rng = np.random.default_rng([self.seed, epoch, unit, w])
+                items = self.expand_pages(urls[w * WINDOW_SHARDS:(w + 1) * WINDOW_SHARDS], counters)
+                for out, (rec, c, t, j) in enumerate(shuffled(items, self.shuffle_buffer, rng), 1):
+                    produced = True
+                    if w == window and out <= done:     # replay after a resume: no decoding
+                        if out == done:
+                            counters[3:] = state[3:]     # the counters as they were when the checkpoint was taken
+                        continue
+                    counters[:3] = epoch, w, out
+                    yield rec, c, t, (epoch, unit, w, j), counters   # the caller adds its decoding counts
+            if not produced and not (window or done):
+                raise ValueError(f"reader {unit} of {units} got no usable page from its {len(urls)} shards in epoch "
+                                 f"{epoch} (all unreadable, singletons or unfiltered?)")
+            epoch, window, done = epoch + 1, 0, 0
+
+    def load(self, rec, index, counters):
+        """Image `index` of a page record (float (3, S, S)), or None with a logged reason (counted)."""
+        try:
+            return shards.decode(rec["images"][index], self.image_size, self.max_pixels)
+        except Exception as e:
+            counters[5] += 1
+            log.warning("shard %s page %s: member %s skipped (%s: %s)", rec["url"], rec["key"], rec["names"][index],
+                        type(e).__name__, e)
+            return None
+
+    def sample(self, rec, c, t, draw, counters):
+        """(cond, target) of one item, or None when it cannot be made (logged and counted)."""
+        if c is None:                                    # Eq. 3: two distinct usable images of the page
+            rng, alive, got = np.random.default_rng([self.seed, *draw]), list(range(len(rec["images"]))), {}
+            while len(alive) >= 2:
+                c, t = (int(v) for v in rng.choice(alive, 2, replace=False))
+                for i in (c, t):
+                    got[i] = got[i] if i in got else self.load(rec, i, counters)
+                bad = [i for i in (c, t) if got[i] is None]
+                if not bad:
+                    break
+                alive = [i for i in alive if i not in bad]
+            else:
+                counters[3] += 1                         # fewer than 2 usable images
+                return None
+            target, cond = got[t], got[c]
+        else:
+            target = self.load(rec, t, counters)
+            cond = target if c == t else self.load(rec, c, counters)
+        if target is None or cond is None:
+            return None
+        if self.cond == "tokens":                        # §3.2: precomputed conditioning tokens
+            tokens = rec["arrays"].get("tokens")
+            if tokens is None:
+                counters[5] += 1
+                log.warning("shard %s page %s: no tokens.npy (data.py filter --image-size)", rec["url"], rec["key"])
+                return None
+            cond = torch.from_numpy(tokens[c].astype(np.float32))
+        return cond, target
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.start or {"workers": workers, "units": [[0] * len(STATE)] * workers, "rotation": 0}
+        if start["workers"] != workers:
+            raise ValueError(f"stream position recorded with {start['workers']} workers, now {workers}")
+        local = (worker + start["rotation"]) % workers   # the reader this worker continues (StreamLoader)
+        for rec, c, t, draw, counters in self.items(self.rank * workers + local, self.world * workers,
+                                                     start["units"][local]):
+            pair = self.sample(rec, c, t, draw, counters)
+            if pair is not None:
+                yield (*pair, torch.tensor(counters, dtype=torch.int64), str(rec["meta"].get("page", rec["key"])))
+
+    def preview(self, n):
+        """n (cond, image) from the first pages of the first shards (variation grids): image 0 of each page
+        with >= 1 usable image; cond is that image, or its tokens with cond="tokens"."""
+        found, counters = [], [0] * len(STATE)
+        for url in self.urls:
+            for rec in shards.read_pages(url):
+                pair = self.sample(rec, 0, 0, None, counters) if rec["images"] else None
+                if pair is not None:
+                    found.append(pair)
+                if len(found) == n:
+                    return found
+        raise ValueError(f"fewer than {n} usable images in {len(self.urls)} shards")
+
+
+class StreamLoader:
+    """(cond, target) batches of one rank from a ShardStream through a DataLoader, and its position.
+
+    Batch k of a DataLoader over an IterableDataset comes from worker k % W, so StreamLoader knows which
+    reader each batch came from and records that reader's state. `start` = a position() of the same rank
+    and the same W: on resume, worker j continues reader (j + batches) % W, so the batch order continues."""
+
+    def __init__(self, dataset, batch_size, num_workers=0, start=None):
+        workers = max(1, num_workers)
+        if len(dataset.urls) < dataset.world * workers:
+            raise ValueError(f"{len(dataset.urls)} shards cannot feed {dataset.world * workers} readers "
+                             f"(world {dataset.world} x {workers} workers): write smaller shards or use fewer workers")
+        if start is not None and start["workers"] != workers:
+            raise ValueError(f"cannot resume a streaming run with another --num-workers (checkpoint "
+                             f"{start['workers']}, now {workers}): readers own the shards")
+        self.workers, self.batches = workers, (start or {}).get("batches", 0)
+        self.units = [list(u) for u in start["units"]] if start else [[0] * len(STATE) for _ in range(workers)]
+        dataset.start = {"workers": workers, "units": self.units, "rotation": self.batches % workers}
+        # iterated once: no persistent workers, so the workers end as soon as the iteration is dropped
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                  pin_memory=torch.cuda.is_available())
+
+    def __iter__(self):
+        for cond, target, state, _ in self.loader:
+            self.units[self.batches % self.workers] = state[-1].tolist()
+            self.batches += 1
+            yield cond, target
+
+    def position(self):
+        """This rank's position: {"format", "workers", "batches", "units": [STATE values per worker]}."""
+        return {"format": FORMAT, "workers": self.workers, "batches": self.batches, "units": [list(u) for u in self.units]}
+
+
+def summary(positions):
+    """One log line from every rank's position(): epochs reached and the skip counters summed."""
+    units = [u for p in positions for u in p["units"]]
+    total = np.sum(units, axis=0) if units else np.zeros(len(STATE), np.int64)
+    return (f"data stream: readers at epochs {min(u[0] for u in units)}-{max(u[0] for u in units)}; skipped "
+            f"{total[3]} pages with < 2 usable images, {total[4]} pages without this filter, {total[5]} unreadable members")
