@@ -13,6 +13,8 @@ ROOT/<page>/.../<image>, a .csv/.jsonl manifest (`page`, `path` relative to it),
     python data.py scan DIR --encoder dinov2-b14 --encoder-weights W.pth   # pairs before/after the filter
     torchrun --nproc_per_node=8 data.py encode DIR CACHE --encoder dinov2-b14 --encoder-weights W.pth --image-size 256
     python data.py shard SRC shards/ --per-shard 1000 [--page-key doc_id]    # page shards (shards.py, streamed by stream.py)
+    python data.py filter 'shards/{000000..000099}.tar' filtered/ --encoder dinov2-b14 ...   # §5 on shards (shard_filter.py)
+    python data.py scan 'shards/{000000..000099}.tar'                       # pages / images / filter bands of shards
 Order: page sources, §5 filter (the selection itself: pairs.py), PagePairs + loader, CLI (image I/O: images.py;
 encoder passes: embeddings.py; page shards: shards.py, stream.py).
 Left out: multi-image conditioning, the manual inspection that set the thresholds (App. C).
@@ -34,9 +36,10 @@ import encoders
 from embeddings import CondCache, cached_embeddings, encode_cache, encode_cache_torchrun  # noqa: F401
 from images import centre_crop_resize, check_image, find_images, iter_images, load_image, to_rgb  # noqa: F401
 from pairs import FILTER_DEFAULTS, MAX_PAIRS_PER_PAGE, candidate_pairs, cosine, filter_band, filter_pairs  # noqa: F401
-from pairs import histogram_counts, histogram_text, select_pairs
+from pairs import check_band, histogram_counts, histogram_text, select_pairs
 from pairs import histogram_png as pairs_histogram_png
-from shards import filter_shards_torchrun, is_pattern, records_from_img2dataset, records_from_pages, write_shards
+from shard_filter import filter_shards_torchrun
+from shards import expand, is_pattern, records_from_img2dataset, records_from_pages, scan_shards, write_shards
 from stream import ShardStream, StreamLoader
 from synthetic import SyntheticPages  # noqa: F401
 
@@ -274,8 +277,10 @@ def main(argv=None):
     en = sub.add_parser("encode", help="§3.2: precompute every image's encoder tokens + global embedding")
     sh = sub.add_parser("shard", help="write page shards (WebDataset layout, one sample per page; shards.py)")
     fi = sub.add_parser("filter", help="§5 filter pass over page shards into new shards (torchrun: each rank its shards)")
+    sc.add_argument("source", help="folder ROOT/<page>/<image>, .csv/.jsonl manifest, 'synthetic', or page shards "
+                    "'DIR/{000000..000099}.tar' (read in full: page / image counts, filter bands)")
+    en.add_argument("source", help="folder ROOT/<page>/<image>, .csv/.jsonl manifest, or 'synthetic'")
     for p in (sc, en):
-        p.add_argument("source", help="folder ROOT/<page>/<image>, .csv/.jsonl manifest, or 'synthetic'")
         p.add_argument("--encoder-weights", "--weights", dest="weights", help="local encoder weights file")
         p.add_argument("--max-pixels", type=int, help="decompression-bomb limit (default: Pillow's; 0 = none)")
         p.add_argument("--seed", type=int, default=0, help="synthetic pages' seed (and a random encoder's)")
@@ -317,8 +322,20 @@ def main(argv=None):
     sy.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if (getattr(args, "max_pixels", None) or 0) < 0:
-        ap.error(f"--max-pixels must be >= 0 (0 = no limit), got {args.max_pixels}")
+    for name, least in (("batch_size", 1), ("image_size", 1), ("per_shard", 1), ("pages", 1), ("size", 1),
+                        ("seed", 0), ("max_pixels", 0)):    # numbers nothing can be computed with: before any work
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            ap.error(f"--{name.replace('_', '-')} must be >= {least}{' (0 = no limit)' * (name == 'max_pixels')}, "
+                     f"got {value}")
+    if args.cmd == "filter" and None not in (args.filter_low, args.filter_high):
+        try:
+            check_band(args.filter_low, args.filter_high)
+        except ValueError as e:
+            ap.error(f"--filter-low/--filter-high: {e}")
+    if args.cmd == "scan" and is_pattern(args.source) and (args.encoder or args.cond_cache):
+        ap.error("scan --encoder/--cond-cache takes a folder or manifest; on shards the §5 counts come from "
+                 "data.py filter (OUT/filter.json)")
     if getattr(args, "histogram", None) and not (args.encoder or args.cond_cache):
         ap.error("--histogram needs --encoder or --cond-cache (the similarities come from an encoder)")
     if getattr(args, "histogram", None) and importlib.util.find_spec("matplotlib") is None:
@@ -334,6 +351,8 @@ def main(argv=None):
             return print(json.dumps({"out": args.out, "pages": args.pages, "size": args.size}))
         if args.cmd in ("shard", "filter"):
             return shard_commands(args)
+        if is_pattern(args.source):                      # scan of page shards: counts, no image decoded
+            return print(json.dumps(scan_shards(expand(args.source)), indent=1))
         kw = {"num_pages": args.pages, "seed": args.seed} if args.source == "synthetic" else {}
         encoder = None if not args.encoder else encoders.load_encoder(args.encoder, args.weights, seed=args.seed)
         if args.cmd == "encode":
@@ -361,16 +380,15 @@ def main(argv=None):
 def shard_commands(args):
     """`shard` (write page shards) and `filter` (the sharded §5 pass); prints a JSON summary (rank 0)."""
     if args.cmd == "shard":
-        if args.per_shard < 1:
-            raise ValueError(f"--per-shard must be >= 1, got {args.per_shard}")
+        skipped = {}                                     # the img2dataset rows left out count with the bad images
         if args.page_key:
-            records = records_from_img2dataset(args.source, args.page_key)
+            records = records_from_img2dataset(args.source, args.page_key, skipped)
         elif os.path.isdir(args.source) and any(f.endswith(".tar") for f in os.listdir(args.source)):
             raise ValueError(f"{args.source} holds .tar shards (img2dataset output?): pass --page-key COLUMN")
         else:
             kw = {"num_pages": args.pages, "seed": args.seed} if args.source == "synthetic" else {}
             records = records_from_pages(open_pages(args.source, args.size, max_pixels=args.max_pixels, **kw)[0])
-        return print(json.dumps(write_shards(records, args.out, args.per_shard), indent=1))
+        return print(json.dumps(write_shards(records, args.out, args.per_shard, skipped), indent=1))
     encoder = encoders.load_encoder(args.encoder, args.weights, seed=args.seed)
     band = filter_band(encoder.name) if args.filter_low is None or args.filter_high is None else None
     low = args.filter_low if args.filter_low is not None else band[0]

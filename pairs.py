@@ -40,6 +40,17 @@ def filter_band(encoder_name):
     return FILTER_DEFAULTS[family]
 
 
+def check_band(low, high):
+    """ValueError unless -1 <= low < high <= 1 (finite): the band of cosines a pair must lie in (§5, App. C).
+    low = -1 and high = 1 is "no filter"; an inverted or empty band would keep nothing and count pairs twice."""
+    try:
+        ok = all(-1 <= float(v) <= 1 for v in (low, high)) and float(low) < float(high)   # NaN: False
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"filter band [{low}, {high}]: need -1 <= low < high <= 1 (-1 and 1 = no filter)")
+
+
 def candidate_pairs(pages, max_pairs_per_page=MAX_PAIRS_PER_PAGE, seed=0, page_ids=None):
     """All ordered (page, cond_idx, target_idx) pairs with cond != target within each page (Eq. 3); pages
     with more contribute a seeded random subset of max_pairs_per_page (DESIGN), seeded by (seed, page_ids[p])
@@ -62,7 +73,9 @@ def cosine(emb_cond, emb_target):
 
 
 def filter_pairs(emb_cond, emb_target, low, high):
-    """§5, App. C: keep a pair when low <= cos(global_cond, global_target) <= high. -> bool (P,)."""
+    """§5, App. C: keep a pair when low <= cos(global_cond, global_target) <= high. -> bool (P,).
+    ValueError for a band check_band refuses."""
+    check_band(low, high)
     cos = cosine(emb_cond, emb_target)
     return (cos >= low) & (cos <= high)
 
@@ -70,7 +83,9 @@ def filter_pairs(emb_cond, emb_target, low, high):
 def select_pairs(pages, emb, valid, low, high, max_pairs_per_page=MAX_PAIRS_PER_PAGE, seed=0, page_ids=None):
     """§5 filter on precomputed global embeddings: emb (N, D) (any float dtype), valid (N,) bool, rows in page
     order -> (kept LongTensor (K, 3) of (page, cond, target), counts dict, cos (M,) float64 of the M
-    candidate pairs whose images both decoded). Pairs touching an undecodable image are dropped (`unreadable`)."""
+    candidate pairs whose images both decoded). Pairs touching an undecodable image are dropped (`unreadable`).
+    ValueError for a band check_band refuses."""
+    check_band(low, high)
     cand = candidate_pairs(pages, max_pairs_per_page, seed, page_ids)
     offsets = torch.tensor(np.cumsum([0] + [pages.count(p) for p in range(len(pages))]))
     ci, ti = offsets[cand[:, 0]] + cand[:, 1], offsets[cand[:, 0]] + cand[:, 2]

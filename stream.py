@@ -16,7 +16,9 @@ buffer, and the counters below); StreamLoader records the state of the last batc
 and the checkpoint stores it. Resuming skips earlier windows without opening their shards and replays the
 current window's buffer without decoding an image: exact, at the cost of re-reading at most one window.
 Counted and logged: pages with fewer than 2 usable images (skipped), pages without the run's filter
-result, unreadable members (shards.decode's reason); a truncated shard is logged by shards.read_tar.
+result, unreadable members (shards.decode's reason), shards that are missing, unreadable or truncated (the
+pages before the cut are kept). A reader whose epoch yields nothing raises NoUsablePage (one line, also from
+a DataLoader worker).
 """
 import logging
 
@@ -28,8 +30,12 @@ import shards
 log = logging.getLogger("semantica.stream")
 
 WINDOW_SHARDS = 4  # DESIGN: shards per re-creatable shuffle window; a resume re-reads at most this many per reader
-STATE = ("epoch", "window", "out", "skipped_pages", "unfiltered_pages", "bad_members")  # one reader's position
+STATE = ("epoch", "window", "out", "skipped_pages", "unfiltered_pages", "bad_members", "bad_shards")  # a reader's position
 FORMAT = "semantica-stream/1"
+
+
+class NoUsablePage(ValueError):
+    """A reader read a whole epoch of its shards without one training item: nothing to train on."""
 
 
 def shuffled(items, size, rng):
@@ -49,10 +55,10 @@ def shuffled(items, size, rng):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Infinite (cond, target, state (6,) int64, page id) samples of one rank from page shards.
+    """Infinite (cond, target, state (len(STATE),) int64, page id) samples of one rank from page shards.
 
     target: float (3, S, S) in [-1, 1]; cond: the condition image (3, S, S), or with cond="tokens" the
-    shards' float16 conditioning tokens as float32 (T, D) (shards.filter_shards with a token size, §3.2).
+    shards' float16 conditioning tokens as float32 (T, D) (shard_filter.filter_shards with a token size, §3.2).
     band=(low, high): use the kept pairs of pages filtered with exactly that band (§5, App. C); None:
     unfiltered page pairs. `epochs` ends the stream after that many epochs (tests). ValueError for bad
     arguments. The position to start from is set by StreamLoader (`start`)."""
@@ -76,7 +82,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def expand_pages(self, urls, counters):
         """Items (page record, cond index, target index, draw) of the pages of `urls`, in shard order; a page
         pair to draw later has indices None and draw = its number in the window."""
-        for j, rec in enumerate(r for url in urls for r in shards.read_pages(url)):
+        for j, rec in enumerate(self.read(urls, counters)):
             n = len(rec["images"])
             if self.mode == "same":                      # Eq. 2: every image is its own condition
                 yield from ((rec, i, i, None) for i in range(n))
@@ -93,10 +99,19 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 yield from ((rec, c, t, None) for c, t in f["pairs"])   # §5: the kept pairs
 
+    def read(self, urls, counters):
+        """The page records of `urls` in order; a shard that ends with an error (missing, corrupt, truncated:
+        logged by shards.read_tar) is counted."""
+        for url in urls:
+            status = {}
+            yield from shards.read_pages(url, status)
+            counters[6] += "error" in status
+
     def items(self, unit, units, state):
         """(record, cond, target, draw, counters) of reader `unit` from `state` (STATE values) on; counters is
         the reader's live STATE list (sample() adds to it; copy it after). The first window is replayed
         without decoding up to state's `out`."""
+        state = list(state) + [0] * (len(STATE) - len(state))      # a position from before bad_shards was counted
         epoch, window, done = state[:3]
         counters = list(state)
         while self.epochs is None or epoch < self.epochs:
@@ -113,8 +128,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     counters[:3] = epoch, w, out
                     yield rec, c, t, (epoch, unit, w, j), counters   # the caller adds its decoding counts
             if not produced and not (window or done):
-                raise ValueError(f"reader {unit} of {units} got no usable page from its {len(urls)} shards in epoch "
-                                 f"{epoch} (all unreadable, singletons or unfiltered?)")
+                raise NoUsablePage(
+                    f"reader {unit} of {units} got no usable page from its {len(urls)} shards in epoch {epoch} (so far "
+                    f"{counters[6]} unreadable shards, {counters[3]} pages with < 2 images, {counters[4]} pages not "
+                    f"filtered with this band{'' if self.band is None else '; or the band kept no pair'})")
             epoch, window, done = epoch + 1, 0, 0
 
     def load(self, rec, index, counters):
@@ -123,8 +140,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return shards.decode(rec["images"][index], self.image_size, self.max_pixels)
         except Exception as e:
             counters[5] += 1
-            log.warning("shard %s page %s: member %s skipped (%s: %s)", rec["url"], rec["key"], rec["names"][index],
-                        type(e).__name__, e)
+            log.warning("shard %s page %s: member %s skipped (%s)", rec["url"], rec["key"], rec["names"][index], e)
             return None
 
     def sample(self, rec, c, t, draw, counters):
@@ -200,17 +216,22 @@ class StreamLoader:
             raise ValueError(f"cannot resume a streaming run with another --num-workers (checkpoint "
                              f"{start['workers']}, now {workers}): readers own the shards")
         self.workers, self.batches = workers, (start or {}).get("batches", 0)
-        self.units = [list(u) for u in start["units"]] if start else [[0] * len(STATE) for _ in range(workers)]
+        self.units = [list(u) + [0] * (len(STATE) - len(u)) for u in start["units"]] if start else \
+            [[0] * len(STATE) for _ in range(workers)]
         dataset.start = {"workers": workers, "units": self.units, "rotation": self.batches % workers}
         # iterated once: no persistent workers, so the workers end as soon as the iteration is dropped
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                                   pin_memory=torch.cuda.is_available())
 
     def __iter__(self):
-        for cond, target, state, _ in self.loader:
-            self.units[self.batches % self.workers] = state[-1].tolist()
-            self.batches += 1
-            yield cond, target
+        try:
+            for cond, target, state, _ in self.loader:
+                self.units[self.batches % self.workers] = state[-1].tolist()
+                self.batches += 1
+                yield cond, target
+        except NoUsablePage as e:   # from a worker, torch re-raises it with the worker's traceback as its text
+            last = str(e).rstrip().splitlines()[-1]
+            raise NoUsablePage(last.partition("NoUsablePage: ")[2] or last) from None
 
     def position(self):
         """This rank's position: {"format", "workers", "batches", "units": [STATE values per worker]}."""
@@ -222,4 +243,5 @@ def summary(positions):
     units = [u for p in positions for u in p["units"]]
     total = np.sum(units, axis=0) if units else np.zeros(len(STATE), np.int64)
     return (f"data stream: readers at epochs {min(u[0] for u in units)}-{max(u[0] for u in units)}; skipped "
-            f"{total[3]} pages with < 2 usable images, {total[4]} pages without this filter, {total[5]} unreadable members")
+            f"{total[3]} pages with < 2 usable images, {total[4]} pages without this filter, {total[5]} unreadable members"
+            f", {total[6]} unreadable or truncated shards")

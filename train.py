@@ -199,20 +199,27 @@ def check_numbers(cfg):
             return f"--{name.replace('_', '-')} must be a finite number {span}, got {v}"
     if cfg.max_pixels < -1:
         return f"--max-pixels must be -1 (Pillow's limit), 0 (none) or a pixel count, got {cfg.max_pixels}"
+    if cfg.filter_low is not None and cfg.filter_high is not None and cfg.filter_low >= cfg.filter_high:
+        return f"--filter-low {cfg.filter_low} must be below --filter-high {cfg.filter_high} (-1 and 1 = no filter)"
     return None
 
 
 def filter_band(cfg):
-    """cfg with the pair filter thresholds resolved: explicit flags, else the encoder's (App. C)."""
-    if cfg.filter_low is not None and cfg.filter_high is not None:
-        return cfg
+    """cfg with the pair filter thresholds resolved: explicit flags, else the encoder's (App. C). UserError for
+    a band pairs.check_band refuses (one flag given, the other's default on its wrong side)."""
+    if cfg.filter_low is None or cfg.filter_high is None:
+        try:
+            low, high = data.filter_band(cfg.encoder)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"no App. C filter band for --encoder {cfg.encoder} ({e}): pass --filter-low and "
+                            f"--filter-high") from e
+        cfg = dataclasses.replace(cfg, filter_low=low if cfg.filter_low is None else cfg.filter_low,
+                                  filter_high=high if cfg.filter_high is None else cfg.filter_high)
     try:
-        low, high = data.filter_band(cfg.encoder)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"no App. C filter band for --encoder {cfg.encoder} ({e}): pass --filter-low and "
-                        f"--filter-high") from e
-    return dataclasses.replace(cfg, filter_low=low if cfg.filter_low is None else cfg.filter_low,
-                               filter_high=high if cfg.filter_high is None else cfg.filter_high)
+        data.check_band(cfg.filter_low, cfg.filter_high)
+    except ValueError as e:
+        raise UserError(f"--filter-low/--filter-high: {e}") from e
+    return cfg
 
 
 def check_paths(cfg):
@@ -243,6 +250,16 @@ def check_paths(cfg):
         raise UserError(f"--device {cfg.device}: CUDA is not available")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if shards.is_pattern(cfg.data):  # page shards: probe for the first readable page (bounded), check its filter
+        try:
+            _, first = shards.first_page(shards.expand(cfg.data), shards.PROBE_SHARDS)
+        except ValueError as e:
+            raise UserError(f"--data {cfg.data}: {e}") from e
+        f, band = first["meta"].get("filter") or {}, [cfg.filter_low, cfg.filter_high]
+        if cfg.pairs == "page" and band != [-1, 1] and [f.get("low"), f.get("high")] != band:
+            raise UserError(f"--data {cfg.data}: shards not filtered with {band} (found "
+                            f"{[f['low'], f['high']] if f else 'no filter'}): run python data.py filter with that band, "
+                            f"pass the shards' band, or train unfiltered with --filter-low -1 --filter-high 1")
     os.makedirs(cfg.out, exist_ok=True)
     if not os.access(cfg.out, os.W_OK):
         raise UserError(f"--out {cfg.out} is not writable")
@@ -418,7 +435,7 @@ def xla_reduce(tensors, op, channel):
        compilations. xm.all_reduce (and what is built on it: optimizer_step, broadcast_master_param,
        rendezvous, mesh_reduce) sets no channel id, so each replica waits under its own key until XLA aborts
        the process (pytorch/xla #9089, "collective operations are hanging when using XLA:CPU"). An
-       xm.all_gather with an explicit channel id is paired: the tensors go as one flat float32 vector,
+       xm.all_gather with an explicit channel id is paired: the (float) tensors go as one flat float32 vector,
        gathered from every replica (world x its size: fine for tests), reduced here in replica order, so
        every replica computes bit-identical results.
     2. XLA:CPU aborts a collective whose replicas arrive more than 10 s apart (in-process collectives'
@@ -436,19 +453,19 @@ def xla_reduce(tensors, op, channel):
             return xm.collective_broadcast(tensors)
         return xm.all_reduce(xm.REDUCE_MAX if op == "max" else xm.REDUCE_SUM, tensors,
                              scale=1.0 / world if op == "mean" else 1.0)
-    torch_xla.sync()  # the graph so far runs without the collective, and has finished when the barrier opens
-    xm.wait_device_ops()
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    torch_xla.sync()  # the graph so far, up to `flat`, runs without the collective
+    xm.wait_device_ops()  # and has finished on every replica when the barrier opens
     with XLA_CPU_BARRIER_LOCK:  # made by the first replica thread that gets here
         if not XLA_CPU_BARRIER:
             XLA_CPU_BARRIER.append(threading.Barrier(world))
     XLA_CPU_BARRIER[0].wait(timeout=1800)  # a replica that died: BrokenBarrierError, not a hang forever
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
     every = xm.all_gather(flat[None], dim=0, groups=[list(range(world))], pin_layout=False, channel_id=channel,
                           use_global_device_ids=True)  # (world, N): row r from replica r
+    torch_xla.sync()  # the collective alone: a tiny graph, compiled in well under 10 s
     flat = {"mean": lambda: every.sum(0) / world, "max": lambda: every.amax(0), "first": lambda: every[0]}[op]()
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
-    torch_xla.sync()
 
 
 def xla_wrap(raw, ema):
@@ -480,7 +497,8 @@ def xla_loader(loader, d):
 
 
 def xla_mean(value, d):
-    """Mean over replicas of a device scalar, inside the step's graph (no host sync)."""
+    """Mean over replicas of a device scalar: on TPU inside the step's graph (no host sync); XLA:CPU cuts the
+    graph there (xla_reduce)."""
     value = value.clone()
     xla_reduce([value], "mean", XLA_CHANNELS["loss"])
     return value
@@ -494,8 +512,9 @@ def xla_report(fn, args):
 
 def xla_save(state, path, d):
     """Every replica calls xm.save (it syncs); the master writes, then replaces atomically."""
+    import torch_xla
     import torch_xla.core.xla_model as xm
-    xm.mark_step()  # run the pending step as the usual step graph (and its log closures) before the copy
+    torch_xla.sync()  # run the pending step as the usual step graph (and its log closures) before the copy
     xm.save(state, path + ".tmp", global_master=True)
     if d.is_main:
         os.replace(path + ".tmp", path)
@@ -620,29 +639,44 @@ def build_dataset(cfg, image_size, encoder, d):
 
 def stream_dataset(cfg, image_size, encoder, d):
     """Page shards streamed by every rank (stream.ShardStream). Nothing is listed or opened up front except
-    the first page of the first shard, which says whether the shards carry this run's §5 filter result
-    (data.py filter: the kept pairs, App. C band) and, for --cond-cache shards, tokens of this encoder and
-    size (§3.2). Shards not filtered with the run's band, a pattern whose first shard has no page: UserError."""
+    the first readable page (shards.first_page; check_paths already refused a pattern without one and shards
+    not filtered with the run's band), which says for --cond-cache shards whether its tokens are this
+    encoder's at this size for cross-attention (§3.2; UserError naming what differs). An unfiltered run on
+    shards that carry a filter result gets a warning (their kept pairs are not used, App. C)."""
     filtered = cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1)
     tokens = cfg.cond_cache == "shards"
     try:
         dataset = stream.ShardStream(cfg.data, image_size, cfg.pairs, (cfg.filter_low, cfg.filter_high) if filtered
                                      else None, "tokens" if tokens else "pixels", cfg.seed, d.rank, d.world,
                                      cfg.shuffle_buffer, max_pixels(cfg.max_pixels))
-        first = next(shards.read_pages(dataset.urls[0]), None)
+        _, first = shards.first_page(dataset.urls, shards.PROBE_SHARDS, quiet=True)   # logged by check_paths
     except ValueError as e:
         raise UserError(f"--data {cfg.data}: {e}") from e
-    if first is None:
-        raise UserError(f"--data {cfg.data}: no readable page in its first shard {dataset.urls[0]}")
     f = first["meta"].get("filter") or {}
-    if filtered and [f.get("low"), f.get("high")] != [cfg.filter_low, cfg.filter_high]:
-        raise UserError(f"--data {cfg.data}: shards not filtered with [{cfg.filter_low}, {cfg.filter_high}] (found "
-                        f"{[f['low'], f['high']] if f else 'no filter'}): run python data.py filter with that band, or "
-                        f"train unfiltered with --filter-low -1 --filter-high 1")
-    if tokens and (cfg.conditioning != "cross_attention" or f.get("token_size") != image_size or
-                   f.get("encoder_fingerprint") != embeddings.encoder_fingerprint(encoder)):
-        raise UserError(f"--cond-cache shards: the shards' tokens are not {encoder.name}'s at {image_size} px for "
-                        f"cross-attention (found {f.get('encoder')} at {f.get('token_size')} px); re-run data.py filter")
+    if tokens:
+        ident = lambda w, s: f"weights {w}" if w else f"random init, seed {s}" if s is not None else "weights unrecorded"  # noqa: E731
+        size = f.get("token_size")
+        problem = next((text for bad, text in (
+            (not f, "the shards carry no filter result; tokens are stored by data.py filter --image-size "
+                    f"{image_size}"),
+            (cfg.conditioning != "cross_attention", f"--conditioning {cfg.conditioning} conditions on the global "
+                                                    "feature, not on the stored tokens: drop --cond-cache shards"),
+            (size is None, f"the shards hold no tokens (filtered without --image-size): re-run data.py filter "
+                           f"--image-size {image_size}"),
+            (size != image_size, f"the shards' tokens are at {size} px, this run trains at {image_size} px: re-run "
+                                 f"data.py filter --image-size {image_size}"),
+            (f.get("encoder") != encoder.name, f"the shards' tokens are {f.get('encoder')}'s, this run's encoder is "
+                                               f"{encoder.name}"),
+            (f.get("encoder_fingerprint") != embeddings.encoder_fingerprint(encoder),
+             f"the shards' tokens come from another {encoder.name} (other weights: shards "
+             f"{ident(f.get('encoder_weights'), f.get('encoder_seed'))}, this run {ident(encoder.weights, encoder.seed)})"),
+        ) if bad), None)
+        if problem:
+            raise UserError(f"--cond-cache shards: {problem}")
+    if d.is_main and f and not filtered and cfg.pairs == "page":
+        say(f"warning: the shards carry a §5 filter result for [{f['low']}, {f['high']}] ({f['encoder']}), but this run "
+            f"is unfiltered (band [{cfg.filter_low}, {cfg.filter_high}]): their kept pairs are not used; pass "
+            f"--filter-low {f['low']} --filter-high {f['high']} to train on them")
     if d.is_main:
         say(f"streaming {len(dataset.urls)} shards ({cfg.pairs} pairs, {'filter by ' + f['encoder'] if filtered else 'no filter'}, "
             f"shuffle buffer {cfg.shuffle_buffer} items, {stream.WINDOW_SHARDS}-shard windows)")
@@ -665,11 +699,20 @@ def stream_position(loader, d):
 
 
 def check_stream_resume(ckpt, cfg, d):
-    """A streaming run continues exactly or not at all: each reader (rank, worker) owns its shards."""
+    """A streaming run's readers, checked before anything is written or announced: one per (rank, worker), each
+    owning shards, so there must be as many shards, and a run continues exactly (same world size and
+    --num-workers) or not at all."""
     position = ckpt.get("data_position") if ckpt is not None else None
+    workers = max(1, cfg.num_workers)
     if isinstance(position, dict) and position["world"] != d.world:
         raise UserError(f"cannot resume a streaming run with another world size (checkpoint {position['world']}, "
                         f"now {d.world}): its readers own shards by rank")
+    if isinstance(position, dict) and position["ranks"][d.rank]["workers"] != workers:
+        raise UserError(f"cannot resume a streaming run with another --num-workers (checkpoint "
+                        f"{position['ranks'][d.rank]['workers']}, now {workers}): its readers own shards by worker")
+    if shards.is_pattern(cfg.data) and len(shards.expand(cfg.data)) < d.world * workers:
+        raise UserError(f"--data {cfg.data}: {len(shards.expand(cfg.data))} shards cannot feed {d.world * workers} "
+                        f"readers (world {d.world} x {workers} workers): write smaller shards or use fewer workers")
 
 
 def grid_inputs(dataset, cfg, device):
@@ -945,7 +988,10 @@ def main(cfg):
     try:
         while step < cfg.steps:
             for k in range(accum):
-                cond, x = (t.to(d.device, non_blocking=True) for t in next(batches))
+                try:
+                    cond, x = (t.to(d.device, non_blocking=True) for t in next(batches))
+                except stream.NoUsablePage as e:  # a stream with nothing to train on: one line, reasons logged
+                    raise UserError(f"--data {cfg.data}: {e}") from e
                 seed_micro_step(gen, micro_step_seed(cfg.seed, d.rank, step, k), d)
                 with grad_sync(model, cfg, d, last=k == accum - 1), autocast:
                     loss = model(x, cond, generator=gen) / accum  # Eq. 3 in eps space (§6.1)

@@ -20,6 +20,8 @@ from PIL import Image
 import data
 import encoders
 import images
+import pairs
+import shard_filter
 import shards
 import stream
 import synthetic
@@ -102,7 +104,7 @@ def test_img2dataset_output_is_regrouped_by_page_across_shards(tmp_path):
     assert sorted(got) == ["a", "b", "c"]
     assert got["a"]["images"] == [jpeg(0), jpeg(3)] and got["b"]["images"] == [jpeg(1), jpeg(2), jpeg(4)]
     assert got["c"]["names"] == ["0.jpg", "1.png"] and got["c"]["images"][0] == jpeg(5)
-    assert [json.loads(s)["url"] for s in got["b"]["meta"]["images"]] == [f"http://x/{i}.jpg" for i in (1, 2, 4)]
+    assert [s["url"] for s in got["b"]["meta"]["images"]] == [f"http://x/{i}.jpg" for i in (1, 2, 4)]   # objects
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -117,7 +119,7 @@ def test_one_epoch_over_2_ranks_x_2_workers_sees_every_page_once(written, mode):
             seen.update(pages)
     skipped = 0
     for unit in range(4):                # the 4 readers' final counters (a finite epoch ends unevenly)
-        for *_, counters in ds.items(unit, 4, [0] * 6):
+        for *_, counters in ds.items(unit, 4, [0] * len(stream.STATE)):
             pass
         skipped += counters[3]
     if mode == "page":   # Eq. 3: each page with >= 2 images once; the one-image pages counted as skipped
@@ -210,7 +212,7 @@ def test_filtered_pairs_equal_the_folder_paths_build_pairs(written, filtered, tm
 
 def test_a_filtered_stream_yields_exactly_the_kept_pairs(filtered):
     ds = stream.ShardStream(filtered[0], SIZE, "page", band=(0.3, 0.9), epochs=1)
-    got = collections.Counter((rec["meta"]["page"], c, t) for rec, c, t, _, _ in ds.items(0, 1, [0] * 6))
+    got = collections.Counter((rec["meta"]["page"], c, t) for rec, c, t, _, _ in ds.items(0, 1, [0] * len(stream.STATE)))
     kept = collections.Counter((rec["meta"]["page"], c, t) for url in shards.expand(filtered[0])
                                for rec in shards.read_pages(url) for c, t in rec["meta"]["filter"]["pairs"])
     assert got == kept
@@ -260,3 +262,267 @@ def test_train_reads_filtered_pairs_and_tokens_from_shards(filtered, tmp_path):
     assert len(result["losses"]) == 2 and all(np.isfinite(v) for _, v in result["losses"])
     with pytest.raises(train.UserError, match="not filtered with"):
         run(tmp_path / "other", filtered[0], "--steps", "1", "--filter-low", "0.5", "--filter-high", "0.9")
+
+
+# ----------------------------------------------------------------------------- bad input: one line or a counted skip
+
+def data_error(capsys, *argv):
+    """data.main(argv) must refuse with one argparse-style line (exit 2) -> that line."""
+    with pytest.raises(SystemExit) as e:
+        data.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def copy_shards(pattern, folder, names, edit=None):
+    """Copies of the shards of `pattern` as folder/<name> for name in `names` (None: skip); `edit(meta, members)`
+    rewrites each page -> the folder."""
+    os.makedirs(folder, exist_ok=True)
+    for url, name in zip(shards.expand(pattern), names):
+        if name is None:
+            continue
+        with wds.TarWriter(os.path.join(folder, name), encoder=False) as w:
+            for rec in shards.read_pages(url):
+                members = {**dict(zip(rec["names"], rec["images"])), **{k + ".npy": shard_filter.npy(v) for k, v in
+                                                                         rec["arrays"].items()}}
+                meta = json.loads(json.dumps(rec["meta"]))
+                if edit:
+                    edit(meta, members)
+                w.write({"__key__": rec["key"], **members, "page.json": json.dumps(meta).encode()})
+    return folder
+
+
+FILTER = ["--encoder", "tiny", "--random-encoder"]
+
+
+@pytest.mark.parametrize("bad", ["missing", "empty", "corrupt"])
+def test_filter_refuses_a_pattern_without_a_readable_shard_and_writes_nothing(tmp_path, capsys, bad):
+    if bad != "missing":
+        (tmp_path / "in").mkdir()
+        for s in range(4):
+            (tmp_path / "in" / f"{s:06d}.tar").write_bytes(b"" if bad == "empty" else b"not a tar" * 100)
+    line = data_error(capsys, "filter", tmp_path / "in" / "{000000..000003}.tar", tmp_path / "out", *FILTER)
+    assert "error: no readable page in its 4 shards" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_filter_counts_missing_empty_and_truncated_shards_and_writes_no_empty_shard(written, tmp_path):
+    _, pattern, _ = written
+    folder = copy_shards(pattern, str(tmp_path / "in"), ["000000.tar", "000001.tar", None, "000003.tar"])
+    (tmp_path / "in" / "000002.tar").write_bytes(b"")                   # 0 bytes
+    blob = (tmp_path / "in" / "000003.tar").read_bytes()
+    (tmp_path / "in" / "000003.tar").write_bytes(blob[:len(blob) * 2 // 3])   # cut: its first pages are kept
+    data.main(["filter", os.path.join(folder, "{000000..000005}.tar"), str(tmp_path / "out"), *FILTER])  # 4, 5 missing
+    summary = json.load(open(tmp_path / "out" / "filter.json"))
+    assert (summary["shards"], summary["unreadable_shards"], summary["truncated_shards"]) == (3, 3, 1)
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".tar")) == \
+        ["000000.tar", "000001.tar", "000003.tar"]                      # nothing for the unreadable shards
+    kept = len(list(shards.read_pages(str(tmp_path / "out" / "000003.tar"))))
+    assert 0 < kept == len(list(shards.read_pages(str(tmp_path / "in" / "000003.tar")))) < 3
+    assert summary["pages"] == 6 + kept
+
+
+@pytest.mark.parametrize("pattern", ["pages/page{000000..000003}", "{pages,x.tar}"])
+def test_filter_and_train_refuse_a_pattern_of_things_that_are_not_tar_shards(written, tmp_path, capsys, pattern):
+    folder, _, _ = written
+    full = os.path.join(os.path.dirname(folder), pattern)
+    line = data_error(capsys, "filter", full, tmp_path / "out", *FILTER)
+    assert "not a shard pattern" in line or "is not a .tar shard" in line
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(train.UserError, match="not a .tar shard|no such file"):
+        run(tmp_path / "t", full, "--steps", "1", "--random-encoder")
+
+
+@pytest.mark.parametrize("low, high", [(0.9, 0.3), (0.5, 0.5), (float("nan"), 0.9), (-2.0, 0.5), (0.3, 1.5)])
+def test_a_band_that_is_not_low_below_high_in_minus_1_1_is_refused_by_both_paths(low, high):
+    with pytest.raises(ValueError, match="need -1 <= low < high <= 1"):
+        pairs.check_band(low, high)
+    pages = synthetic.SyntheticPages(3, 8, seed=0)
+    n = sum(pages.count(p) for p in range(len(pages)))
+    with pytest.raises(ValueError, match="need -1 <= low < high <= 1"):   # the folder path and the sharded pass
+        pairs.select_pairs(pages, torch.randn(n, 4), torch.ones(n, dtype=torch.bool), low, high)
+    pairs.check_band(-1, 1)                                             # "no filter" stays allowed
+
+
+def test_an_inverted_band_is_a_one_line_error_in_data_py_and_train_py(written, tmp_path, capsys):
+    _, pattern, _ = written
+    for band in (["--filter-low", "0.9", "--filter-high", "0.3"], ["--filter-low", "0.95"]):  # 0.95 > tiny's 0.9
+        line = data_error(capsys, "filter", pattern, tmp_path / "out", *FILTER, *band)
+        assert "low < high" in line and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--filter-low", "0.9", "--filter-high", "0.3"])
+    assert e.value.code == 2 and "--filter-low 0.9 must be below --filter-high 0.3" in capsys.readouterr().err
+    with pytest.raises(train.UserError, match="low < high"):
+        train.filter_band(train.parse_args(["--res", "256", "--filter-low", "0.95"]))
+
+
+def singles(tmp_path, n=4):
+    """n one-image pages as shards of one page each -> pattern."""
+    pages = synthetic.SyntheticPages(n, 24, seed=1)
+    for p in range(n):
+        os.makedirs(tmp_path / "single" / f"p{p}")
+        images.save_png(pages.image(p, 0), str(tmp_path / "single" / f"p{p}" / "0.png"))
+    data.main(["shard", str(tmp_path / "single"), str(tmp_path / "s"), "--per-shard", "1"])
+    return str(tmp_path / "s" / f"{{000000..{n - 1:06d}}}.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_without_a_usable_page_ends_in_one_line_even_from_a_worker(tmp_path, workers):
+    loader = stream.StreamLoader(stream.ShardStream(singles(tmp_path), SIZE, "page"), 2, workers)
+    with pytest.raises(stream.NoUsablePage) as e:
+        next(iter(loader))
+    readers = max(1, workers)
+    assert str(e.value).startswith(f"reader 0 of {readers} got no usable page from its {4 // readers} shards")
+    assert "\n" not in str(e.value) and f"{4 // readers} pages with < 2 images" in str(e.value)
+
+
+def test_train_with_no_usable_page_is_a_one_line_error(filtered, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        pattern = singles(tmp_path)
+    assert "4 of 4 pages have a single image" in caplog.text              # the shard command warns
+    with pytest.raises(train.UserError, match="no usable page") as e:
+        run(tmp_path / "single_run", pattern, "--steps", "1", "--random-encoder", "--num-workers", "0")
+    assert "\n" not in str(e.value)
+    nothing = copy_shards(filtered[0], str(tmp_path / "none"), [f"{s:06d}.tar" for s in range(8)],
+                          lambda meta, members: meta["filter"].update(pairs=[]))     # a band that kept no pair
+    with pytest.raises(train.UserError, match="no usable page.*the band kept no pair"):
+        run(tmp_path / "none_run", os.path.join(nothing, "{000000..000007}.tar"), "--steps", "1", "--random-encoder",
+            "--filter-low", "0.3", "--filter-high", "0.9")
+
+
+def test_unreadable_first_shards_are_skipped_up_to_a_bound(written, tmp_path, caplog):
+    _, pattern, _ = written
+    folder = copy_shards(pattern, str(tmp_path / "odd"), [None, None, "000002.tar", "000003.tar"])
+    (tmp_path / "odd" / "000000.tar").write_bytes(b"")
+    (tmp_path / "odd" / "000001.tar").write_bytes(b"corrupt" * 200)
+    odd = os.path.join(folder, "{000000..000003}.tar")
+    with caplog.at_level(logging.WARNING):
+        result = run(tmp_path / "run", odd, "--steps", "1", "--random-encoder", "--num-workers", "0")
+    assert len(result["losses"]) == 1 and "000000.tar" in caplog.text and "000001.tar" in caplog.text
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for s in range(shards.PROBE_SHARDS + 1):                           # 17 bad shards before a good one
+        (bad / f"{s:06d}.tar").write_bytes(b"")
+    (bad / f"{shards.PROBE_SHARDS + 1:06d}.tar").write_bytes((tmp_path / "odd" / "000002.tar").read_bytes())
+    late = str(bad / f"{{000000..{shards.PROBE_SHARDS + 1:06d}}}.tar")
+    assert shards.first_page(shards.expand(late), None)[0].endswith(f"{shards.PROBE_SHARDS + 1:06d}.tar")
+    with pytest.raises(train.UserError, match=f"no readable page in its first {shards.PROBE_SHARDS} shards"):
+        run(tmp_path / "late", late, "--steps", "1", "--random-encoder")
+    assert not (tmp_path / "late").exists()                              # refused before OUT is made
+
+
+def test_stream_counts_unreadable_shards(written, tmp_path):
+    _, pattern, _ = written
+    folder = copy_shards(pattern, str(tmp_path / "odd"), ["000000.tar"])
+    ds = stream.ShardStream(os.path.join(folder, "{000000..000002}.tar"), SIZE, "same", epochs=1)  # 1, 2 missing
+    *_, counters = list(ds.items(0, 1, [0] * len(stream.STATE)))[-1]
+    assert counters[6] == 2 and "2 unreadable or truncated shards" in stream.summary([{"units": [counters]}])
+
+
+def write_img2dataset(folder, docs):
+    """A fake img2dataset output: one shard, sample i = jpeg(i) with .json {url, key, doc_id: docs[i]}."""
+    os.makedirs(folder)
+    with wds.TarWriter(os.path.join(folder, "00000.tar"), encoder=False) as w:
+        for i, doc in enumerate(docs):
+            meta = {"url": f"http://x/{i}.jpg", "key": f"{i:09d}", "doc_id": doc}
+            w.write({"__key__": f"{i:09d}", "jpg": jpeg(i), "json": json.dumps(meta).encode()})
+    return folder
+
+
+def test_img2dataset_page_key_errors_are_early_and_skips_are_counted(tmp_path, capsys):
+    src = write_img2dataset(str(tmp_path / "raw"), ["a", "a", None, "b", "b"])
+    line = data_error(capsys, "shard", src, tmp_path / "nk", "--page-key", "nonsense")
+    assert line.endswith("error: column 'nonsense' not in the .json (it has url, key, doc_id): --page-key names the "
+                         "page / document id column (img2dataset --save_additional_columns)")
+    assert not (tmp_path / "nk").exists()
+    data.main(["shard", src, str(tmp_path / "ok"), "--page-key", "doc_id"])
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["pages"], summary["images"]) == (2, 4)
+    assert summary["skipped"] == {"00000.tar/000000002": "doc_id is null"}        # the null page id, counted
+    nulls = write_img2dataset(str(tmp_path / "nulls"), [None, None, None])
+    line = data_error(capsys, "shard", nulls, tmp_path / "none", "--page-key", "doc_id")
+    assert "no pages written" in line and "(3 skipped)" in line and not (tmp_path / "none").exists()
+
+
+def test_a_failing_shard_write_leaves_nothing_behind(tmp_path):
+    def records():
+        yield "p0", [jpeg(0), jpeg(1)], ["a.jpg", "b.jpg"]
+        yield "p1", [jpeg(2), jpeg(3)], ["c.jpg", "d.jpg"]
+        raise ValueError("the source broke")
+    with pytest.raises(ValueError, match="the source broke"):
+        shards.write_shards(records(), str(tmp_path / "deep" / "out"), per_shard=1)
+    assert os.listdir(tmp_path) == []                                   # neither shards nor the folders made
+
+
+def test_image_errors_name_the_member_without_python_object_reprs(written, tmp_path, caplog):
+    with pytest.raises(ValueError) as e:
+        shards.decode(b"certainly not an image")
+    assert "BytesIO" not in str(e.value) and "cannot identify image file" in str(e.value)
+    with caplog.at_level(logging.WARNING):
+        summary = shards.write_shards([("p", [b"junk", jpeg(1)], ["bad.jpg", "good.jpg"])], str(tmp_path / "o"))
+    assert list(summary["skipped"]) == ["bad.jpg"] and "BytesIO" not in summary["skipped"]["bad.jpg"]
+    assert "skipping bad.jpg: UnidentifiedImageError: cannot identify image file" in caplog.text
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["filter", "P", "O", *FILTER, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["filter", "P", "O", *FILTER, "--image-size", "0"], "--image-size must be >= 1, got 0"),
+    (["shard", "synthetic", "O", "--per-shard", "0"], "--per-shard must be >= 1, got 0"),
+    (["shard", "synthetic", "O", "--pages", "0"], "--pages must be >= 1, got 0"),
+    (["shard", "synthetic", "O", "--size", "-3"], "--size must be >= 1, got -3"),
+    (["encode", "synthetic", "O", *FILTER, "--image-size", "0"], "--image-size must be >= 1, got 0"),
+    (["synth", "O", "--seed", "-1"], "--seed must be >= 0, got -1"),
+])
+def test_numbers_nothing_can_be_computed_with_are_refused_before_any_work(written, tmp_path, capsys, argv, flag):
+    argv = [written[1] if a == "P" else str(tmp_path / "out") if a == "O" else a for a in argv]
+    assert data_error(capsys, *argv).endswith(f"error: {flag}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_stream_resume_announces_and_writes_nothing(trained, capsys):
+    tmp, pattern, _, _ = trained
+    config = (tmp / "full" / "config.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(train.UserError, match=r"another --num-workers \(checkpoint 1, now 2\)"):
+        run(tmp / "full", pattern, "--steps", "6", "--num-workers", "2", "--shuffle-buffer", "5", "--resume")
+    assert "resumed" not in capsys.readouterr().out and (tmp / "full" / "config.json").read_bytes() == config
+    with pytest.raises(train.UserError, match="8 shards cannot feed 9 readers"):
+        run(tmp / "wide", pattern, "--steps", "1", "--num-workers", "9")
+    assert not (tmp / "wide" / "config.json").exists()
+
+
+def token_shards(filtered, folder, edit):
+    return os.path.join(copy_shards(filtered[0], folder, [f"{s:06d}.tar" for s in range(8)], edit),
+                        "{000000..000007}.tar")
+
+
+def test_cond_cache_shards_mismatch_names_what_differs(filtered, tmp_path):
+    band = ["--filter-low", "0.3", "--filter-high", "0.9", "--cond-cache", "shards", "--steps", "1"]
+    with pytest.raises(train.UserError, match=r"another tiny \(other weights: shards random init, seed 0, this run "
+                                              r"random init, seed 5\)"):
+        run(tmp_path / "a", filtered[0], *band, "--seed", "5")
+    def no_tokens(meta, members):
+        meta["filter"]["token_size"] = None
+        members.pop("tokens.npy")
+    with pytest.raises(train.UserError, match="no tokens .filtered without --image-size.: re-run data.py filter "
+                                              "--image-size 32"):
+        run(tmp_path / "b", token_shards(filtered, str(tmp_path / "nt"), no_tokens), *band)
+    with pytest.raises(train.UserError, match="tokens are at 64 px, this run trains at 32 px"):
+        run(tmp_path / "c", token_shards(filtered, str(tmp_path / "64"),
+                                         lambda meta, members: meta["filter"].update(token_size=64)), *band)
+    with pytest.raises(train.UserError, match="--conditioning film conditions on the global feature"):
+        run(tmp_path / "d", filtered[0], *band, "--conditioning", "film")
+
+
+def test_unfiltered_training_on_filtered_shards_warns_and_scan_reports_shards(written, filtered, tmp_path, capsys):
+    run(tmp_path / "run", filtered[0], "--steps", "1", "--filter-low", "-1", "--filter-high", "1")
+    assert "warning: the shards carry a §5 filter result for [0.3, 0.9] (tiny)" in capsys.readouterr().out
+    _, pattern, counts = written
+    data.main(["scan", pattern])
+    got = json.loads(capsys.readouterr().out)
+    assert (got["shards"], got["pages"], got["images"]) == (8, len(counts), sum(counts.values()))
+    assert got["singleton_pages"] == 2 and got["filtered"] == {"not filtered": len(counts)}
+    data.main(["scan", filtered[0]])
+    assert json.loads(capsys.readouterr().out)["filtered"] == {"[0.3, 0.9] tiny": len(counts)}
+    assert "filter.json" in data_error(capsys, "scan", pattern, "--encoder", "tiny")
