@@ -16,7 +16,8 @@ cosine similarity (§5, App. C: DINOv2 [0.3, 0.9], SigLIP/CLIP 0.65).
 Structure (distributed.md §1, style.md C11): setup -> seed -> encoder, model, EMA, optimiser ->
 resume -> wrap -> data -> loop (step, log, grid, checkpoint) -> cleanup, as in facebookresearch/DiT
 train.py @ed81ce2 and karpathy/nanoGPT train.py @3adf61e. Each backend's differences (DDP, FSDP2,
-torch_xla) sit in the small functions above `main`, not in branches through the loop.
+torch_xla) sit in small functions of backends.py (`backends.wrap`, `backends.poll_stop`, ...), not in
+branches through the loop; only the torch_xla launcher (it runs `main`) stays here.
 Checkpoint: the one format of semantica.py ("semantica-ckpt/2", loaded by Semantica.from_checkpoint)
 plus train-only keys (optimizer, world, data position).
 Shapes: B batch, 3 x S x S images in [-1, 1].
@@ -42,10 +43,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
 
+import backends
 import data
 import embeddings
 import encoders
@@ -280,34 +279,7 @@ def say(*args):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python docs' SIGPIPE recipe
 
 
-# ----------------------------------------------------------------------------- distributed backends
-
-@dataclass
-class Dist:
-    kind: str          # "single" | "ddp" | "xla"
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    is_main: bool
-
-
-def setup_distributed(cfg):
-    """One process, torchrun (NCCL on GPUs, gloo on CPU) or a torch_xla replica (distributed.md §1)."""
-    kind = cfg.backend if cfg.backend != "auto" else ("ddp" if "RANK" in os.environ else "single")
-    if kind == "xla":
-        return xla_setup()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = cfg.device.startswith("cuda") or (not cfg.device and torch.cuda.is_available())
-    device = torch.device(cfg.device if ":" in cfg.device else f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)  # LOCAL_RANK, never the global rank (DiT #79)
-    if kind == "single":
-        return Dist("single", 0, 1, 0, device, True)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return Dist("ddp", rank, world, local_rank, device, rank == 0)
+# ----------------------------------------------------------------------------- batch, seeds, optimiser (§6.1)
 
 
 def batch_plan(cfg, world):
@@ -325,226 +297,13 @@ def micro_step_seed(seed, rank, step, k):
     return int(np.random.SeedSequence([seed, rank, step, k]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def seed_micro_step(gen, seed, d):
-    """Seed the draws of one micro-step: t, eps and condition dropout (gen), dropout layers (global RNG)."""
-    if d.kind == "xla":
-        return xla_seed(seed)
-    gen.manual_seed(seed)
-    torch.manual_seed(seed)
-
-
-def wrap(raw, ema, cfg, d):
-    """The module the loop calls: DDP (gradient all-reduce), FSDP2 (sharded) or `raw` itself (single, XLA)."""
-    if cfg.compile:
-        raw.net.compile()  # in place: state_dict keys keep their names (no "_orig_mod.")
-    if d.kind == "xla":
-        return xla_wrap(raw, ema)
-    if cfg.fsdp:
-        for m in (raw, ema):  # the same sharding for both, so the EMA lerp stays shard-local
-            for block in m.net.modules():  # one FSDP unit per block, then the rest at the root
-                if isinstance(block, (uvit.ResBlock, uvit.TransformerBlock)):
-                    fully_shard(block)
-            fully_shard(m)
-        return raw
-    if d.kind == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    return raw
-
-
-def grad_sync(model, cfg, d, last):
-    """Context of one micro-step: gradients are reduced across ranks on the last micro-step only."""
-    if cfg.fsdp:
-        model.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro-step
-        return contextlib.nullcontext()
-    return model.no_sync() if d.kind == "ddp" and not last else contextlib.nullcontext()
-
-
 def make_optimizer(cfg, params, device):
     """Adam with §6.1's constants: lr 2e-4, betas (0.9, 0.99), eps 1e-12 (from cfg)."""
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                             fused=device.type == "cuda")
 
 
-def optimizer_step(opt, d):
-    """Adam step on the (already reduced) gradients; XLA reduces them here. Then clear the gradients."""
-    if d.kind == "xla":
-        xla_optimizer_step(opt)
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def mean_over_ranks(value, d):
-    """The mean of a device scalar over ranks (DDP / XLA all-reduce); one process as is."""
-    if d.kind == "xla" and d.world > 1:
-        return xla_mean(value, d)
-    if d.kind == "ddp":
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / d.world
-    return value
-
-
-def poll_stop(stop, d, step, cfg):
-    """Whether to stop now after a SIGTERM/SIGINT; DDP/XLA ranks agree (polled every 10 steps, a host sync)."""
-    if d.kind == "xla" and d.world > 1:
-        return xla_poll_stop(stop, step, cfg)
-    if d.kind != "ddp":
-        return bool(stop)
-    if step % 10 and step != cfg.steps:
-        return False
-    flag = torch.tensor(float(bool(stop)), device=d.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
-
-
-def barrier(d):
-    if d.kind == "ddp":
-        dist.barrier()
-
-
-def grad_norm(raw):
-    """Global L2 norm of the (reduced) gradients, a device scalar; FSDP2 shards are gathered."""
-    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), float("inf"))  # max_norm inf: measures only
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-# ----------------------------------------------------------------------------- torch_xla (optional)
-
-def xla_setup():
-    """Rank, world and device of this torch_xla replica (called inside torch_xla.launch's function)."""
-    import torch_xla
-    import torch_xla.runtime as xr
-    rank, world = xr.global_ordinal(), xr.world_size()
-    return Dist("xla", rank, world, xr.local_ordinal(), torch_xla.device(), rank == 0)
-
-
-# XLA:CPU only (see xla_reduce): one channel id per call site, and a barrier shared by the replica threads.
-XLA_CHANNELS = {"broadcast": 1, "grads": 2, "loss": 3, "stop": 4, "barrier": 5}
-XLA_CPU_BARRIER, XLA_CPU_BARRIER_LOCK = [], threading.Lock()
-
-
-@torch.no_grad()
-def xla_reduce(tensors, op, channel):
-    """In place over the replicas: op "mean" (the average), "max", or "first" (replica 0's values); one
-    replica: nothing. On TPU: xm.all_reduce / xm.collective_broadcast, the usual torch_xla collectives.
-
-    DESIGN: XLA:CPU with several devices (CPU_NUM_DEVICES=2, the tests: one thread per device in one
-    process) needs another route; scripts/xla_cpu_collectives.py shows both problems.
-    1. torch_xla compiles one executable per device, and XLA:CPU pairs the replicas of a collective by its
-       channel id or, without one, by the id of the compiled HLO module, which differs between the two
-       compilations. xm.all_reduce (and what is built on it: optimizer_step, broadcast_master_param,
-       rendezvous, mesh_reduce) sets no channel id, so each replica waits under its own key until XLA aborts
-       the process (pytorch/xla #9089, "collective operations are hanging when using XLA:CPU"). An
-       xm.all_gather with an explicit channel id is paired: the (float) tensors go as one flat float32 vector,
-       gathered from every replica (world x its size: fine for tests), reduced here in replica order, so
-       every replica computes bit-identical results.
-    2. XLA:CPU aborts a collective whose replicas arrive more than 10 s apart (in-process collectives'
-       fixed terminate timeout), and each replica compiles its graphs at its own pace (minutes for the step).
-       So the collective runs as a small graph of its own, entered by all replica threads together.
-    """
-    import torch_xla
-    import torch_xla.core.xla_model as xm
-    import torch_xla.runtime as xr
-    world = xr.world_size()
-    if world == 1 or not tensors:
-        return
-    if xr.device_type() != "CPU":
-        if op == "first":
-            return xm.collective_broadcast(tensors)
-        return xm.all_reduce(xm.REDUCE_MAX if op == "max" else xm.REDUCE_SUM, tensors,
-                             scale=1.0 / world if op == "mean" else 1.0)
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    torch_xla.sync()  # the graph so far, up to `flat`, runs without the collective
-    xm.wait_device_ops()  # and has finished on every replica when the barrier opens
-    with XLA_CPU_BARRIER_LOCK:  # made by the first replica thread that gets here
-        if not XLA_CPU_BARRIER:
-            XLA_CPU_BARRIER.append(threading.Barrier(world))
-    XLA_CPU_BARRIER[0].wait(timeout=1800)  # a replica that died: BrokenBarrierError, not a hang forever
-    every = xm.all_gather(flat[None], dim=0, groups=[list(range(world))], pin_layout=False, channel_id=channel,
-                          use_global_device_ids=True)  # (world, N): row r from replica r
-    torch_xla.sync()  # the collective alone: a tiny graph, compiled in well under 10 s
-    flat = {"mean": lambda: every.sum(0) / world, "max": lambda: every.amax(0), "first": lambda: every[0]}[op]()
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
-
-
-def xla_wrap(raw, ema):
-    """No wrapper on XLA. Replica threads of one process (TPU v2/v3 cores, XLA:CPU devices) share the global
-    RNG, so their initialisations interleave: every replica takes replica 0's model and EMA."""
-    import torch_xla
-    xla_reduce([*raw.parameters(), *raw.buffers(), *ema.parameters(), *ema.buffers()], "first",
-               XLA_CHANNELS["broadcast"])
-    torch_xla.sync()
-    return raw
-
-
-def xla_seed(seed):
-    import torch_xla.core.xla_model as xm
-    xm.set_rng_state(seed)
-
-
-def xla_optimizer_step(opt):
-    """xm.optimizer_step(opt) spelled out (its reduce_gradients + step): gradients averaged over the
-    replicas, then Adam. Through xla_reduce, so XLA:CPU's replicas meet too."""
-    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    xla_reduce(grads, "mean", XLA_CHANNELS["grads"])
-    opt.step()
-
-
-def xla_loader(loader, d):
-    import torch_xla.distributed.parallel_loader as pl
-    return pl.MpDeviceLoader(loader, d.device)
-
-
-def xla_mean(value, d):
-    """Mean over replicas of a device scalar: on TPU inside the step's graph (no host sync); XLA:CPU cuts the
-    graph there (xla_reduce)."""
-    value = value.clone()
-    xla_reduce([value], "mean", XLA_CHANNELS["loss"])
-    return value
-
-
-def xla_report(fn, args):
-    """Run fn(*args) after the step's graph has executed: no host sync inside the step."""
-    import torch_xla.core.xla_model as xm
-    xm.add_step_closure(fn, args=args)
-
-
-def xla_save(state, path, d):
-    """Every replica calls xm.save (it syncs); the master writes, then replaces atomically."""
-    import torch_xla
-    import torch_xla.core.xla_model as xm
-    torch_xla.sync()  # run the pending step as the usual step graph (and its log closures) before the copy
-    xm.save(state, path + ".tmp", global_master=True)
-    if d.is_main:
-        os.replace(path + ".tmp", path)
-    xla_barrier()  # (xm.rendezvous("ckpt"), which XLA:CPU's replicas cannot pass: xla_reduce)
-
-
-def xla_barrier():
-    """Return once every replica has called this: a max over replicas of a scalar, read on the host."""
-    import torch_xla
-    token = torch.zeros((), device=torch_xla.device())
-    xla_reduce([token], "max", XLA_CHANNELS["barrier"])
-    token.item()
-
-
-def xla_step_boundary():
-    """Run the lazily traced graph now (torch_xla.sync). Called after every DDPM step of a variation grid,
-    so that each step is one graph (compiled once, reused) instead of one graph of all sample_steps steps."""
-    import torch_xla
-    torch_xla.sync()
-
-
-def xla_poll_stop(stop, step, cfg):
-    """Replicas agree on stopping: each process (and each replica thread) may see the signal at another
-    step. Every 10 steps, a max over replicas read on the host (a sync of that small graph only)."""
-    if step % 10 and step != cfg.steps:
-        return False
-    import torch_xla
-    flag = torch.tensor(float(bool(stop)), device=torch_xla.device())
-    xla_reduce([flag], "max", XLA_CHANNELS["stop"])
-    return flag.item() > 0
+# ----------------------------------------------------------------------------- torch_xla launch (backends.py: the rest)
 
 
 def xla_launch(cfg):
@@ -625,7 +384,7 @@ def build_dataset(cfg, image_size, encoder, d):
                 if (d.rank == 0) == (turn == 0):
                     pairs, report = data.build_pairs(pages, encoder, os.path.join(cfg.out, "cache"), cfg.filter_low,
                                                      cfg.filter_high, seed=cfg.seed, cond_cache=cache)
-                barrier(d)
+                backends.barrier(d)
             if d.is_main:
                 say({k: v for k, v in report.items() if k != "histogram"}, "\n" + report["histogram"])
         dataset = data.PagePairs(pages, mode=cfg.pairs, pairs=pairs, seed=cfg.seed, cond_cache=cache,
@@ -643,6 +402,9 @@ def stream_dataset(cfg, image_size, encoder, d):
     not filtered with the run's band), which says for --cond-cache shards whether its tokens are this
     encoder's at this size for cross-attention (§3.2; UserError naming what differs). An unfiltered run on
     shards that carry a filter result gets a warning (their kept pairs are not used, App. C)."""
+    if d.kind == "xla" and d.world > 1:  # their positions would need a host-side gather (untested)
+        raise UserError("page shards under --backend xla run on one device only for now (CPU_NUM_DEVICES=1 / "
+                        "one TPU core); several replicas: write a folder or manifest source")
     filtered = cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1)
     tokens = cfg.cond_cache == "shards"
     try:
@@ -690,10 +452,7 @@ def stream_position(loader, d):
     if d.kind == "ddp":
         ranks = [None] * d.world
         dist.all_gather_object(ranks, mine)
-    elif d.kind == "xla" and d.world > 1:
-        import torch_xla.core.xla_model as xm           # UNTESTED: host-side gather over replicas
-        ranks = xm.mesh_reduce("semantica-data-position", mine, list)
-    else:
+    else:  # one process (stream_dataset refuses several XLA replicas)
         ranks = [mine]
     return {"format": stream.FORMAT, "world": d.world, "ranks": ranks}
 
@@ -740,14 +499,14 @@ def variation_grid(ema, grid, cfg, d, step, autocast, logger):
         with autocast:  # (B, n, 3, H, W); per-image noise from (seed, row, sample)
             samples = ema.sample(**{"cond" if cfg.cond_cache else "cond_images": cond}, num_samples=cfg.grid_n,
                                  steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
-                                 on_step=xla_step_boundary if d.kind == "xla" else None)
+                                 on_step=backends.xla_step_boundary if d.kind == "xla" else None)
         if cfg.fsdp:
             ema.reshard()
         if d.is_main:
             path = os.path.join(cfg.out, f"variations_{step:07d}.png")
             logger.image(step, images.save_grid(torch.cat([shown[:, None].to(samples.dtype), samples], 1), path))
             say(f"wrote {path}")
-    barrier(d)
+    backends.barrier(d)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -757,24 +516,10 @@ def checkpoint_state(cfg, d, header, model, ema, opt, step, data_position):
 
     Every rank must call this: under FSDP gathering the full state is a collective.
     """
-    if d.kind == "xla":
-        msd, esd, osd = model.state_dict(), ema.state_dict(), opt.state_dict()
-    else:  # plain, DDP or FSDP2 modules: FQN keys without "module." / "_orig_mod." prefixes
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd, esd = get_model_state_dict(model, options=full), get_model_state_dict(ema, options=full)
-        osd = get_optimizer_state_dict(model, opt, options=full)
+    msd, esd, osd = backends.full_states(model, ema, opt, d)
     return {**header, "model": msd, "ema": esd, "step": step, "ema_decay": cfg.ema_decay, "train_config": asdict(cfg),
             # train-only: the optimiser, the world size, this rank's data position, global samples consumed
             "optimizer": osd, "world": d.world, "data_position": data_position, "samples": step * cfg.batch}
-
-
-def save_checkpoint(path, state, d):
-    """Write atomically (tmp + os.replace) from rank 0, then all ranks meet (XLA: every replica saves)."""
-    if d.kind == "xla":
-        return xla_save(state, path, d)
-    if d.is_main:
-        semantica.save_checkpoint(path, state)
-    barrier(d)
 
 
 def load_checkpoint(path, cfg=None):
@@ -796,13 +541,6 @@ def load_checkpoint(path, cfg=None):
             lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise UserError(f"{path} was written by another config ({lines}); use another --out or the same flags")
     return ckpt
-
-
-def load_optimizer(model, opt, state, d):
-    """Restore a full (unsharded) optimiser state into this run's optimiser: plain, DDP or FSDP2 (any world)."""
-    if d.kind == "xla":
-        return opt.load_state_dict(state)
-    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 def check_world(ckpt, cfg, d):
@@ -899,9 +637,9 @@ def read_log(path):
 
 def report(logger, d, step, running, n_steps, gnorm, seconds):
     """Hand the mean loss since the last report to the logger (XLA: after the step's graph ran)."""
-    running = mean_over_ranks(running, d)
+    running = backends.mean_over_ranks(running, d)
     fn = lambda: logger.step(step, running.item() / n_steps, gnorm.item(), n_steps, seconds)  # noqa: E731
-    xla_report(fn, ()) if d.kind == "xla" else fn()
+    backends.xla_report(fn, ()) if d.kind == "xla" else fn()
 
 
 STOP = []  # signals received (SIGTERM from a scheduler, SIGINT from Ctrl-C): the loop saves, then exits
@@ -923,7 +661,7 @@ def main(cfg):
     """Train; -> dict(losses [(step, mean loss)], model, ema, step, dist, optimizer, stopped_by)."""
     cfg = filter_band(cfg)
     check_paths(cfg)
-    d = setup_distributed(cfg)
+    d = backends.setup_distributed(cfg)
     tell = say if d.is_main else (lambda *a: None)  # rank 0 prints; the others stay silent
     path = os.path.join(cfg.out, CKPT_NAME)
     ckpt = load_checkpoint(path, cfg) if cfg.resume else None
@@ -946,9 +684,10 @@ def main(cfg):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest conv kernels
 
     # Build: identical init on every rank (same seed), EMA from the unwrapped model, frozen encoder.
-    torch.manual_seed(cfg.seed)
-    encoder = load_frozen_encoder(cfg, ckpt["encoder"] if ckpt is not None else None)
-    raw = build_model(cfg, encoder).to(d.device)
+    with backends.XLA_BUILD_LOCK if d.kind == "xla" else contextlib.nullcontext():  # XLA threads: the same init each run
+        torch.manual_seed(cfg.seed)
+        encoder = load_frozen_encoder(cfg, ckpt["encoder"] if ckpt is not None else None)
+        raw = build_model(cfg, encoder).to(d.device)
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)  # filtering runs on d.device
     raw.net.grad_checkpoint = cfg.grad_checkpoint
     header = semantica.checkpoint_header(raw)  # format, model config, p_uncond, encoder identity (hashed once)
@@ -959,10 +698,10 @@ def main(cfg):
         ema.load_state_dict(ckpt["ema"])
         tell(f"resumed {path} at step {start_step}")
 
-    model = wrap(raw, ema, cfg, d)
+    model = backends.wrap(raw, ema, cfg, d)
     opt = make_optimizer(cfg, raw.parameters(), d.device)  # §6.1
     if ckpt is not None:
-        load_optimizer(model, opt, ckpt["optimizer"], d)
+        backends.load_optimizer(model, opt, ckpt["optimizer"], d)
 
     # Data: per-rank, infinite; each rank skips the batches it consumed: step x accumulation. With the
     # same world that is exact; resharded it continues from the same number of global samples (step x batch).
@@ -973,7 +712,7 @@ def main(cfg):
         loader = data.make_loader(dataset, micro, d.rank, d.world, cfg.seed, start=start, num_workers=cfg.num_workers)
     except ValueError as e:
         raise UserError(f"--data {cfg.data}: {e}") from e
-    batches = iter(xla_loader(loader, d) if d.kind == "xla" and not streaming else loader)
+    batches = iter(backends.xla_loader(loader, d) if d.kind == "xla" and not streaming else loader)
     grid = grid_inputs(dataset, cfg, d.device)
     del ckpt
 
@@ -992,25 +731,26 @@ def main(cfg):
                     cond, x = (t.to(d.device, non_blocking=True) for t in next(batches))
                 except stream.NoUsablePage as e:  # a stream with nothing to train on: one line, reasons logged
                     raise UserError(f"--data {cfg.data}: {e}") from e
-                seed_micro_step(gen, micro_step_seed(cfg.seed, d.rank, step, k), d)
-                with grad_sync(model, cfg, d, last=k == accum - 1), autocast:
+                backends.seed_micro_step(gen, micro_step_seed(cfg.seed, d.rank, step, k), d)
+                with backends.grad_sync(model, cfg, d, last=k == accum - 1), autocast:
                     loss = model(x, cond, generator=gen) / accum  # Eq. 3 in eps space (§6.1)
                 loss.backward()
                 running += loss.detach()  # stays on the device: no host sync per step
             step, n_running, data_position = step + 1, n_running + 1, data_position + accum
             bar.update()
-            stop_now = poll_stop(stop, d, step, cfg)
+            stop_now = backends.poll_stop(stop, d, step, cfg)
             save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now
             log_now = step % cfg.log_every == 0 or save_now
-            gnorm = grad_norm(raw) if log_now else None
-            optimizer_step(opt, d)
+            backends.reduce_gradients(opt, d)
+            gnorm = backends.grad_norm(raw) if log_now else None  # of the averaged gradients, every backend
+            backends.optimizer_step(opt, d)
             semantica.update_ema(ema, raw, cfg.ema_decay)  # every optimiser step, from the unwrapped model
             if log_now:
                 report(logger, d, step, running, n_running, gnorm, time.time() - t_last)
                 running, n_running, t_last = torch.zeros((), device=d.device), 0, time.time()
             if save_now:  # before the grid: nothing the grid does can cost the checkpoint
                 position = stream_position(loader, d) if streaming else data_position
-                save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, position), d)
+                backends.save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, position), d)
                 tell(f"saved {path} at step {step}" + (f"; {stream.summary(position['ranks'])}" if streaming else ""))
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 variation_grid(ema, grid, cfg, d, step, autocast, logger)

@@ -1,4 +1,4 @@
-"""Why train.py's XLA collectives take another route on XLA:CPU with several devices (train.xla_reduce).
+"""Why train.py's XLA collectives take another route on XLA:CPU with several devices (backends.xla_reduce).
 
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python scripts/xla_cpu_collectives.py all_reduce   # aborts after ~15 s
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python scripts/xla_cpu_collectives.py all_gather   # works

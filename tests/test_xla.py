@@ -11,7 +11,7 @@ which writes what each replica computed; the tests compare it with plain-torch C
 The checkpoint is sampled with sample.py under $SEMANTICA_MAIN_PYTHON (the project's own torch, set by
 the script; default: this python), so the XLA checkpoint is checked to be a plain torch checkpoint.
 What this cannot cover (needs a TPU): TPU compilation and memory, the TPU collectives (xm.all_reduce,
-xm.collective_broadcast; XLA:CPU takes train.xla_reduce's all-gather route), multi-host, `xla://`.
+xm.collective_broadcast; XLA:CPU takes backends.xla_reduce's all-gather route), multi-host, `xla://`.
 """
 import json
 import os
@@ -32,6 +32,7 @@ else:
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py and the modules it imports, when this file runs as a script
+import backends  # noqa: E402
 import train  # noqa: E402
 
 pytestmark = pytest.mark.xla
@@ -214,7 +215,7 @@ def _replica(index, out):
     model.p_uncond = 0.0  # keep every condition: the loss draws nothing from the device RNG
     x, cond, t, eps = (v[4 * d.rank:4 * d.rank + 4].to(d.device) for v in fixed_batch())
     model.loss(x, cond, t=t, eps=eps).backward()
-    train.xla_optimizer_step(torch.optim.SGD(model.parameters(), lr=0.0))  # averages the gradients in place
+    backends.reduce_gradients(torch.optim.SGD(model.parameters(), lr=0.0), d)  # averages the gradients in place
     state["grads"] = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
     torch.save(state, os.path.join(out, f"replica{d.rank}.pt"))
 
@@ -233,9 +234,9 @@ def _sampler(out):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(torch_xla.device())
     cond = fixed_batch()[1][:2].to(torch_xla.device())
-    samples = model.sample(cond_images=cond, num_samples=2, steps=3, seed=5, on_step=train.xla_step_boundary).cpu()
+    samples = model.sample(cond_images=cond, num_samples=2, steps=3, seed=5, on_step=backends.xla_step_boundary).cpu()
     compiles = met.metric_data("CompileTime")[0]
-    model.sample(cond_images=cond, num_samples=2, steps=6, seed=5, on_step=train.xla_step_boundary).cpu()
+    model.sample(cond_images=cond, num_samples=2, steps=6, seed=5, on_step=backends.xla_step_boundary).cpu()
     torch.save({"state": state, "samples": samples, "new_compiles": met.metric_data("CompileTime")[0] - compiles},
                os.path.join(out, "sampler.pt"))
 
