@@ -96,3 +96,14 @@ def test_kind_scores_by_hand():
     s = kinds.kind_scores(Stub(), cond, cond_kind, samples, sample_cond, img([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0]))
     assert abs(s["agreement"] - 4 / 6) < 1e-6 and s["sample_accuracy"] == 3 / 6
     assert s["real_accuracy"] == 3 / 4 and abs(s["relative_accuracy"] - (3 / 6) / (3 / 4)) < 1e-6
+
+
+def test_gpu_profile_is_the_same_claims_at_64px_with_20x_the_training_images():
+    """Issue 20.5: --profile gpu = small-64 at 64 px, >= 20x the training images of the CPU run; its quick
+    variant exercises the same model and size on a CPU."""
+    import claims
+    import uvit
+    cpu, gpu, quick = claims.PRESETS["full"], claims.PRESETS["gpu"], claims.PRESETS["gpu-quick"]
+    assert uvit.PRESETS[gpu.model].image_size == gpu.size == 64 and (quick.model, quick.size) == (gpu.model, gpu.size)
+    assert gpu.steps * gpu.batch >= 20 * cpu.steps * cpu.batch and gpu.train_pages >= 20 * cpu.train_pages
+    assert uvit.PRESETS[cpu.model].image_size == cpu.size == 32

@@ -9,7 +9,7 @@ import uvit
 
 # Parameter counts documented in uvit.PRESETS and the README (computed on the meta device).
 PARAMS = {"sid-b-256": 391_576_067, "sid-l-256": 1_116_570_627, "semantica-512": 4_035_408_387,
-          "tiny-32": 2_007_779, "small-64": 10_163_363}
+          "tiny-32": 2_007_779, "tiny-32-p2": 2_002_211, "small-64": 10_163_363}
 # A very small network for fast CPU checks: 16 px, one conv level, a 2-block transformer at 8x8.
 MICRO = uvit.UViTConfig(image_size=16, channels=(16,), blocks=(1,), transformer_levels=0, width=32, depth=2,
                         head_dim=16, cond_dim=24, dropout=0.0)
@@ -37,7 +37,7 @@ def test_preset_builds_with_documented_parameter_count(name):
     with torch.device("meta"):
         net = uvit.UViT(cfg)
     assert sum(p.numel() for p in net.parameters()) == PARAMS[name]
-    assert cfg.lowest_size == (8 if name in ("tiny-32", "small-64") else 16)  # §6.1: lowest map 16x16
+    assert cfg.lowest_size == {"tiny-32": 8, "tiny-32-p2": 4, "small-64": 8}.get(name, 16)  # §6.1: lowest map 16x16
 
 
 def test_paper_presets_follow_section_6_1():
