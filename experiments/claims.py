@@ -246,7 +246,7 @@ def few_shot(cc, ckpt, test_source, k, guidances, out):
         return json.load(f)
 
 
-def load_samples(out, w, size=32):
+def load_samples(out, w, size):
     """-> (images (N,3,S,S) in [-1,1], cond index per sample (N,)), read back from the PNGs that
     sample.few_shot writes as OUT/samples_w{w}/cond{index}_{sample}.png."""
     folder = os.path.join(out, f"samples_w{w}")
@@ -496,7 +496,7 @@ def _grids(r, folder, real_img, page, sweep, w_abl, rows=6):
     out["Test pages (one row per page; never trained on)"] = "test_pages.png"
 
     def samples(name, proto, w):                                  # {cond index: its samples}, first rows
-        img, cond = load_samples(E[(name, proto, w)]["samples_dir"], w)
+        img, cond = load_samples(E[(name, proto, w)]["samples_dir"], w, r["config"]["size"])
         by = {c: img[cond == c] for c in cond.unique().tolist()}
         return [c for c in by if int(page[c]) in pages][:rows], by
 
