@@ -51,6 +51,7 @@ import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import metrics  # noqa: E402
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
+import uvit  # noqa: E402
 
 TEST_PAGES_SEED = 303       # DESIGN: test pages: their own seed, never trained on (as ImageNet val, §8.2)
 W_ABLATION = diffusion.GUIDANCE   # §6.1: "0.5 guidance for our ablations"
@@ -625,13 +626,20 @@ def write_results(r, path, real_img, page):
     L += ["## Runtime", "", "This invocation; phases found in the --out cache show only their reuse time.", "",
           "| phase | seconds |", "| --- | --- |"]
     L += [f"| {k} | {v:.0f} |" for k, v in r["timing"].items()]
-    L += ["", "## What this does and does not show", "", SCALE_NOTES.format(n=n)]
+    L += ["", "## What this does and does not show", "", SCALE_NOTES.format(n=n, model=cc.model, size=cc.size,
+                                                                    params=round(_millions(cc.model), 1))]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 
 
+def _millions(preset):
+    """Parameters of a U-ViT preset in millions (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in uvit.UViT(uvit.PRESETS[preset]).parameters()) / 1e6
+
+
 SCALE_NOTES = """\
-- Scale: a 2M-parameter 32 px U-ViT trained for minutes, a 4-block ViT encoder trained for about a minute, and
+- Scale: a {params}M-parameter {size} px U-ViT ({model}) trained for minutes, a 4-block ViT encoder trained for about a minute, and
   N = {n} test images instead of SiD-B/L at 256 px, DINOv2-B/L, ~300K steps at batch 2048 and 10K-50K images.
   FID at N = {n} in a 128-d space has a large bias and noise (see the ± column); only differences well
   beyond the bootstrap noise mean something, and one training seed per setting is not an ablation.
