@@ -671,10 +671,7 @@ def main(cfg):
     if cfg.fsdp and d.kind != "ddp":
         raise UserError("--fsdp needs a process group: launch with torchrun (--nproc_per_node=1 for one GPU)")
     start_step = ckpt["step"] if ckpt is not None else 0
-    logger = Logger(cfg, d, start_step)
     if d.is_main:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
         tell(json.dumps(asdict(cfg)))
         tell(f"backend {d.kind}, device {d.device}, world {d.world}: global batch {cfg.batch} = micro-batch "
              f"{micro} x accumulation {accum} x world {d.world}; pair filter [{cfg.filter_low}, {cfg.filter_high}]")
@@ -689,6 +686,11 @@ def main(cfg):
         encoder = load_frozen_encoder(cfg, ckpt["encoder"] if ckpt is not None else None)
         raw = build_model(cfg, encoder).to(d.device)
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)  # filtering runs on d.device
+    # Inputs known good: only now does OUT get the run's files (a refused run leaves no config or log behind).
+    logger = Logger(cfg, d, start_step)
+    if d.is_main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
     raw.net.grad_checkpoint = cfg.grad_checkpoint
     header = semantica.checkpoint_header(raw)  # format, model config, p_uncond, encoder identity (hashed once)
     ema = raw.ema_copy()  # frozen, shares the encoder
