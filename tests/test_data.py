@@ -482,3 +482,22 @@ def test_torchrun_encode_matches_one_process(tmp_path):
     for k in ("tokens", "global", "valid"):
         a, b = (np.asarray(c.arrays()[k], dtype=np.float32) for c in (one, two))
         assert a.shape == b.shape and np.allclose(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_pairs_touching_an_undecodable_image_are_never_kept():
+    """§5 filter with an image that failed to decode (valid False): no kept pair uses it, whatever the band,
+    and they are counted as unreadable. Page of 3 images, identical embeddings (cos 1), band [-1, 1]: of the
+    6 ordered pairs, the 4 touching image 1 go; (0, 2) and (2, 0) stay (enumerated by hand)."""
+    import pairs
+
+    class Pages:
+        def __len__(self):
+            return 1
+
+        def count(self, p):
+            return 3
+
+    emb, valid = torch.ones(3, 4), torch.tensor([True, False, True])
+    kept, counts, cos = pairs.select_pairs(Pages(), emb, valid, -1.0, 1.0)
+    assert sorted(map(tuple, kept.tolist())) == [(0, 0, 2), (0, 2, 0)]
+    assert counts["unreadable"] == 4 and counts["pairs_after"] == 2 and len(cos) == 2
