@@ -328,7 +328,8 @@ def run(cc, out, data_arg, results_path):
                                               cc.bank_pages, cc.seed, log=log)
     feat_net = features.load_feature_net(feat_path)
     real_img, page = test_images(cc, test_source)
-    real_f = torch.from_numpy(metrics.extract_features(feat_net, metric_size(real_img).split(256), progress=False))
+    real_small = metric_size(real_img)                   # what the 32 px metric networks see
+    real_f = torch.from_numpy(metrics.extract_features(feat_net, real_small.split(256), progress=False))
     kind = torch.tensor([synthetic_test_pages(cc).label(p) for p in page.tolist()]) \
         if data_arg == "synthetic" else None
     classifier = None
@@ -346,7 +347,7 @@ def run(cc, out, data_arg, results_path):
             for label, f in (("conditioning encoder (trained)", enc(real_img)[0]),
                              ("same ViT, random weights", rand_enc(real_img)[0]),
                              ("feature CNN (trained)", real_f), ("same CNN, random weights",
-                                                                 rand_cnn(metric_size(real_img)))):
+                                                                 rand_cnn(real_small))):
                 spaces[label] = features.space_report(f, page, kind)
     timing["networks"] = time.time() - t0
 
@@ -374,13 +375,12 @@ def run(cc, out, data_arg, results_path):
             s = few_shot(cc, runs[name]["ckpt"], test_source, 1 if proto == "one_shot" else cc.per_page, gws, d)
             for w in gws:
                 fake_img, cond = load_samples(d, float(w), cc.size)
-                fake_f = torch.from_numpy(metrics.extract_features(feat_net, metric_size(fake_img).split(256),
-                                                                   progress=False))
+                fake_small = metric_size(fake_img)
+                fake_f = torch.from_numpy(metrics.extract_features(feat_net, fake_small.split(256), progress=False))
                 evals[(name, proto, w)] = score(cc, real_img, real_f, page, fake_img, fake_f, cond)
                 if classifier is not None:               # conditions = the test images that were sampled from
                     evals[(name, proto, w)]["kind"] = kinds.kind_scores(
-                        classifier, metric_size(real_img), kind, metric_size(fake_img), cond,
-                        metric_size(real_img), kind)
+                        classifier, real_small, kind, fake_small, cond, real_small, kind)
                 res = dict(s["results"][str(float(w))])      # sample.py: alignment per space; the default
                 res["alignment"] = next(iter(res["alignment"].values()))   # space is the checkpoint's encoder
                 encoder_space[(name, proto, w)] = res
