@@ -81,7 +81,7 @@ class ClaimsConfig:
     bank_pages: int = 600            # held-out pages for each of the two networks
     bootstrap: int = 50              # resamples for the FID noise estimate
     num_workers: int = 0             # train.py DataLoader workers (rendering pages; GPU profile: 8)
-    classifier_steps: int = 1500     # kinds.train_classifier (object-kind classifier, >= 90 % held out)
+    classifier_steps: int = 800      # kinds.train_classifier (object-kind classifier, >= 90 % held out)
     classifier_pages: int = 3000     # its held-out training pages (and 1/3 as many to measure it)
     seed: int = 0
 
@@ -291,6 +291,23 @@ def score(cc, real_img, real_f, page, fake_img, fake_f, cond):
     return res
 
 
+def fid_vs_test_size(cc, real_f, page, samples_dir, feat_net):
+    """Issue 20.1: one-shot FID and its bootstrap std on the first 1/4, 1/2 and all of the test pages (the
+    same samples, restricted to those pages' conditions) -> [{pages, n, fid, fid_std}]."""
+    fake_img, cond = load_samples(samples_dir, W_ABLATION, cc.size)
+    fake_f = torch.from_numpy(metrics.extract_features(feat_net, metric_size(fake_img).split(256), progress=False))
+    pages, rows = page.unique().tolist(), []
+    for k in sorted({max(2, len(pages) // 4), max(2, len(pages) // 2), len(pages)}):
+        keep = torch.tensor(pages[:k])
+        r, f = torch.isin(page, keep), torch.isin(page[cond], keep)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fid = metrics.frechet_distance(real_f[r], fake_f[f])
+        rows.append(dict(pages=k, n=int(r.sum()), fid=float(fid),
+                         fid_std=bootstrap_fid_std(real_f[r], fake_f[f], cc.bootstrap, cc.seed)))
+    return rows
+
+
 def real_reference(real_img, real_f, page):
     """The same diagnostics between two real images of one test page: the scale of a real variation."""
     px, ft, cos = [], [], []
@@ -388,6 +405,7 @@ def run(cc, out, data_arg, results_path):
             timing[f"eval {name} {proto}"] = time.time() - t
 
     log("== 4/4 claims and RESULTS.md")
+    fid_n = fid_vs_test_size(cc, real_f, page, evals[(SWEEP, "one_shot", W_ABLATION)]["samples_dir"], feat_net)
     copy = copy_model(cc, real_f, page)
     ref = real_reference(real_img, real_f, page)
     timing["total"] = time.time() - t0
@@ -395,7 +413,7 @@ def run(cc, out, data_arg, results_path):
                   runs={k: {"loss": v["loss"], "seconds": v["seconds"], "ckpt": v["ckpt"]} for k, v in runs.items()},
                   evals=evals, encoder_space=encoder_space, copy=copy, real_reference=ref, timing=timing,
                   feature_net=feat_net.name, encoder=enc_path, guidances=ws,
-                  classifier=classifier_report if classifier is not None else None)
+                  classifier=classifier_report if classifier is not None else None, fid_vs_n=fid_n)
     claims = judge(result, SWEEP, W_ABLATION)
     result["claims"] = claims
     write_results(result, results_path, real_img, page)
@@ -621,6 +639,22 @@ def write_results(r, path, real_img, page):
         o, f = E[(sweep, "one_shot", w)], E[(sweep, "full", w)]
         L.append(f"| {w} | {o['fid']:.2f} | {o['precision']:.3f} | {o['recall']:.3f} | {f['fid']:.2f} | "
                  f"{f['precision']:.3f} | {f['recall']:.3f} | {o['pixel_diversity']:.3f} |")
+    if r.get("fid_vs_n"):
+        L += ["", f"## FID noise against test-set size ({sweep}, one-shot, guidance {w_abl})", "",
+              "The same samples restricted to the first pages of the test set: FID is biased upwards at small N "
+              "and its bootstrap std shrinks with N, so differences between settings need N well above this run's.",
+              "", "| test pages | N real images | one-shot FID | bootstrap std |", "| --- | --- | --- | --- |"]
+        L += [f"| {q['pages']} | {q['n']} | {q['fid']:.2f} | {q['fid_std']:.2f} |" for q in r["fid_vs_n"]]
+    sweep_json = os.path.join(HERE, "results", "sweep.json")
+    if cc.preset == "full" and os.path.exists(sweep_json):
+        with open(sweep_json) as f:
+            lengths = json.load(f).get("length", {})
+        L += ["", "## What limits learning: the default job against training length (experiments/SWEEP.md)", "",
+              f"From `{lengths.get('command', 'python experiments/sweep.py')}` (experiments/results/sweep.json; the "
+              "full study, with where the time goes, the token probe and DDPM steps, is experiments/SWEEP.md):", "",
+              "| steps x batch 32 | train loss | kind agreement (chance 0.125) |", "| --- | --- | --- |"]
+        L += [f"| {k} | {v['loss']:.4f} | {v['agreement']:.3f} |"
+              for k, v in sorted(lengths.get("rows", {}).items(), key=lambda kv: int(kv[0]))]
     L += ["", "## Sample grids", ""]
     L += [f"{cap}:\n\n![{cap}](results/{fn})\n" for cap, fn in grids.items()]
     L += ["## Runtime", "", "This invocation; phases found in the --out cache show only their reuse time.", "",

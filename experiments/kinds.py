@@ -68,14 +68,16 @@ def predict(net, images, batch=512):
     return torch.cat([net(images[i:i + batch].float()).argmax(1) for i in range(0, len(images), batch)])
 
 
-def train_classifier(cache_dir, size=32, pages=3000, steps=1500, batch=64, lr=2e-3, width=16, seed=0,
+def train_classifier(cache_dir, size=32, pages=3000, steps=800, batch=64, lr=2e-3, width=16, seed=0,
                      log=print):
     """Train (or load from cache_dir) the kind classifier -> (net, report dict with held-out accuracy).
 
     Trained with Adam + cosine decay on `pages` held-out pages (seed CLASSIFIER_PAGES_SEED), random
     flips as augmentation (kinds are flip-invariant up to rotation); accuracy measured on pages / 3
     other pages (seed CHECK_PAGES_SEED). Cached by its settings."""
-    tag = hashlib.sha1(json.dumps([size, pages, steps, batch, lr, width, seed, "v1"]).encode()).hexdigest()[:10]
+    style = synthetic.SyntheticPages(1, size)                      # the pages it learns: their drawing style
+    tag = hashlib.sha1(json.dumps([size, pages, steps, batch, lr, width, seed, style.max_objects, style.object_scale,
+                                   "v1"]).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"kind_cnn_{tag}.pt")
     net = KindCNN(width=width)
     if os.path.exists(path):
@@ -136,6 +138,22 @@ def test_conditions(num_pages, size=32, seed=TEST_PAGES_SEED):
             torch.tensor([pages.label(p) for p in range(num_pages)]))
 
 
+def evaluate_checkpoint(ckpt, net, pages=64, n=4, guidance=0.5, steps=64, seed=0, model=None):
+    """Sample `n` variations of one condition per held-out test page (seed TEST_PAGES_SEED) from a
+    train.py checkpoint and score them with kind_scores -> (scores dict, cond (M,3,S,S), samples (M,n,3,S,S))."""
+    model = model or semantica.Semantica.from_checkpoint(ckpt)
+    size = model.net.config.image_size
+    cond, kind = test_conditions(pages, size)
+    t0 = time.time()
+    samples = model.sample(cond, num_samples=n, guidance=guidance, steps=steps, seed=seed)
+    seconds = time.time() - t0
+    real, real_kind = kind_bank(200, CHECK_PAGES_SEED + 1, size)
+    index = torch.arange(len(cond)).repeat_interleave(n)
+    scores = kind_scores(net, cond, kind, samples.flatten(0, 1), index, real, real_kind)
+    return dict(pages=pages, n=n, guidance=guidance, steps=steps, sample_seconds=round(seconds, 1),
+                chance=1 / len(synthetic.KINDS), **scores), cond, samples
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Kind agreement of a checkpoint's variations on held-out pages.")
     ap.add_argument("ckpt", help="a train.py checkpoint (OUT/ckpt.pt) of a 32 px synthetic-pages model")
@@ -150,16 +168,8 @@ def main(argv=None):
         ap.error(f"no checkpoint at {a.ckpt}")
     net, rep = train_classifier(a.cache)
     print(f"classifier: held-out accuracy {rep['held_out_accuracy']:.3f} ({rep})")
-    model = semantica.Semantica.from_checkpoint(a.ckpt)
-    size = model.net.config.image_size
-    cond, kind = test_conditions(a.pages, size)
-    t0 = time.time()
-    samples = model.sample(cond, num_samples=a.n, guidance=a.guidance, steps=a.steps, seed=a.seed)
-    real, real_kind = kind_bank(200, CHECK_PAGES_SEED + 1, size)
-    index = torch.arange(len(cond)).repeat_interleave(a.n)
-    scores = kind_scores(net, cond, kind, samples.flatten(0, 1), index, real, real_kind)
-    print(json.dumps(dict(ckpt=a.ckpt, pages=a.pages, n=a.n, guidance=a.guidance, steps=a.steps,
-                          sample_seconds=round(time.time() - t0, 1), **scores, chance=1 / len(synthetic.KINDS))))
+    scores, _, _ = evaluate_checkpoint(a.ckpt, net, a.pages, a.n, a.guidance, a.steps, a.seed)
+    print(json.dumps(dict(ckpt=a.ckpt, **scores)))
 
 
 if __name__ == "__main__":

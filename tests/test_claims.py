@@ -41,6 +41,9 @@ def test_quick_run_writes_every_claim(tmp_path):
     assert abs(copy["full"]["fid"]) < 1e-3 and copy["full"]["recall"] == 1.0
     assert copy["one_shot"]["recall"] == pytest.approx(copy["k_over_n"])
     assert res["claims"][2]["verdict"] == "holds"
+    # issue 20.1: FID noise against test-set size, on nested subsets of the test pages (quick: 4 pages x 5)
+    assert [(q["pages"], q["n"]) for q in res["fid_vs_n"]] == [(2, 10), (4, 20)]
+    assert "## FID noise against test-set size" in results
     # the conditioning encoder was saved in the official DINOv2 layout and reloads as the `tiny` preset
     import encoders
     enc = encoders.from_checkpoint(res["encoder"])

@@ -51,3 +51,31 @@ def test_kind_is_the_shape_that_is_drawn(monkeypatch):
         assert differs > 10                              # outliers do carry other kinds
     clean = synthetic.SyntheticPages(30, 16, seed=5, p_outlier=0.0, p_duplicate=0.0)
     assert all(clean.kind(p, i) == clean.label(p) for p in range(30) for i in range(clean.count(p)))
+
+
+def test_object_count_and_size_follow_the_style(monkeypatch):
+    """max_objects bounds the shapes drawn per image; object_scale sets their size: the drawn area of a
+    lone circle (sdf < 0) is pi r^2 with r = scale x half the side, checked against the style's range."""
+    drawn = []
+    real_sdf = synthetic._shape_sdf
+    monkeypatch.setattr(synthetic, "_shape_sdf", lambda kind, u, v: drawn.append(real_sdf(kind, u, v)) or drawn[-1])
+    monkeypatch.setattr(synthetic, "KINDS", ("circle",) * 8)
+    size = 64
+    for max_objects, scale in (((1, 1), (0.55, 0.85)), ((1, 3), (0.35, 0.6)), ((2, 2), (0.3, 0.3))):
+        pages = synthetic.SyntheticPages(12, size, seed=1, p_outlier=0.0, p_duplicate=0.0, max_objects=max_objects,
+                                         object_scale=scale)
+        counts = []
+        for p in range(len(pages)):
+            for i in range(pages.count(p)):
+                drawn.clear()
+                pages.image(p, i)
+                counts.append(len(drawn))
+                if len(drawn) == 1:                      # one circle: its area gives its radius in pixels
+                    r = np.sqrt((drawn[0] < 0).sum() / np.pi) / (size / 2)
+                    assert scale[0] - 0.03 <= r <= scale[1] + 0.03, (max_objects, scale, r)
+        assert 1 <= min(counts) and max(counts) <= max_objects[1]
+        assert max(counts) == max_objects[1]             # the upper end of the range is drawn too
+    a = synthetic.SyntheticPages(5, 16)
+    b = synthetic.SyntheticPages(5, 16, max_objects=(1, 3), object_scale=(0.35, 0.6))
+    assert a.fingerprint() != b.fingerprint()            # caches of one style never serve the other
+    assert (a.max_objects, a.object_scale) == ((1, 1), (0.55, 0.85))   # the default style (issue 20 study)

@@ -1,0 +1,339 @@
+"""What limits learning in the small-scale runs: a measured study (issue 20), written to experiments/SWEEP.md.
+
+Not part of the paper (Semantica trains 300K steps of batch 2048 on TPUs, §6.1). The CPU default job
+(`python train.py`: tiny-32, 600 steps of batch 32, a random tiny encoder, synthetic pages) and the claims
+run draw colour-true blobs rather than shapes; this script measures why, in four parts:
+
+  phases  images/s of each phase of the default job's step on this machine: rendering synthetic pages, the
+          DataLoader (0 and 2 workers), the frozen encoder, the denoiser step (eager fp32, channels-last,
+          bf16 autocast; torch.compile with --compile) and one guided DDPM sampling step.
+  probe   do the conditioning tokens carry the condition? A ridge regression from the encoder's output to the
+          condition's pixels and to its object kind, on held-out pages (random tiny encoder; the trained
+          claims encoder too when --encoder-weights names it).
+  length  the default job's flags trained on (train.py, resumed) to each of --lengths steps; at each length
+          the kind agreement of its variations (experiments/kinds.py) and a grid of them.
+  ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
+
+    python experiments/sweep.py                              # every part -> experiments/SWEEP.md
+    python experiments/sweep.py --parts phases,probe          # some parts (the others are kept from sweep.json)
+
+Each part is stored in OUT/sweep.json with its command, wall time and machine; checkpoints are kept per
+length (OUT/length/ckpt_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+import data  # noqa: E402
+import encoders  # noqa: E402
+import images  # noqa: E402
+import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
+import semantica  # noqa: E402
+import synthetic  # noqa: E402
+import uvit  # noqa: E402
+
+PROBE_PAGES_SEED = 606     # DESIGN: held-out pages of their own seed for the token probe
+EVAL = dict(pages=48, n=2, guidance=0.5, steps=64)   # kind agreement: 96 samples (binomial std <= 0.05)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def machine():
+    """One line: CPU model, cores, AVX-512 / bf16 support, torch version and threads."""
+    flags, model = set(), platform.processor() or "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    simd = "AVX-512" + (" + bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "no AVX-512"
+    return f"{model}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def rate(fn, items, repeat=3):
+    """items per second of fn() (one warm-up call, then the best of `repeat` timed calls)."""
+    fn()
+    best = min(_timed(fn) for _ in range(repeat))
+    return items / best
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------- phases
+
+def phases(compile_step=False, batch=32):
+    """images/s of each phase of the default job's step (its model, encoder, pages and batch)."""
+    pages = synthetic.SyntheticPages(512, 32)
+    items = [(p, i) for p in range(64) for i in range(pages.count(p))]
+    out = {"render synthetic images": rate(lambda: [pages.image(p, i) for p, i in items], len(items), 1)}
+    pairs = data.PagePairs(pages, mode="page")
+    for w in (0, 2):
+        def load(w=w):
+            it = iter(data.make_loader(pairs, batch, 0, 1, 0, num_workers=w))
+            for _ in range(8):
+                next(it)
+        out[f"DataLoader, {w} workers (2 images per pair)"] = rate(load, 8 * batch * 2, 1)
+    enc = encoders.load_encoder("tiny", seed=0)
+    x = torch.rand(batch, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out["frozen encoder forward"] = rate(lambda: enc(enc.preprocess(x)), batch)
+    cfg = uvit.PRESETS["tiny-32"]
+    for mode in ("eager fp32", "channels-last fp32", "bf16 autocast") + (("torch.compile fp32",) if compile_step else ()):
+        torch.manual_seed(0)
+        model = semantica.Semantica(cfg, encoder=enc, p_uncond=0.1)
+        ema = model.ema_copy()
+        if mode.startswith("channels-last"):
+            model = model.to(memory_format=torch.channels_last)
+        if mode.startswith("torch.compile"):
+            model.net.compile()
+        opt = torch.optim.Adam(model.net.parameters(), 1e-3, betas=(0.9, 0.99), eps=1e-12)   # train.py's Adam
+        cond = enc(enc.preprocess(x))[1].detach()                                         # precomputed tokens
+
+        def step(model=model, opt=opt, ema=ema, amp=mode == "bf16 autocast", cond_in=x):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = model(x, cond_in)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            semantica.update_ema(ema, model, 0.99)
+        t0 = time.perf_counter()
+        step()                                                                            # warm-up (compile)
+        warm = time.perf_counter() - t0
+        out[f"train step, {mode} (encoder included)"] = batch / min(_timed(step) for _ in range(3))
+        if mode == "eager fp32":
+            out["train step, eager fp32, precomputed tokens (§3.2)"] = \
+                batch / min(_timed(lambda: step(cond_in=cond)) for _ in range(3))
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(0)
+                z, tt = torch.randn(2 * batch, 3, 32, 32, generator=gen), torch.full((2 * batch,), 0.5)
+                c2 = torch.cat([cond, cond])
+                out["sampling: one guided DDPM step (2 passes per image)"] = rate(lambda: model.net(z, tt, c2), batch)
+        if mode.startswith("torch.compile"):
+            log(f"torch.compile: first step (compilation) {warm:.0f} s")
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- probe
+
+def _ridge_fit_eval(f_tr, y_tr, f_te, y_te, lam=1e-2):
+    """Ridge regression (dual form, features standardised) -> predictions on the test features."""
+    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
+    a, b = (f_tr - mu) / sd, (f_te - mu) / sd
+    ym = y_tr.mean(0)
+    k = a @ a.T
+    alpha = torch.linalg.solve(k + lam * k.diagonal().mean() * torch.eye(len(a), dtype=a.dtype), y_tr - ym)
+    return (b @ a.T) @ alpha + ym
+
+
+@torch.no_grad()
+def probe(encoder_weights=None, n_train=1500, n_test=500):
+    """What a ridge regression recovers from the encoder's output on held-out clean pages: pixel RMSE of
+    the condition ([-1, 1] scale) from the tokens and from the global feature, and object-kind accuracy."""
+    pages = synthetic.SyntheticPages(800, 32, seed=PROBE_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0)
+    items = [(p, i) for p in range(len(pages)) for i in range(pages.count(p))][:n_train + n_test]
+    x = torch.stack([pages.image(p, i) for p, i in items]).double()
+    kind = torch.tensor([pages.label(p) for p, _ in items])
+    y_pix, y_kind = x.flatten(1), torch.nn.functional.one_hot(kind, len(synthetic.KINDS)).double()
+    encs = {"random tiny encoder (default job)": encoders.load_encoder("tiny", seed=0)}
+    if encoder_weights:
+        encs["trained tiny encoder (claims run)"] = encoders.from_checkpoint(encoder_weights)
+    tr, te = slice(0, n_train), slice(n_train, None)
+    res = {"baseline (mean image)": dict(pixel_rmse=(y_pix[te] - y_pix[tr].mean(0)).square().mean().sqrt().item())}
+    for name, enc in encs.items():
+        g, tok = enc(enc.preprocess(x.float()))
+        for part, f in (("tokens", tok.flatten(1).double()), ("global", g.double())):
+            pix = _ridge_fit_eval(f[tr], y_pix[tr], f[te], y_pix[te])
+            kd = _ridge_fit_eval(f[tr], y_kind[tr], f[te], y_kind[te])
+            res[f"{name}, {part}"] = dict(pixel_rmse=(pix - y_pix[te]).square().mean().sqrt().item(),
+                                          kind_accuracy=(kd.argmax(1) == kind[te]).double().mean().item())
+    return dict(train_images=n_train, test_images=len(items) - n_train, results=res)
+
+
+# ----------------------------------------------------------------------------- length and DDPM steps
+
+def train_to(out, steps):
+    """train.py with the default job's flags to `steps` (resuming the folder's checkpoint) -> seconds."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--steps", str(steps),
+           "--sample-every", str(10 ** 9)] + (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else [])
+    log("$ " + " ".join(cmd))
+    t = time.time()
+    if subprocess.run(cmd).returncode:
+        raise SystemExit("train.py failed (command above)")
+    return time.time() - t
+
+
+def final_loss(path, step):
+    """The last logged mean loss at or before `step` in a train.py log.jsonl."""
+    with open(path) as f:
+        recs = [r for r in map(json.loads, f) if r.get("step", 0) <= step and "loss" in r]
+    return recs[-1]["loss"]
+
+
+def save_grid(cond, samples, path, rows=8):
+    """Condition then its samples, one row per condition (3x nearest upscale) -> PNG."""
+    rows = torch.cat([cond[:rows, None], samples[:rows]], 1)
+    grid = torch.cat([torch.cat(list(r), 2) for r in rows], 1)
+    images.save_png(torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0], path)
+
+
+def length(out, lengths, classifier, state):
+    """Train the default job to each length and score its variations; cached per length."""
+    run = os.path.join(out, "length")
+    rows = state.setdefault("rows", {})
+    for steps in sorted(lengths):
+        keep = os.path.join(run, f"ckpt_{steps}.pt")
+        if str(steps) in rows and os.path.exists(keep):
+            continue
+        if not os.path.exists(keep):
+            ckpt = os.path.join(run, "ckpt.pt")
+            done = semantica.read_checkpoint(ckpt)["step"] if os.path.exists(ckpt) else 0
+            if done > steps:
+                raise SystemExit(f"{run} is at step {done} > {steps}: delete it to measure shorter runs")
+            seconds = train_to(run, steps)
+            for name, kept in (("log.jsonl", os.path.join(run, f"log_{steps}.jsonl")), ("ckpt.pt", keep)):
+                shutil.copyfile(os.path.join(run, name), kept + ".tmp")   # the run goes on from ckpt.pt
+                os.replace(kept + ".tmp", kept)
+            state.setdefault("train_seconds", {})[str(steps)] = round(seconds)
+        scores, cond, samples = kinds.evaluate_checkpoint(keep, classifier, **EVAL)
+        save_grid(cond, samples, os.path.join(out, f"kinds_{steps}.png"))
+        rows[str(steps)] = dict(loss=final_loss(os.path.join(run, f"log_{steps}.jsonl"), steps), **scores)
+        log(f"length {steps}: {rows[str(steps)]}")
+    return state
+
+
+def ddpm(out, lengths, classifier, step_counts=(16, 64, 256)):
+    """Kind agreement of the longest run against DDPM steps (32 conditions x 2 samples each)."""
+    keep = os.path.join(out, "length", f"ckpt_{max(lengths)}.pt")
+    model = semantica.Semantica.from_checkpoint(keep)
+    rows = {}
+    for s in step_counts:
+        rows[str(s)], _, _ = kinds.evaluate_checkpoint(keep, classifier, pages=32, n=2, steps=s, model=model)
+        log(f"DDPM steps {s}: {rows[str(s)]}")
+    return dict(ckpt_step=max(lengths), rows=rows)
+
+
+# ----------------------------------------------------------------------------- SWEEP.md
+
+def write_markdown(res, path):
+    std = lambda p, n: (p * (1 - p) / n) ** 0.5                                  # binomial std of a share
+    lines = ["# What limits learning at small scale (issue 20 study)", "",
+             "Generated by `python experiments/sweep.py` (each part below names its command, wall time and "
+             "machine; the numbers are read from `sweep.json`). Not part of the paper: Semantica trains "
+             "300K steps of batch 2048 (§6.1); this measures how far the CPU presets are from showing shapes.", ""]
+    meta = lambda part: f"*{part['command']}*, {part['seconds'] / 60:.1f} min, {part['machine']}."
+    if "phases" in res:
+        p = res["phases"]
+        lines += ["## Where the time goes (default job: tiny-32, batch 32)", "", meta(p), "",
+                  "| phase | images/s |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in p["results"].items()]
+        lines += [""]
+    if "probe" in res:
+        p = res["probe"]
+        lines += ["## Do the conditioning tokens carry the condition?", "", meta(p), "",
+                  f"Ridge regression from the encoder output to the condition's pixels and to its object kind, "
+                  f"fit on {p['train_images']} and measured on {p['test_images']} other held-out images "
+                  f"(chance kind accuracy {1 / len(synthetic.KINDS):.3f}).", "",
+                  "| features | pixel RMSE ([-1, 1] scale) | kind accuracy |", "| --- | --- | --- |"]
+        for k, v in p["results"].items():
+            ka = f"{v['kind_accuracy']:.3f}" if "kind_accuracy" in v else "-"
+            lines += [f"| {k} | {v['pixel_rmse']:.3f} | {ka} |"]
+        lines += [""]
+    if "length" in res:
+        p = res["length"]
+        lines += ["## Sample quality against training length", "", meta(p), "",
+                  f"The default job's flags (`python train.py`), resumed to each length; kind agreement of "
+                  f"{EVAL['pages']} held-out conditions x {EVAL['n']} variations (guidance {EVAL['guidance']}, "
+                  f"{EVAL['steps']} DDPM steps; chance 0.125, ± = binomial std). Grids: `kinds_<steps>.png` in "
+                  f"the work folder.", "",
+                  "| steps x batch 32 | images seen | train loss | kind agreement | accuracy on samples / real |",
+                  "| --- | --- | --- | --- | --- |"]
+        for s, r in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
+            n = r["pages"] * r["n"]
+            lines += [f"| {s} | {int(s) * 32} | {r['loss']:.4f} | {r['agreement']:.3f} ± {std(r['agreement'], n):.3f} | "
+                      f"{r['sample_accuracy']:.3f} / {r['real_accuracy']:.3f} |"]
+        lines += [""]
+    if "ddpm" in res:
+        p = res["ddpm"]
+        lines += ["## Kind agreement against DDPM steps at evaluation", "", meta(p), "",
+                  f"The {p['ckpt_step']}-step run, 32 conditions x 2 variations, guidance 0.5.", "",
+                  "| DDPM steps | kind agreement | sampling seconds |", "| --- | --- | --- |"]
+        for s, r in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
+            lines += [f"| {s} | {r['agreement']:.3f} ± {std(r['agreement'], r['pages'] * r['n']):.3f} | "
+                      f"{r['sample_seconds']} |"]
+        lines += [""]
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="phases,probe,length,ddpm", help="comma list of phases, probe, length, ddpm")
+    ap.add_argument("--lengths", default="600,2000", help="training lengths (steps of batch 32) of the length part")
+    ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
+    ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"), help="work folder (cached runs)")
+    ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"), help="the markdown file written")
+    a = ap.parse_args(argv)
+    parts = [p for p in a.parts.split(",") if p]
+    bad = set(parts) - {"phases", "probe", "length", "ddpm"}
+    if bad:
+        ap.error(f"unknown parts {sorted(bad)}")
+    try:
+        lengths = sorted({int(s) for s in a.lengths.split(",")})
+    except ValueError:
+        ap.error(f"--lengths must be integers, got {a.lengths!r}")
+    if a.encoder_weights and not os.path.isfile(a.encoder_weights):
+        ap.error(f"no encoder file at {a.encoder_weights}")
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "sweep.json")
+    res = json.load(open(path)) if os.path.exists(path) else {}
+    classifier = None
+    if {"length", "ddpm"} & set(parts):
+        classifier, rep = kinds.train_classifier(os.path.join(a.out, "networks"), log=log)
+        log(f"kind classifier: held-out accuracy {rep['held_out_accuracy']:.3f}")
+    for part in parts:
+        t0 = time.time()
+        command = "python experiments/sweep.py --parts " + part + \
+            {"length": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths}",
+             "phases": " --compile" if a.compile else "", "probe": ""}[part]
+        if part == "phases":
+            out = dict(results=phases(a.compile))
+        elif part == "probe":
+            out = probe(a.encoder_weights)
+        elif part == "length":
+            out = length(a.out, lengths, classifier, res.get("length", {}))
+        else:
+            out = ddpm(a.out, lengths, classifier)
+        prev = res.get(part, {}).get("seconds", 0) if part == "length" else 0
+        res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine())
+        for p in (path, os.path.join(os.path.dirname(os.path.abspath(a.results)), "results", "sweep.json")):
+            os.makedirs(os.path.dirname(p), exist_ok=True)       # the second copy sits beside SWEEP.md
+            with open(p + ".tmp", "w") as f:                     # (RESULTS.md quotes its length table)
+                json.dump(res, f, indent=1)
+            os.replace(p + ".tmp", p)
+        write_markdown(res, a.results)
+        log(f"{part}: done in {(time.time() - t0) / 60:.1f} min -> {a.results}")
+
+
+if __name__ == "__main__":
+    main()

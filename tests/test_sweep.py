@@ -1,0 +1,71 @@
+"""experiments/sweep.py (issue 20 study): the token probe's ridge regression and the SWEEP.md tables.
+
+The runs themselves (minutes to hours) are not repeated here; what is checked is the arithmetic a reader
+takes from SWEEP.md: the probe equals the textbook (primal) ridge solution, and the tables quote the
+stored numbers with the binomial std of a share."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import sweep  # noqa: E402
+
+
+def test_probe_ridge_is_the_primal_ridge_solution():
+    """Dual form (n x n kernel) == primal (d x d normal equations) on standardised features, computed in numpy."""
+    rng = np.random.default_rng(0)
+    f_tr, f_te = rng.normal(size=(40, 7)) * [1, 2, 3, 4, 5, 6, 7] + 3, rng.normal(size=(9, 7))
+    y_tr = f_tr @ rng.normal(size=(7, 2)) + rng.normal(size=(40, 2)) * 0.1
+    got = sweep._ridge_fit_eval(*(torch.from_numpy(a) for a in (f_tr, y_tr, f_te, np.zeros((9, 2)))), lam=0.3)
+    mu, sd = f_tr.mean(0), f_tr.std(0, ddof=1) + 1e-6               # torch.std is the unbiased std
+    a, b = (f_tr - mu) / sd, (f_te - mu) / sd
+    lam = 0.3 * np.trace(a @ a.T) / len(a)                          # the ridge scales with the mean kernel diagonal
+    w = np.linalg.solve(a.T @ a + lam * np.eye(7), a.T @ (y_tr - y_tr.mean(0)))
+    np.testing.assert_allclose(got.numpy(), b @ w + y_tr.mean(0), rtol=1e-8, atol=1e-8)
+
+
+def test_probe_recovers_what_the_features_determine():
+    """Features that are an invertible linear map of the target: near-zero error; noise features: none."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    f = y @ torch.randn(5, 12, generator=g, dtype=torch.float64)
+    pred = sweep._ridge_fit_eval(f[:200], y[:200], f[200:], y[200:], lam=1e-8)
+    assert (pred - y[200:]).abs().max() < 1e-3
+    noise = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    pred = sweep._ridge_fit_eval(noise[:200], y[:200], noise[200:], y[200:], lam=1e-2)
+    assert (pred - y[200:]).square().mean() > 0.5 * y[200:].var()
+
+
+def test_markdown_quotes_the_stored_numbers(tmp_path):
+    part = dict(command="python experiments/sweep.py --parts length --lengths 600,2000", seconds=90.0, machine="m")
+    res = {"length": dict(part, rows={"2000": dict(loss=0.05, pages=48, n=2, agreement=0.25, sample_accuracy=0.2,
+                                                   real_accuracy=0.99),
+                                      "600": dict(loss=0.06, pages=48, n=2, agreement=0.125, sample_accuracy=0.1,
+                                                  real_accuracy=0.99)}),
+           "ddpm": dict(part, ckpt_step=2000, rows={"16": dict(agreement=0.5, pages=32, n=2, sample_seconds=3.0)}),
+           "probe": dict(part, train_images=10, test_images=5,
+                         results={"baseline (mean image)": dict(pixel_rmse=0.5),
+                                  "x, tokens": dict(pixel_rmse=0.1, kind_accuracy=0.3)}),
+           "phases": dict(part, results={"render synthetic images": 1000.0})}
+    path = tmp_path / "SWEEP.md"
+    sweep.write_markdown(json.loads(json.dumps(res)), str(path))
+    md = path.read_text()
+    std = lambda p, n: (p * (1 - p) / n) ** 0.5                     # noqa: E731
+    assert f"| 600 | 19200 | 0.0600 | 0.125 ± {std(0.125, 96):.3f} | 0.100 / 0.990 |" in md
+    assert md.index("| 600 |") < md.index("| 2000 |")              # rows in training order, not string order
+    assert f"| 16 | 0.500 ± {std(0.5, 64):.3f} | 3.0 |" in md
+    assert "| x, tokens | 0.100 | 0.300 |" in md and "| baseline (mean image) | 0.500 | - |" in md
+    assert "| render synthetic images | 1000.0 |" in md and "1.5 min" in md
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    for argv, msg in ((["--parts", "phases,nope"], "unknown parts"), (["--lengths", "600,x"], "integers"),
+                      (["--parts", "probe", "--encoder-weights", "/nonexistent.pth"], "no encoder file")):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
