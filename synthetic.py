@@ -3,7 +3,8 @@
 Not part of the paper. Semantica trains on images grouped by web page (§5, Episodic WebLI); this module
 draws such pages procedurally so the whole pipeline (data.py's pairs and filter, train.py, sample.py)
 runs without a dataset. A page shares semantics (object kind, palette, texture, background family);
-its images vary in pose, scale, position, count and lighting, and a fraction are unrelated outliers or
+its images vary in pose, scale, position, background and lighting (and object count, when a style allows
+several objects), and a fraction are unrelated outliers or
 near duplicates: what the §5 similarity filter removes. Every image is a pure function of
 (seed, page, index), so DataLoader workers and ranks agree without shared state.
 
@@ -46,6 +47,23 @@ def _shape_sdf(kind, u, v):
     return np.max(np.cos(angles)[:, None, None] * u + np.sin(angles)[:, None, None] * v, axis=0) - 0.87
 
 
+def _range(name, value, low, high, kind):
+    """(lo, hi) with low <= lo <= hi <= high (`low` exclusive for floats) -> tuple, else ValueError."""
+    try:
+        lo, hi = value
+        ok = all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) for x in (lo, hi))
+    except (TypeError, ValueError):
+        ok = False
+    if ok and kind is int:
+        ok = float(lo).is_integer() and float(hi).is_integer()
+    if ok:
+        ok = lo <= hi and (lo >= low if kind is int else lo > low) and (high is None or hi <= high)
+    if not ok:
+        bounds = f"integers >= {low}" if kind is int else f"numbers in ({low}, {high}]"
+        raise ValueError(f"SyntheticPages {name} must be a (lo, hi) pair of {bounds} with lo <= hi, got {value!r}")
+    return kind(lo), kind(hi)
+
+
 def _hsv(h, s, v):
     """HSV in [0,1] -> RGB array in [0,1]."""
     i, f = int(h * 6) % 6, h * 6 - int(h * 6)
@@ -58,7 +76,7 @@ class SyntheticPages:
 
     A page shares semantics across its images: object kind (one of KINDS, `.label(page)`), a colour
     palette, a texture and a background family. Images of a page vary in pose (rotation), scale,
-    position, object count, background and lighting. Like real pages, a fraction of images is
+    position, background and lighting (and object count when max_objects allows several). Like real pages, a fraction of images is
     unrelated (`p_outlier`, a random other kind/palette) or a near duplicate of the page's first
     image (`p_duplicate`): what the low/high similarity filter of §5 removes. Every image is made
     from (seed, page, index) alone, so workers and ranks agree without sharing state. All defaults are
@@ -66,17 +84,20 @@ class SyntheticPages:
 
     max_objects: (lo, hi) range of a page's largest object count (each image draws 1..that many);
     object_scale: range of an object's radius as a fraction of half the image side (divided by
-    sqrt(count)). DESIGN (issue 20 study): one object of radius 0.55-0.85 (9-14 px at 32 px), because
-    the earlier 1-3 objects of radius 0.35-0.6 left 3-6 px shapes that neither a 32 px kind classifier
-    (0.964 held-out accuracy after 1 500 steps, vs 0.993 after 800 on these) nor a short run resolves.
-    The old pages are SyntheticPages(max_objects=(1, 3), object_scale=(0.35, 0.6)).
+    sqrt(count)). DESIGN (issue 20 study): one object of radius 0.55-0.85 (9-14 px at 32 px). The
+    earlier pages drew 1-3 objects of radius 0.35-0.6 (a lone object 6-10 px, three objects 3-6 px);
+    a 32 px kind classifier reached 0.964 held-out accuracy on those after 1 500 steps and 0.993 on
+    these after 800 (experiments/kinds.py). The old pages: max_objects=(1, 3), object_scale=(0.35, 0.6).
+    Bad values (a range that is not two increasing numbers, counts below 1, scales outside (0, 1]):
+    ValueError at construction.
     """
 
     def __init__(self, num_pages=2000, image_size=32, seed=0, images_per_page=(2, 8), p_outlier=0.1,
                  p_duplicate=0.05, max_objects=(1, 1), object_scale=(0.55, 0.85)):
         self.num_pages, self.image_size, self.seed = num_pages, image_size, seed
         self.images_per_page, self.p_outlier, self.p_duplicate = images_per_page, p_outlier, p_duplicate
-        self.max_objects, self.object_scale = tuple(max_objects), tuple(object_scale)
+        self.max_objects, self.object_scale = _range("max_objects", max_objects, 1, None, int), \
+            _range("object_scale", object_scale, 0, 1, float)
 
     def __len__(self):
         return self.num_pages

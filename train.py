@@ -522,6 +522,24 @@ def checkpoint_state(cfg, d, header, model, ema, opt, step, data_position):
             "optimizer": osd, "world": d.world, "data_position": data_position, "samples": step * cfg.batch}
 
 
+def check_resume_pages(ckpt, cfg, dataset, tell):
+    """Synthetic pages: their fingerprint (seed, count, drawing style) -> stored in the checkpoint. A resume on
+    other synthetic pages (e.g. a run from before the one-large-object style) is a UserError; a checkpoint
+    without the record only gets a warning (it cannot tell)."""
+    if cfg.data != "synthetic":
+        return None
+    now = dataset.pages.fingerprint()
+    if ckpt is not None:
+        was = ckpt.get("train_pages")
+        if was is None:
+            tell("warning: the checkpoint does not record its synthetic pages (written before they were recorded); "
+                 f"this run continues on {now}")
+        elif was != now:
+            raise UserError(f"--resume: the checkpoint was trained on other synthetic pages ({was}; now {now}); "
+                            "start a new --out")
+    return now
+
+
 def load_checkpoint(path, cfg=None):
     """Load a train.py checkpoint on CPU; with cfg, refuse one written by an incompatible config."""
     try:
@@ -686,6 +704,7 @@ def main(cfg):
         encoder = load_frozen_encoder(cfg, ckpt["encoder"] if ckpt is not None else None)
         raw = build_model(cfg, encoder).to(d.device)
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)  # filtering runs on d.device
+    pages_id = check_resume_pages(ckpt, cfg, dataset, tell)
     # Inputs known good: only now does OUT get the run's files (a refused run leaves no config or log behind).
     logger = Logger(cfg, d, start_step)
     if d.is_main:
@@ -693,6 +712,7 @@ def main(cfg):
             json.dump(asdict(cfg), f, indent=1)
     raw.net.grad_checkpoint = cfg.grad_checkpoint
     header = semantica.checkpoint_header(raw)  # format, model config, p_uncond, encoder identity (hashed once)
+    header = {**header, "train_pages": pages_id} if pages_id else header  # train-only: the synthetic pages drawn
     ema = raw.ema_copy()  # frozen, shares the encoder
     tell(f"denoiser parameters: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M")
     if ckpt is not None:  # restore before wrapping; the EMA is loaded, never re-synced (SiT bug)

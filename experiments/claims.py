@@ -143,6 +143,24 @@ def synthetic_test_pages(cc):
                                images_per_page=(cc.per_page, cc.per_page))
 
 
+def check_style(out):
+    """OUT caches pages, networks and checkpoints of one synthetic-pages style (synthetic.SyntheticPages
+    defaults): a folder made with another style is refused (its cached runs would be silently reused)."""
+    style = synthetic.SyntheticPages(1)
+    want = dict(max_objects=list(style.max_objects), object_scale=list(style.object_scale))
+    path = os.path.join(out, "pages_style.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            have = json.load(f)
+        if have != want:
+            raise SystemExit(f"{out} holds runs on other synthetic pages ({have}, now {want}): delete it or pass --out")
+    elif any(os.path.exists(os.path.join(out, d)) for d in ("runs", "test_pages", "eval")):
+        raise SystemExit(f"{out} holds runs of an earlier version (no pages_style.json): delete it or pass --out")
+    else:
+        with open(path, "w") as f:
+            json.dump(want, f)
+
+
 def prepare_pages(cc, out, data_arg):
     """-> (train source for train.py, test source for sample.py). Synthetic: write the test pages as
     PNG folders. --data DIR: hold out `test_pages` pages with >= per_page images, manifests for both."""
@@ -338,6 +356,7 @@ def run(cc, out, data_arg, results_path):
     t0, timing = time.time(), {}
     torch.manual_seed(cc.seed)
     os.makedirs(out, exist_ok=True)
+    check_style(out)
     train_source, test_source = prepare_pages(cc, out, data_arg)
 
     log("== 1/4 pretrained networks (held-out synthetic pages)")
@@ -641,14 +660,15 @@ def write_results(r, path, real_img, page):
                  f"{f['precision']:.3f} | {f['recall']:.3f} | {o['pixel_diversity']:.3f} |")
     if r.get("fid_vs_n"):
         L += ["", f"## FID noise against test-set size ({sweep}, one-shot, guidance {w_abl})", "",
-              "The same samples restricted to the first pages of the test set: FID is biased upwards at small N "
-              "and its bootstrap std shrinks with N, so differences between settings need N well above this run's.",
+              "The same samples restricted to the first pages of the test set (nested subsets): how FID and its "
+              "bootstrap std move with N tells how large a test set a difference between settings needs.",
               "", "| test pages | N real images | one-shot FID | bootstrap std |", "| --- | --- | --- | --- |"]
         L += [f"| {q['pages']} | {q['n']} | {q['fid']:.2f} | {q['fid_std']:.2f} |" for q in r["fid_vs_n"]]
     sweep_json = os.path.join(HERE, "results", "sweep.json")
     if cc.preset == "full" and os.path.exists(sweep_json):
         with open(sweep_json) as f:
             lengths = json.load(f).get("length", {})
+    if cc.preset == "full" and os.path.exists(sweep_json) and lengths.get("rows"):
         L += ["", "## What limits learning: the default job against training length (experiments/SWEEP.md)", "",
               f"From `{lengths.get('command', 'python experiments/sweep.py')}` (experiments/results/sweep.json; the "
               "full study, with where the time goes, the token probe and DDPM steps, is experiments/SWEEP.md):", "",

@@ -161,14 +161,24 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4, help="samples per condition")
     ap.add_argument("--guidance", type=float, default=0.5, help="guidance weight (§6.1 ablations: 0.5)")
     ap.add_argument("--steps", type=int, default=64, help="DDPM steps")
-    ap.add_argument("--cache", default="experiments/results/cache", help="classifier cache folder")
+    ap.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs",
+                                                    "kinds"), help="classifier cache folder (default: runs/kinds)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     a = ap.parse_args(argv)
     if not os.path.isfile(a.ckpt):
         ap.error(f"no checkpoint at {a.ckpt}")
+    for flag in ("pages", "n", "steps"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    try:
+        model = semantica.Semantica.from_checkpoint(a.ckpt)
+    except Exception as e:                                  # noqa: BLE001 (any unreadable file: one line)
+        ap.error(f"{a.ckpt}: not a train.py checkpoint ({str(e).splitlines()[0][:200]})")
+    if model.net.config.image_size != 32:
+        ap.error(f"{a.ckpt}: a {model.net.config.image_size} px model; the kind classifier reads 32 px synthetic pages")
     net, rep = train_classifier(a.cache)
     print(f"classifier: held-out accuracy {rep['held_out_accuracy']:.3f} ({rep})")
-    scores, _, _ = evaluate_checkpoint(a.ckpt, net, a.pages, a.n, a.guidance, a.steps, a.seed)
+    scores, _, _ = evaluate_checkpoint(a.ckpt, net, a.pages, a.n, a.guidance, a.steps, a.seed, model=model)
     print(json.dumps(dict(ckpt=a.ckpt, **scores)))
 
 

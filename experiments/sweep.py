@@ -62,7 +62,7 @@ def machine():
                 elif line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
     simd = "AVX-512" + (" + bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "no AVX-512"
-    return f"{model}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{model}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def rate(fn, items, repeat=3):
@@ -86,12 +86,11 @@ def phases(compile_step=False, batch=32):
     items = [(p, i) for p in range(64) for i in range(pages.count(p))]
     out = {"render synthetic images": rate(lambda: [pages.image(p, i) for p, i in items], len(items), 1)}
     pairs = data.PagePairs(pages, mode="page")
-    for w in (0, 2):
-        def load(w=w):
-            it = iter(data.make_loader(pairs, batch, 0, 1, 0, num_workers=w))
-            for _ in range(8):
-                next(it)
-        out[f"DataLoader, {w} workers (2 images per pair)"] = rate(load, 8 * batch * 2, 1)
+    for w in (0, 2):                                  # steady state: workers started and one batch out first
+        it = iter(data.make_loader(pairs, batch, 0, 1, 0, num_workers=w))
+        out[f"DataLoader, {w} workers (2 images per pair)"] = rate(lambda it=it: [next(it) for _ in range(8)],
+                                                                   8 * batch * 2, 2)
+        del it
     enc = encoders.load_encoder("tiny", seed=0)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -158,6 +157,8 @@ def probe(encoder_weights=None, n_train=1500, n_test=500):
         encs["trained tiny encoder (claims run)"] = encoders.from_checkpoint(encoder_weights)
     tr, te = slice(0, n_train), slice(n_train, None)
     res = {"baseline (mean image)": dict(pixel_rmse=(y_pix[te] - y_pix[tr].mean(0)).square().mean().sqrt().item())}
+    kd = _ridge_fit_eval(y_pix[tr], y_kind[tr], y_pix[te], y_kind[te])       # what a linear probe gets from pixels
+    res["raw pixels (reference for kind)"] = dict(pixel_rmse=0.0, kind_accuracy=(kd.argmax(1) == kind[te]).double().mean().item())
     for name, enc in encs.items():
         g, tok = enc(enc.preprocess(x.float()))
         for part, f in (("tokens", tok.flatten(1).double()), ("global", g.double())):
@@ -198,6 +199,12 @@ def save_grid(cond, samples, path, rows=8):
 def length(out, lengths, classifier, state):
     """Train the default job to each length and score its variations; cached per length."""
     run = os.path.join(out, "length")
+    style = synthetic.SyntheticPages(1)
+    settings = dict(eval=EVAL, max_objects=list(style.max_objects), object_scale=list(style.object_scale))
+    if state.get("settings", settings) != settings:
+        raise SystemExit(f"{out}: the stored length rows were measured with {state['settings']}, now {settings}: "
+                         f"delete {run} and the length part of {out}/sweep.json (or pass another --out)")
+    state["settings"] = settings
     rows = state.setdefault("rows", {})
     for steps in sorted(lengths):
         keep = os.path.join(run, f"ckpt_{steps}.pt")
@@ -262,8 +269,9 @@ def write_markdown(res, path):
         lines += ["## Sample quality against training length", "", meta(p), "",
                   f"The default job's flags (`python train.py`), resumed to each length; kind agreement of "
                   f"{EVAL['pages']} held-out conditions x {EVAL['n']} variations (guidance {EVAL['guidance']}, "
-                  f"{EVAL['steps']} DDPM steps; chance 0.125, ± = binomial std). Grids: `kinds_<steps>.png` in "
-                  f"the work folder.", "",
+                  f"{EVAL['steps']} DDPM steps; chance 0.125; ± = binomial std counting every sample as independent, "
+                  f"a lower bound since the two samples of a condition are correlated). Grids: `kinds_<steps>.png` "
+                  f"in the work folder.", "",
                   "| steps x batch 32 | images seen | train loss | kind agreement | accuracy on samples / real |",
                   "| --- | --- | --- | --- | --- |"]
         for s, r in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
@@ -289,24 +297,41 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="phases,probe,length,ddpm", help="comma list of phases, probe, length, ddpm")
     ap.add_argument("--lengths", default="600,2000", help="training lengths (steps of batch 32) of the length part")
+    ap.add_argument("--ddpm-steps", default="16,64,256", help="ddpm: the DDPM step counts compared")
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
     ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"), help="work folder (cached runs)")
     ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"), help="the markdown file written")
     a = ap.parse_args(argv)
-    parts = [p for p in a.parts.split(",") if p]
+    parts = list(dict.fromkeys(p for p in a.parts.split(",") if p))       # in order, each once
     bad = set(parts) - {"phases", "probe", "length", "ddpm"}
-    if bad:
-        ap.error(f"unknown parts {sorted(bad)}")
+    if bad or not parts:
+        ap.error(f"unknown parts {sorted(bad)}" if bad else "--parts names no part")
     try:
         lengths = sorted({int(s) for s in a.lengths.split(",")})
+        ddpm_steps = sorted({int(s) for s in a.ddpm_steps.split(",")})
     except ValueError:
-        ap.error(f"--lengths must be integers, got {a.lengths!r}")
-    if a.encoder_weights and not os.path.isfile(a.encoder_weights):
-        ap.error(f"no encoder file at {a.encoder_weights}")
+        ap.error(f"--lengths and --ddpm-steps must be comma lists of integers, got {a.lengths!r}, {a.ddpm_steps!r}")
+    if min(lengths + ddpm_steps) < 1:
+        ap.error("--lengths and --ddpm-steps must be positive")
+    if a.encoder_weights:
+        if not os.path.isfile(a.encoder_weights):
+            ap.error(f"no encoder file at {a.encoder_weights}")
+        try:
+            encoders.from_checkpoint(a.encoder_weights)
+        except Exception as e:                                  # noqa: BLE001 (any unreadable file: one line)
+            ap.error(f"--encoder-weights {a.encoder_weights}: not a loadable encoder ({str(e).splitlines()[0][:200]})")
+    longest = os.path.join(a.out, "length", f"ckpt_{max(lengths)}.pt")
+    if "ddpm" in parts and "length" not in parts and not os.path.exists(longest):
+        ap.error(f"--parts ddpm needs the {max(lengths)}-step run ({longest}): run --parts length first")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "sweep.json")
-    res = json.load(open(path)) if os.path.exists(path) else {}
+    committed = os.path.join(os.path.dirname(os.path.abspath(a.results)), "results", "sweep.json")
+    res = {}
+    for p in (committed, path):                         # the committed parts, then this folder's (newer)
+        if os.path.exists(p):
+            with open(p) as f:
+                res.update(json.load(f))
     classifier = None
     if {"length", "ddpm"} & set(parts):
         classifier, rep = kinds.train_classifier(os.path.join(a.out, "networks"), log=log)
@@ -314,8 +339,11 @@ def main(argv=None):
     for part in parts:
         t0 = time.time()
         command = "python experiments/sweep.py --parts " + part + \
-            {"length": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths}",
-             "phases": " --compile" if a.compile else "", "probe": ""}[part]
+            {"length": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
+             "phases": " --compile" if a.compile else "",
+             "probe": f" --encoder-weights {a.encoder_weights}" if a.encoder_weights else ""}[part]
+        command += "".join(f" --{k} {v}" for k, v, d in (("out", a.out, ap.get_default("out")),
+                                                         ("results", a.results, ap.get_default("results"))) if v != d)
         if part == "phases":
             out = dict(results=phases(a.compile))
         elif part == "probe":
@@ -323,10 +351,10 @@ def main(argv=None):
         elif part == "length":
             out = length(a.out, lengths, classifier, res.get("length", {}))
         else:
-            out = ddpm(a.out, lengths, classifier)
+            out = ddpm(a.out, lengths, classifier, ddpm_steps)
         prev = res.get(part, {}).get("seconds", 0) if part == "length" else 0
         res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine())
-        for p in (path, os.path.join(os.path.dirname(os.path.abspath(a.results)), "results", "sweep.json")):
+        for p in (path, committed):
             os.makedirs(os.path.dirname(p), exist_ok=True)       # the second copy sits beside SWEEP.md
             with open(p + ".tmp", "w") as f:                     # (RESULTS.md quotes its length table)
                 json.dump(res, f, indent=1)

@@ -110,3 +110,84 @@ def test_gpu_profile_is_the_same_claims_at_64px_with_20x_the_training_images():
     assert uvit.PRESETS[gpu.model].image_size == gpu.size == 64 and (quick.model, quick.size) == (gpu.model, gpu.size)
     assert gpu.steps * gpu.batch >= 20 * cpu.steps * cpu.batch and gpu.train_pages >= 20 * cpu.train_pages
     assert uvit.PRESETS[cpu.model].image_size == cpu.size == 32
+
+
+def test_a_work_folder_of_other_synthetic_pages_is_refused(tmp_path, monkeypatch):
+    """Cached pages, networks and checkpoints of another SyntheticPages style would be silently reused."""
+    import claims
+    import synthetic
+    claims.check_style(str(tmp_path))                    # a fresh folder records the style
+    claims.check_style(str(tmp_path))                    # and accepts it again
+    monkeypatch.setattr(synthetic.SyntheticPages.__init__, "__defaults__",
+                        synthetic.SyntheticPages.__init__.__defaults__[:-2] + ((1, 3), (0.35, 0.6)))
+    with pytest.raises(SystemExit, match="other synthetic pages"):
+        claims.check_style(str(tmp_path))
+    old = tmp_path / "old"
+    (old / "runs").mkdir(parents=True)                   # an earlier version's folder: no record at all
+    with pytest.raises(SystemExit, match="earlier version"):
+        claims.check_style(str(old))
+
+
+def test_evaluate_checkpoint_scores_each_sample_against_its_own_condition():
+    """kinds.evaluate_checkpoint with a model that returns its condition n times (a copy model): every
+    sample agrees with its condition and is right exactly when the condition is read right; a model
+    whose samples come from the next condition agrees only where two conditions share a predicted kind."""
+    import kinds
+
+    class Stub(torch.nn.Module):                        # "kind" = the image's mean brightness, bucketed
+        def forward(self, x):
+            return torch.nn.functional.one_hot(((x.mean((1, 2, 3)) + 1) * 8).long().clamp(0, 7), 8).float()
+
+    class Model:
+        def __init__(self, shift):
+            self.shift, self.net = shift, type("N", (), {"config": type("C", (), {"image_size": 32})})
+
+        def sample(self, cond, num_samples, guidance, steps, seed):
+            return cond.roll(self.shift, 0)[:, None].expand(-1, num_samples, -1, -1, -1)
+
+    cond, kind = kinds.test_conditions(12, 32)
+    pred = kinds.predict(Stub(), cond)
+    assert len(pred.unique()) > 1                       # the stub tells conditions apart
+    s, c, x = kinds.evaluate_checkpoint(None, Stub(), pages=12, n=3, model=Model(0))
+    assert torch.equal(c, cond) and x.shape == (12, 3, 3, 32, 32)
+    assert s["agreement"] == 1.0 and s["sample_accuracy"] == pytest.approx((pred == kind).float().mean().item())
+    s, _, _ = kinds.evaluate_checkpoint(None, Stub(), pages=12, n=3, model=Model(1))
+    assert s["agreement"] == pytest.approx((pred.roll(1) == pred).float().mean().item())
+
+
+def test_kinds_cli_refuses_bad_input_in_one_line(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_text("nope")
+    for args, msg in (([str(tmp_path / "none.pt")], "no checkpoint"), ([str(bad)], "not a train.py checkpoint"),
+                      ([str(bad), "--pages", "0"], "--pages must be >= 1"), ([str(bad), "--n", "-1"], "--n must be")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "kinds.py"), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_fid_vs_test_size_restricts_both_sets_to_the_first_pages(tmp_path):
+    """Each row = FID between the real images of the first k test pages and the samples of conditions on
+    those pages, recomputed here from the same stub features with metrics.frechet_distance."""
+    import claims
+    import images
+    import metrics
+    g = torch.Generator().manual_seed(0)
+    page = torch.arange(8).repeat_interleave(5)                       # 8 pages x 5 test images
+    real = torch.rand(40, 3, 32, 32, generator=g) * 2 - 1
+    cond = torch.arange(40)                                           # one sample per test image
+    fake = (real + 0.3 * torch.randn(40, 3, 32, 32, generator=g)).clamp(-1, 1)
+    folder = tmp_path / "samples_w0.5"
+    folder.mkdir()
+    for j in range(40):
+        images.save_png(fake[j], str(folder / f"cond{j:06d}_s0.png"))
+    stub = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())   # 12-d features
+    real_f = stub(claims.metric_size(real))
+    cc = claims.ClaimsConfig(bootstrap=3, size=32)
+    rows = claims.fid_vs_test_size(cc, real_f, page, str(tmp_path), stub)
+    assert [(r["pages"], r["n"]) for r in rows] == [(2, 10), (4, 20), (8, 40)]
+    fake_back = torch.stack([images.load_image(str(folder / f"cond{j:06d}_s0.png"), 32) for j in range(40)])
+    fake_f = stub(fake_back)
+    for r in rows:
+        m = page < r["pages"]                                         # the first pages, real and fake alike
+        want = metrics.frechet_distance(real_f[m].double().numpy(), fake_f[m].double().numpy())
+        assert r["fid"] == pytest.approx(float(want), rel=1e-4, abs=1e-6) and r["fid_std"] > 0

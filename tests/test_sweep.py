@@ -63,9 +63,15 @@ def test_markdown_quotes_the_stored_numbers(tmp_path):
     assert "| render synthetic images | 1000.0 |" in md and "1.5 min" in md
 
 
-def test_bad_arguments_are_one_line_errors(capsys):
+def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
     for argv, msg in ((["--parts", "phases,nope"], "unknown parts"), (["--lengths", "600,x"], "integers"),
-                      (["--parts", "probe", "--encoder-weights", "/nonexistent.pth"], "no encoder file")):
+                      (["--parts", ","], "names no part"), (["--lengths", "-5"], "positive"),
+                      (["--parts", "probe", "--encoder-weights", "/nonexistent.pth"], "no encoder file"),
+                      (["--parts", "probe", "--encoder-weights", str(bad)], "not a loadable encoder"),
+                      (["--parts", "ddpm", "--out", str(tmp_path / "new")], "run --parts length first")):
         with pytest.raises(SystemExit) as e:
             sweep.main(argv)
-        assert e.value.code == 2 and msg in capsys.readouterr().err
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
+    assert not (tmp_path / "new").exists()                         # refused before anything is written

@@ -1,6 +1,7 @@
 """Tests for synthetic.py, the procedural "web pages" used by tests and demos (not part of the paper).
 Speed is measured in bench/, not here."""
 import numpy as np
+import pytest
 import torch
 
 import data
@@ -54,28 +55,40 @@ def test_kind_is_the_shape_that_is_drawn(monkeypatch):
 
 
 def test_object_count_and_size_follow_the_style(monkeypatch):
-    """max_objects bounds the shapes drawn per image; object_scale sets their size: the drawn area of a
-    lone circle (sdf < 0) is pi r^2 with r = scale x half the side, checked against the style's range."""
+    """max_objects is the range of a page's largest object count (each image draws 1..that many);
+    object_scale sets each object's radius, divided by sqrt(count): the drawn area of a circle (its
+    sdf < 0) is pi r^2, so r is measured from the pixels, one circle at a time."""
     drawn = []
     real_sdf = synthetic._shape_sdf
     monkeypatch.setattr(synthetic, "_shape_sdf", lambda kind, u, v: drawn.append(real_sdf(kind, u, v)) or drawn[-1])
     monkeypatch.setattr(synthetic, "KINDS", ("circle",) * 8)
     size = 64
-    for max_objects, scale in (((1, 1), (0.55, 0.85)), ((1, 3), (0.35, 0.6)), ((2, 2), (0.3, 0.3))):
-        pages = synthetic.SyntheticPages(12, size, seed=1, p_outlier=0.0, p_duplicate=0.0, max_objects=max_objects,
+    for max_objects, scale in (((1, 1), (0.55, 0.85)), ((1, 3), (0.35, 0.6)), ((2, 3), (0.5, 0.5))):
+        pages = synthetic.SyntheticPages(16, size, seed=1, p_outlier=0.0, p_duplicate=0.0, max_objects=max_objects,
                                          object_scale=scale)
-        counts = []
+        page_max = [pages._page_style(p)["max_objects"] for p in range(len(pages))]
+        assert set(page_max) == set(range(max_objects[0], max_objects[1] + 1))   # both ends, nothing outside
+        below_max = 0
         for p in range(len(pages)):
             for i in range(pages.count(p)):
                 drawn.clear()
                 pages.image(p, i)
-                counts.append(len(drawn))
-                if len(drawn) == 1:                      # one circle: its area gives its radius in pixels
-                    r = np.sqrt((drawn[0] < 0).sum() / np.pi) / (size / 2)
-                    assert scale[0] - 0.03 <= r <= scale[1] + 0.03, (max_objects, scale, r)
-        assert 1 <= min(counts) and max(counts) <= max_objects[1]
-        assert max(counts) == max_objects[1]             # the upper end of the range is drawn too
+                n = len(drawn)
+                assert 1 <= n <= page_max[p]
+                below_max += n < page_max[p]
+                for sdf in drawn:                        # each circle's radius, in units of half the side
+                    r = np.sqrt((sdf < 0).sum() / np.pi) / (size / 2) * np.sqrt(n)
+                    assert scale[0] - 0.04 <= r <= scale[1] + 0.04, (max_objects, scale, n, r)
+        assert below_max > 0 or max_objects == (1, 1)    # images draw 1..page max, not always the max
     a = synthetic.SyntheticPages(5, 16)
-    b = synthetic.SyntheticPages(5, 16, max_objects=(1, 3), object_scale=(0.35, 0.6))
-    assert a.fingerprint() != b.fingerprint()            # caches of one style never serve the other
     assert (a.max_objects, a.object_scale) == ((1, 1), (0.55, 0.85))   # the default style (issue 20 study)
+    for kw in (dict(max_objects=(1, 3)), dict(object_scale=(0.35, 0.6))):
+        assert synthetic.SyntheticPages(5, 16, **kw).fingerprint() != a.fingerprint(), kw   # caches never mix styles
+
+
+def test_bad_styles_are_one_line_errors():
+    for kw in (dict(max_objects=(0, 2)), dict(max_objects=(3, 1)), dict(max_objects=2), dict(max_objects=(1.5, 2)),
+               dict(max_objects=(1, 1, 5)), dict(object_scale=(0.9, 0.2)), dict(object_scale=(0, 0)),
+               dict(object_scale=(-0.5, -0.3)), dict(object_scale=(0.5,)), dict(object_scale=(0.5, 1.5))):
+        with pytest.raises(ValueError, match=f"SyntheticPages {next(iter(kw))} must be"):
+            synthetic.SyntheticPages(3, **kw)

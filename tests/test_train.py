@@ -372,3 +372,27 @@ def test_numbers_nothing_can_be_computed_with_are_parse_errors(flags, capsys):
         train.parse_args(flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and flags[0] in err[-1]
+
+
+def test_resume_on_other_synthetic_pages_is_refused(tmp_path, monkeypatch, capsys):
+    """The checkpoint records the synthetic pages it was trained on (seed, count, drawing style): a resume
+    after the style changed is one UserError, with the checkpoint untouched; a checkpoint without the
+    record (older runs) resumes with a warning."""
+    import synthetic
+    run(tmp_path, "--steps", "1", "--sample-every", "100")
+    path = tmp_path / "ckpt.pt"
+    ckpt = train.load_checkpoint(str(path))
+    assert ckpt["train_pages"] == synthetic.SyntheticPages(32, 32, seed=0).fingerprint()
+    before = path.read_bytes()
+    monkeypatch.setattr(synthetic.SyntheticPages.__init__, "__defaults__",
+                        synthetic.SyntheticPages.__init__.__defaults__[:-2] + ((1, 3), (0.35, 0.6)))
+    with pytest.raises(train.UserError, match="other synthetic pages"):
+        run(tmp_path, "--steps", "2", "--resume", "--sample-every", "100")
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    state = torch.load(path, map_location="cpu", weights_only=True)   # not mmapped: the file is rewritten
+    del state["train_pages"]                              # as written before the record existed
+    torch.save(state, path)
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "2", "--resume", "--sample-every", "100")["step"] == 2
+    assert "does not record its synthetic pages" in capsys.readouterr().out
