@@ -16,7 +16,8 @@ back through encoders.from_checkpoint / train.py --encoder-weights, exactly as d
     *supervised* on labels: object kind (synthetic.SyntheticPages.label) and page identity (an
     ImageNet-like many-class task), cross-entropy on linear heads over its 128-d pooled features,
     which are the metric features (as Inception's pool3). A CNN learns the shape label much faster
-    than the tiny ViT here (measured: kind accuracy 0.36 vs chance after 600 steps).
+    than the tiny ViT here (measured on the earlier 1-3-object pages: kind accuracy 0.36 vs chance
+    after 600 steps).
 `space_report` measures what a space carries (kind accuracy of the nearest other-page neighbour,
 same-page retrieval) so RESULTS.md can justify it against a random-weight network of the same shape.
 Left out: DINOv2's actual objective (self-distillation + iBOT masking), augmentations.

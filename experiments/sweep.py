@@ -2,7 +2,8 @@
 
 Not part of the paper (Semantica trains 300K steps of batch 2048 on TPUs, §6.1). The CPU default job
 (`python train.py`: tiny-32, 600 steps of batch 32, a random tiny encoder, synthetic pages) and the claims
-run draw colour-true blobs rather than shapes; this script measures why, in four parts:
+run have drawn colour-true blobs rather than shapes (README "Measured results"); this script measures
+why, in four parts:
 
   phases  images/s of each phase of the default job's step on this machine: rendering synthetic pages, the
           DataLoader (0 and 2 workers), the frozen encoder, the denoiser step (eager fp32, channels-last,
@@ -252,7 +253,9 @@ def write_markdown(res, path):
         lines += ["## Where the time goes (default job: tiny-32, batch 32)", "", meta(p), "",
                   "| phase | images/s |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in p["results"].items()]
-        lines += [""]
+        lines += ["", "Each row on its own, best of a few timed calls. bf16 autocast is fast only on CPUs with "
+                  "AVX-512 bf16 (the machine line says whether this one has it); the DataLoader rows are steady "
+                  "state (workers already started); a training step needs both a loader batch and a step.", ""]
     if "probe" in res:
         p = res["probe"]
         lines += ["## Do the conditioning tokens carry the condition?", "", meta(p), "",
@@ -263,7 +266,9 @@ def write_markdown(res, path):
         for k, v in p["results"].items():
             ka = f"{v['kind_accuracy']:.3f}" if "kind_accuracy" in v else "-"
             lines += [f"| {k} | {v['pixel_rmse']:.3f} | {ka} |"]
-        lines += [""]
+        lines += ["", "A pixel RMSE far below the mean-image baseline means the tokens determine the condition (a "
+                  "denoiser could copy it); kind accuracy is what a linear read-out gets (the raw-pixels row is "
+                  "the same read-out on the pixels themselves).", ""]
     if "length" in res:
         p = res["length"]
         lines += ["## Sample quality against training length", "", meta(p), "",
