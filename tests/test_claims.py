@@ -174,8 +174,7 @@ def test_fid_vs_test_size_restricts_both_sets_to_the_first_pages(tmp_path):
     g = torch.Generator().manual_seed(0)
     page = torch.arange(8).repeat_interleave(5)                       # 8 pages x 5 test images
     real = torch.rand(40, 3, 32, 32, generator=g) * 2 - 1
-    cond = torch.arange(40)                                           # one sample per test image
-    fake = (real + 0.3 * torch.randn(40, 3, 32, 32, generator=g)).clamp(-1, 1)
+    fake = (real + 0.3 * torch.randn(40, 3, 32, 32, generator=g)).clamp(-1, 1)   # sample j is of test image j
     folder = tmp_path / "samples_w0.5"
     folder.mkdir()
     for j in range(40):
