@@ -131,6 +131,10 @@ class SyntheticPages:
     def key(self, page, index):
         return f"synthetic:{page}:{index}"
 
+    def style(self):
+        """The drawing style as a JSON-ready dict (what caches of trained networks and runs are keyed by)."""
+        return dict(max_objects=list(self.max_objects), object_scale=list(self.object_scale))
+
     def fingerprint(self):
         return (f"synthetic-v1:{self.seed}:{self.num_pages}:{self.images_per_page}:{self.p_outlier}:{self.p_duplicate}"
                 f":{self.max_objects}:{self.object_scale}")

@@ -147,8 +147,7 @@ def synthetic_test_pages(cc):
 def check_style(out):
     """OUT caches pages, networks and checkpoints of one synthetic-pages style (synthetic.SyntheticPages
     defaults): a folder made with another style is refused (its cached runs would be silently reused)."""
-    style = synthetic.SyntheticPages(1)
-    want = dict(max_objects=list(style.max_objects), object_scale=list(style.object_scale))
+    want = synthetic.SyntheticPages(1).style()
     path = os.path.join(out, "pages_style.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -310,11 +309,10 @@ def score(cc, real_img, real_f, page, fake_img, fake_f, cond):
     return res
 
 
-def fid_vs_test_size(cc, real_f, page, samples_dir, feat_net):
+def fid_vs_test_size(cc, real_f, page, fake_f, cond):
     """Issue 20.1: one-shot FID and its bootstrap std on the first 1/4, 1/2 and all of the test pages (the
-    same samples, restricted to those pages' conditions) -> [{pages, n, fid, fid_std}]."""
-    fake_img, cond = load_samples(samples_dir, W_ABLATION, cc.size)
-    fake_f = torch.from_numpy(metrics.extract_features(feat_net, metric_size(fake_img).split(256), progress=False))
+    same samples, restricted to those pages' conditions; fake_f their features, cond each one's test
+    image) -> [{pages, n, fid, fid_std}]."""
     pages, rows = page.unique().tolist(), []
     for k in sorted({max(2, len(pages) // 4), max(2, len(pages) // 2), len(pages)}):
         keep = torch.tensor(pages[:k])
@@ -404,7 +402,7 @@ def run(cc, out, data_arg, results_path):
     ws = sorted(set(cc.guidances) | {0.0, W_ABLATION})
     plan = {name: {"one_shot": [0.0, W_ABLATION] if name == "reconstruction" else [W_ABLATION]} for name in SETTINGS}
     plan[SWEEP] = {"one_shot": ws, "full": ws}
-    evals, encoder_space = {}, {}
+    evals, encoder_space, fid_n = {}, {}, None
     for name, protocols in plan.items():
         for proto, gws in protocols.items():
             t = time.time()
@@ -415,6 +413,8 @@ def run(cc, out, data_arg, results_path):
                 fake_small = metric_size(fake_img)
                 fake_f = torch.from_numpy(metrics.extract_features(feat_net, fake_small.split(256), progress=False))
                 evals[(name, proto, w)] = score(cc, real_img, real_f, page, fake_img, fake_f, cond)
+                if (name, proto, w) == (SWEEP, "one_shot", W_ABLATION):
+                    fid_n = fid_vs_test_size(cc, real_f, page, fake_f, cond)     # issue 20.1, same features
                 if classifier is not None:               # conditions = the test images that were sampled from
                     evals[(name, proto, w)]["kind"] = kinds.kind_scores(
                         classifier, real_small, kind, fake_small, cond, real_small, kind)
@@ -425,7 +425,6 @@ def run(cc, out, data_arg, results_path):
             timing[f"eval {name} {proto}"] = time.time() - t
 
     log("== 4/4 claims and RESULTS.md")
-    fid_n = fid_vs_test_size(cc, real_f, page, evals[(SWEEP, "one_shot", W_ABLATION)]["samples_dir"], feat_net)
     copy = copy_model(cc, real_f, page)
     ref = real_reference(real_img, real_f, page)
     timing["total"] = time.time() - t0
@@ -665,11 +664,11 @@ def write_results(r, path, real_img, page):
               "bootstrap std move with N tells how large a test set a difference between settings needs.",
               "", "| test pages | N real images | one-shot FID | bootstrap std |", "| --- | --- | --- | --- |"]
         L += [f"| {q['pages']} | {q['n']} | {q['fid']:.2f} | {q['fid_std']:.2f} |" for q in r["fid_vs_n"]]
-    sweep_json = os.path.join(HERE, "results", "sweep.json")
+    sweep_json, lengths = os.path.join(HERE, "results", "sweep.json"), {}
     if cc.preset == "full" and os.path.exists(sweep_json):
         with open(sweep_json) as f:
             lengths = json.load(f).get("length", {})
-    if cc.preset == "full" and os.path.exists(sweep_json) and lengths.get("rows"):
+    if lengths.get("rows"):
         L += ["", "## What limits learning: the default job against training length (experiments/SWEEP.md)", "",
               f"From `{lengths.get('command', 'python experiments/sweep.py')}` (experiments/results/sweep.json; the "
               "full study, with where the time goes, the token probe and DDPM steps, is experiments/SWEEP.md):", "",

@@ -169,10 +169,9 @@ def pretrained(out_dir, encoder_steps, feature_steps, bank_pages, seed=0, log=pr
     paths = {}
     for name, steps, pseed in (("encoder", encoder_steps, ENCODER_PAGES_SEED),
                                ("features", feature_steps, FEATURE_PAGES_SEED)):
-        style = synthetic.SyntheticPages(1)                          # what the held-out pages draw
         recipe = dict(name=name, steps=steps, bank_pages=bank_pages, pages_seed=pseed, seed=seed,
                       lr=ENCODER_LR if name == "encoder" else FEATURE_LR, temperature=TEMPERATURE, v=1,
-                      max_objects=list(style.max_objects), object_scale=list(style.object_scale))
+                      **synthetic.SyntheticPages(1).style())       # what the held-out pages draw
         key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
         path = os.path.join(out_dir, f"tiny_dinov2_encoder_{key}.pth" if name == "encoder"  # DINOv2 layout
                             else f"feature_cnn_{key}.pt")

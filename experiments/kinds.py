@@ -75,9 +75,9 @@ def train_classifier(cache_dir, size=32, pages=3000, steps=800, batch=64, lr=2e-
     Trained with Adam + cosine decay on `pages` held-out pages (seed CLASSIFIER_PAGES_SEED), random
     flips as augmentation (kinds are flip-invariant up to rotation); accuracy measured on pages / 3
     other pages (seed CHECK_PAGES_SEED). Cached by its settings."""
-    style = synthetic.SyntheticPages(1, size)                      # the pages it learns: their drawing style
-    tag = hashlib.sha1(json.dumps([size, pages, steps, batch, lr, width, seed, style.max_objects, style.object_scale,
-                                   "v1"]).encode()).hexdigest()[:10]
+    style = synthetic.SyntheticPages(1, size).style()              # the pages it learns: their drawing style
+    tag = hashlib.sha1(json.dumps([size, pages, steps, batch, lr, width, seed, style["max_objects"],
+                                   style["object_scale"], "v1"]).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"kind_cnn_{tag}.pt")
     net = KindCNN(width=width)
     if os.path.exists(path):
