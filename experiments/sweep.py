@@ -3,7 +3,7 @@
 Not part of the paper (Semantica trains 300K steps of batch 2048 on TPUs, §6.1). The CPU default job
 (`python train.py`: tiny-32, 600 steps of batch 32, a random tiny encoder, synthetic pages) and the claims
 run have drawn colour-true blobs rather than shapes (README "Measured results"); this script measures
-why, in four parts:
+why, in five parts:
 
   phases  images/s of each phase of the default job's step on this machine: rendering synthetic pages, the
           DataLoader (0 and 2 workers), the frozen encoder, the denoiser step (eager fp32, channels-last,
@@ -14,6 +14,9 @@ why, in four parts:
   length  the default job's flags trained on (train.py, resumed) to each of --lengths steps; at each length
           the kind agreement of its variations (experiments/kinds.py) and a grid of them.
   ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
+  use     does the denoiser read its condition? Each length's diffusion loss (Eq. 1, eps space) at fixed noise
+          levels t on held-out page pairs with the true condition, another page's condition, and the null:
+          a model that ignores its condition scores the three alike.
 
     python experiments/sweep.py                              # every part -> experiments/SWEEP.md
     python experiments/sweep.py --parts phases,probe          # some parts (the others are kept from sweep.json)
@@ -37,6 +40,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import data  # noqa: E402
+import diffusion  # noqa: E402
 import encoders  # noqa: E402
 import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
@@ -173,9 +177,10 @@ def probe(encoder_weights=None, n_train=1500, n_test=500):
 # ----------------------------------------------------------------------------- length and DDPM steps
 
 def train_to(out, steps):
-    """train.py with the default job's flags to `steps` (resuming the folder's checkpoint) -> seconds."""
+    """train.py with the default job's flags to `steps` (resuming the folder's checkpoint) -> seconds.
+    Its end-of-run grid is cut to one sample (a resumable flag): the length part draws its own grids."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--steps", str(steps),
-           "--sample-every", str(10 ** 9)] + (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else [])
+           "--sample-every", str(10 ** 9), "--grid-images", "1", "--grid-n", "1"] + (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else [])
     log("$ " + " ".join(cmd))
     t = time.time()
     if subprocess.run(cmd).returncode:
@@ -239,6 +244,39 @@ def ddpm(out, lengths, classifier, step_counts=(16, 64, 256)):
     return dict(ckpt_step=max(lengths), rows=rows)
 
 
+USE_T = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # DESIGN: noise levels of the use part (cosine: logsnr 2.9 .. -3.1 ... -5.5)
+
+
+@torch.no_grad()
+def condition_use(model, n=128, ts=USE_T, seed=0):
+    """Mean eps-space loss (Eq. 1 with w = SNR, diffusion.diffusion_loss) at each noise level t of `n`
+    held-out page pairs (target image 1, condition image 0 of pages of seed PROBE_PAGES_SEED), with the same
+    t and noise under three conditions -> {t: {"true", "shuffled" (the next page's condition), "null"}}."""
+    size = model.config.image_size
+    pages = synthetic.SyntheticPages(n, size, seed=PROBE_PAGES_SEED)
+    x = torch.stack([pages.image(p, 1) for p in range(n)])
+    cond = model.as_cond(torch.stack([pages.image(p, 0) for p in range(n)]))
+    conds = dict(true=cond, shuffled=cond.roll(1, 0), null=model.null_cond.to(cond.dtype).expand_as(cond))
+    g = torch.Generator().manual_seed(seed)
+    rows = {}
+    for t in ts:
+        eps = torch.randn(x.shape, generator=g)
+        tt = torch.full((n,), float(t))
+        rows[str(t)] = {k: diffusion.diffusion_loss(lambda z, s, c=c: model.net(z, s, c), x, t=tt, eps=eps).item()
+                        for k, c in conds.items()}
+    return rows
+
+
+def use(out, lengths):
+    """condition_use of each length's kept checkpoint."""
+    rows = {}
+    for steps in lengths:
+        keep = os.path.join(out, "length", f"ckpt_{steps}.pt")
+        rows[str(steps)] = condition_use(semantica.Semantica.from_checkpoint(keep))
+        log(f"use {steps}: {rows[str(steps)]}")
+    return dict(rows=rows)
+
+
 # ----------------------------------------------------------------------------- SWEEP.md
 
 def write_markdown(res, path):
@@ -293,6 +331,19 @@ def write_markdown(res, path):
             lines += [f"| {s} | {r['agreement']:.3f} ± {std(r['agreement'], r['pages'] * r['n']):.3f} | "
                       f"{r['sample_seconds']} |"]
         lines += [""]
+    if "use" in res:
+        p = res["use"]
+        lines += ["## Does the denoiser read its condition?", "", meta(p), "",
+                  "Mean eps-space loss (Eq. 1, w = SNR) of 128 held-out page pairs at fixed noise levels t, the same "
+                  "noise under each condition: the true one (another image of the target's page), a shuffled one "
+                  "(the next page's) and the learned null. Change = shuffled / true - 1: how much the denoiser "
+                  "relies on its condition at that noise level (0 % = not at all).", "",
+                  "| run (steps) | t | true | shuffled | null | change (shuffled) |", "| --- | --- | --- | --- | --- | --- |"]
+        for s, by_t in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
+            for t, r in by_t.items():
+                lines += [f"| {s} | {t} | {r['true']:.4f} | {r['shuffled']:.4f} | {r['null']:.4f} | "
+                          f"{100 * (r['shuffled'] / r['true'] - 1):+.0f} % |"]
+        lines += [""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)
@@ -300,7 +351,8 @@ def write_markdown(res, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="phases,probe,length,ddpm", help="comma list of phases, probe, length, ddpm")
+    ap.add_argument("--parts", default="phases,probe,length,ddpm,use",
+                    help="comma list of phases, probe, length, ddpm, use")
     ap.add_argument("--lengths", default="600,2000", help="training lengths (steps of batch 32) of the length part")
     ap.add_argument("--ddpm-steps", default="16,64,256", help="ddpm: the DDPM step counts compared")
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
@@ -309,7 +361,7 @@ def main(argv=None):
     ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"), help="the markdown file written")
     a = ap.parse_args(argv)
     parts = list(dict.fromkeys(p for p in a.parts.split(",") if p))       # in order, each once
-    bad = set(parts) - {"phases", "probe", "length", "ddpm"}
+    bad = set(parts) - {"phases", "probe", "length", "ddpm", "use"}
     if bad or not parts:
         ap.error(f"unknown parts {sorted(bad)}" if bad else "--parts names no part")
     try:
@@ -329,6 +381,9 @@ def main(argv=None):
     longest = os.path.join(a.out, "length", f"ckpt_{max(lengths)}.pt")
     if "ddpm" in parts and "length" not in parts and not os.path.exists(longest):
         ap.error(f"--parts ddpm needs the {max(lengths)}-step run ({longest}): run --parts length first")
+    missing = [s for s in lengths if not os.path.exists(os.path.join(a.out, "length", f"ckpt_{s}.pt"))]
+    if "use" in parts and "length" not in parts and missing:
+        ap.error(f"--parts use needs the runs of {missing} steps in {a.out}/length: run --parts length first")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "sweep.json")
     committed = os.path.join(os.path.dirname(os.path.abspath(a.results)), "results", "sweep.json")
@@ -345,6 +400,7 @@ def main(argv=None):
         t0 = time.time()
         command = "python experiments/sweep.py --parts " + part + \
             {"length": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
+             "use": f" --lengths {a.lengths}",
              "phases": " --compile" if a.compile else "",
              "probe": f" --encoder-weights {a.encoder_weights}" if a.encoder_weights else ""}[part]
         command += "".join(f" --{k} {v}" for k, v, d in (("out", a.out, ap.get_default("out")),
@@ -355,8 +411,10 @@ def main(argv=None):
             out = probe(a.encoder_weights)
         elif part == "length":
             out = length(a.out, lengths, classifier, res.get("length", {}))
-        else:
+        elif part == "ddpm":
             out = ddpm(a.out, lengths, classifier, ddpm_steps)
+        else:
+            out = use(a.out, lengths)
         prev = res.get(part, {}).get("seconds", 0) if part == "length" else 0
         res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine())
         for p in (path, committed):

@@ -158,7 +158,11 @@ def test_evaluate_checkpoint_scores_each_sample_against_its_own_condition():
 def test_kinds_cli_refuses_bad_input_in_one_line(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_text("nope")
+    folder = tmp_path / "folder.pt"            # a header-only checkpoint of a model trained on an image folder
+    torch.save({"format": "semantica-ckpt/2", "model_config": {}, "p_uncond": 0.1, "encoder": None, "step": 1,
+                "train_config": {"data": "/data/pages"}}, folder)
     for args, msg in (([str(tmp_path / "none.pt")], "no checkpoint"), ([str(bad)], "not a train.py checkpoint"),
+                      ([str(folder)], "trained on --data /data/pages, not synthetic pages"),
                       ([str(bad), "--pages", "0"], "--pages must be >= 1"), ([str(bad), "--n", "-1"], "--n must be")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "kinds.py"), *args],
                               capture_output=True, text=True, timeout=120)

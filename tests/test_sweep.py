@@ -70,8 +70,65 @@ def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
                       (["--parts", ","], "names no part"), (["--lengths", "-5"], "positive"),
                       (["--parts", "probe", "--encoder-weights", "/nonexistent.pth"], "no encoder file"),
                       (["--parts", "probe", "--encoder-weights", str(bad)], "not a loadable encoder"),
-                      (["--parts", "ddpm", "--out", str(tmp_path / "new")], "run --parts length first")):
+                      (["--parts", "ddpm", "--out", str(tmp_path / "new")], "run --parts length first"),
+                      (["--parts", "use", "--out", str(tmp_path / "new")], "run --parts length first")):
         with pytest.raises(SystemExit) as e:
             sweep.main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err, argv
     assert not (tmp_path / "new").exists()                         # refused before anything is written
+
+
+class _StubModel:
+    """What condition_use needs of a Semantica: config.image_size, as_cond, null_cond and net(z_t, t, cond).
+    Its 'condition' is the image itself; its v prediction is `coef` times the condition (0: ignores it)."""
+
+    def __init__(self, coef):
+        self.config = type("C", (), {"image_size": 8})()
+        self.null_cond = torch.full((1, 3, 8, 8), 0.25)
+        self.net = lambda z, t, c: coef * c
+
+    def as_cond(self, images):
+        return images
+
+
+def _expected_use(model, n, ts, seed):
+    """The same measurement by hand: the clipped cosine schedule in closed form (simple diffusion's pseudocode:
+    logsnr = -2 log tan(a + t (b - a)), a = atan(exp(-7.5)), b = atan(exp(7.5))), shifted by the 32 px noise
+    resolution at 8 px (+2 log(32 / 8)); eps_hat = sigma z + alpha v_hat; mean squared error."""
+    import synthetic
+    pages = synthetic.SyntheticPages(n, 8, seed=sweep.PROBE_PAGES_SEED)
+    x = torch.stack([pages.image(p, 1) for p in range(n)]).double()
+    c = torch.stack([pages.image(p, 0) for p in range(n)]).double()
+    conds = dict(true=c, shuffled=torch.cat([c[-1:], c[:-1]]), null=torch.full_like(c, 0.25))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in ts:
+        eps = torch.randn(x.shape, generator=g).double()
+        a, b = np.arctan(np.exp(-7.5)), np.arctan(np.exp(7.5))
+        logsnr = -2 * np.log(np.tan(a + t * (b - a))) + 2 * np.log(32 / 8)
+        alpha, sigma = np.sqrt(1 / (1 + np.exp(-logsnr))), np.sqrt(1 / (1 + np.exp(logsnr)))
+        z = alpha * x + sigma * eps
+        out[str(t)] = {k: ((eps - (sigma * z + alpha * model.net(z, None, v))) ** 2).mean().item()
+                       for k, v in conds.items()}
+    return out
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.7])
+def test_condition_use_measures_the_loss_under_each_condition(coef):
+    model, ts = _StubModel(coef), (0.3, 0.9)
+    got = sweep.condition_use(model, n=6, ts=ts, seed=3)
+    want = _expected_use(model, 6, ts, 3)
+    for t in ts:
+        for k in ("true", "shuffled", "null"):
+            assert got[str(t)][k] == pytest.approx(want[str(t)][k], rel=1e-4), (coef, t, k)
+        if coef == 0:                                               # a model that ignores its condition: all alike
+            assert got[str(t)]["true"] == got[str(t)]["shuffled"] == got[str(t)]["null"]
+        else:
+            assert len({round(v, 6) for v in got[str(t)].values()}) == 3
+
+
+def test_markdown_use_table(tmp_path):
+    res = {"use": dict(command="c", seconds=60.0, machine="m",
+                       rows={"600": {"0.9": dict(true=0.002, shuffled=0.0025, null=0.0021)}})}
+    sweep.write_markdown(res, str(tmp_path / "S.md"))
+    assert "| 600 | 0.9 | 0.0020 | 0.0025 | 0.0021 | +25 % |" in (tmp_path / "S.md").read_text()
