@@ -171,13 +171,14 @@ def main(argv=None):
         if getattr(a, flag) < 1:
             ap.error(f"--{flag} must be >= 1, got {getattr(a, flag)}")
     try:
-        data = semantica.read_checkpoint(a.ckpt).get("train_config", {}).get("data", "synthetic")
+        data = (semantica.read_checkpoint(a.ckpt).get("train_config") or {}).get("data", "synthetic")
         if data == "synthetic":
             model = semantica.Semantica.from_checkpoint(a.ckpt)
     except Exception as e:                                  # noqa: BLE001 (any unreadable file: one line)
         ap.error(f"{a.ckpt}: not a train.py checkpoint ({str(e).splitlines()[0][:200]})")
     if data != "synthetic":      # the classifier knows the synthetic kinds only: any other data scores nonsense
-        ap.error(f"{a.ckpt}: trained on --data {data}, not synthetic pages; kind agreement needs a synthetic-pages model")
+        ap.error(f"the checkpoint was trained on --data {data}, not synthetic pages; kind agreement needs a "
+                 "synthetic-pages model")
     if model.net.config.image_size != 32:
         ap.error(f"{a.ckpt}: a {model.net.config.image_size} px model; the kind classifier reads 32 px synthetic pages")
     net, rep = train_classifier(a.cache)

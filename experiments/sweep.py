@@ -244,14 +244,18 @@ def ddpm(out, lengths, classifier, step_counts=(16, 64, 256)):
     return dict(ckpt_step=max(lengths), rows=rows)
 
 
-USE_T = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # DESIGN: noise levels of the use part (cosine: logsnr 2.9 .. -3.1 ... -5.5)
+USE_T = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # DESIGN: noise levels of the use part (32 px: logsnr 2.3 .. -2.3 .. -5.1)
+USE_CHUNKS = 8                             # DESIGN: the gap's standard error from 8 equal chunks of the pairs
 
 
 @torch.no_grad()
-def condition_use(model, n=128, ts=USE_T, seed=0):
+def condition_use(model, n=128, ts=USE_T, seed=0, chunks=USE_CHUNKS):
     """Mean eps-space loss (Eq. 1 with w = SNR, diffusion.diffusion_loss) at each noise level t of `n`
     held-out page pairs (target image 1, condition image 0 of pages of seed PROBE_PAGES_SEED), with the same
-    t and noise under three conditions -> {t: {"true", "shuffled" (the next page's condition), "null"}}."""
+    t and noise under three conditions -> {t: {"true", "shuffled" (the previous page's condition), "null",
+    "gap" (shuffled - true), "gap_se" (its standard error over `chunks` equal chunks of the pairs)}}."""
+    if n % chunks:
+        raise ValueError(f"n ({n}) must be a multiple of chunks ({chunks})")
     size = model.config.image_size
     pages = synthetic.SyntheticPages(n, size, seed=PROBE_PAGES_SEED)
     x = torch.stack([pages.image(p, 1) for p in range(n)])
@@ -262,8 +266,12 @@ def condition_use(model, n=128, ts=USE_T, seed=0):
     for t in ts:
         eps = torch.randn(x.shape, generator=g)
         tt = torch.full((n,), float(t))
-        rows[str(t)] = {k: diffusion.diffusion_loss(lambda z, s, c=c: model.net(z, s, c), x, t=tt, eps=eps).item()
-                        for k, c in conds.items()}
+        part = {k: torch.tensor([diffusion.diffusion_loss(lambda z, s, c=c[i]: model.net(z, s, c), x[i], t=tt[i],
+                                                          eps=eps[i]).item()
+                                 for i in torch.arange(n).chunk(chunks)]) for k, c in conds.items()}
+        gaps = part["shuffled"] - part["true"]                    # paired: same pairs, t and noise
+        rows[str(t)] = dict({k: v.mean().item() for k, v in part.items()}, gap=gaps.mean().item(),
+                            gap_se=(gaps.std() / chunks ** 0.5).item())
     return rows
 
 
@@ -336,12 +344,15 @@ def write_markdown(res, path):
         lines += ["## Does the denoiser read its condition?", "", meta(p), "",
                   "Mean eps-space loss (Eq. 1, w = SNR) of 128 held-out page pairs at fixed noise levels t, the same "
                   "noise under each condition: the true one (another image of the target's page), a shuffled one "
-                  "(the next page's) and the learned null. Change = shuffled / true - 1: how much the denoiser "
-                  "relies on its condition at that noise level (0 % = not at all).", "",
-                  "| run (steps) | t | true | shuffled | null | change (shuffled) |", "| --- | --- | --- | --- | --- | --- |"]
+                  "(the previous page's) and the learned null. Gap = shuffled - true, ± its standard error over "
+                  f"{USE_CHUNKS} chunks of {128 // USE_CHUNKS} pairs (one noise draw); relative = gap / true. A denoiser that ignores "
+                  "its condition has gap 0.", "",
+                  "| run (steps) | t | true | shuffled | null | gap (shuffled - true) | relative |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for s, by_t in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
             for t, r in by_t.items():
-                lines += [f"| {s} | {t} | {r['true']:.4f} | {r['shuffled']:.4f} | {r['null']:.4f} | "
+                gap = f"{r['gap']:.5f} ± {r['gap_se']:.5f}" if "gap" in r else "-"
+                lines += [f"| {s} | {t} | {r['true']:.4f} | {r['shuffled']:.4f} | {r['null']:.4f} | {gap} | "
                           f"{100 * (r['shuffled'] / r['true'] - 1):+.0f} % |"]
         lines += [""]
     with open(path + ".tmp", "w") as f:
@@ -358,10 +369,14 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
     ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"), help="work folder (cached runs)")
-    ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"), help="the markdown file written")
+    ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"),
+                    help="the markdown file written; results/sweep.json beside it is rewritten too (default: the "
+                         "committed experiments/SWEEP.md and experiments/results/sweep.json)")
     a = ap.parse_args(argv)
-    parts = list(dict.fromkeys(p for p in a.parts.split(",") if p))       # in order, each once
-    bad = set(parts) - {"phases", "probe", "length", "ddpm", "use"}
+    order = ("phases", "probe", "length", "ddpm", "use")                  # length before the parts that read its runs
+    given = {p for p in a.parts.split(",") if p}
+    parts = [p for p in order if p in given]
+    bad = given - set(order)
     if bad or not parts:
         ap.error(f"unknown parts {sorted(bad)}" if bad else "--parts names no part")
     try:
@@ -384,6 +399,15 @@ def main(argv=None):
     missing = [s for s in lengths if not os.path.exists(os.path.join(a.out, "length", f"ckpt_{s}.pt"))]
     if "use" in parts and "length" not in parts and missing:
         ap.error(f"--parts use needs the runs of {missing} steps in {a.out}/length: run --parts length first")
+    if "length" not in parts:                           # the kept runs the ddpm / use parts read: loadable?
+        needed = ([max(lengths)] if "ddpm" in parts else []) + (lengths if "use" in parts else [])
+        for steps in sorted(set(needed)):
+            keep = os.path.join(a.out, "length", f"ckpt_{steps}.pt")
+            try:
+                if semantica.read_checkpoint(keep).get("ema") is None:
+                    raise ValueError("it holds no EMA weights")
+            except (OSError, ValueError) as e:
+                ap.error(f"{keep}: not a usable train.py checkpoint ({str(e).splitlines()[0][:200]})")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "sweep.json")
     committed = os.path.join(os.path.dirname(os.path.abspath(a.results)), "results", "sweep.json")

@@ -66,35 +66,47 @@ def test_markdown_quotes_the_stored_numbers(tmp_path):
 def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint")
+    for name, payload in (("junk", None), ("noema", {"format": "semantica-ckpt/2", "model_config": {}, "p_uncond": 0.1,
+                                                     "encoder": None, "step": 5})):
+        (tmp_path / name / "length").mkdir(parents=True)
+        if payload is None:
+            (tmp_path / name / "length" / "ckpt_5.pt").write_text("truncated")
+        else:
+            torch.save(payload, tmp_path / name / "length" / "ckpt_5.pt")
     for argv, msg in ((["--parts", "phases,nope"], "unknown parts"), (["--lengths", "600,x"], "integers"),
                       (["--parts", ","], "names no part"), (["--lengths", "-5"], "positive"),
                       (["--parts", "probe", "--encoder-weights", "/nonexistent.pth"], "no encoder file"),
                       (["--parts", "probe", "--encoder-weights", str(bad)], "not a loadable encoder"),
                       (["--parts", "ddpm", "--out", str(tmp_path / "new")], "run --parts length first"),
-                      (["--parts", "use", "--out", str(tmp_path / "new")], "run --parts length first")):
+                      (["--parts", "use", "--out", str(tmp_path / "new")], "run --parts length first"),
+                      (["--parts", "use", "--lengths", "5", "--out", str(tmp_path / "junk")], "not a usable"),
+                      (["--parts", "ddpm", "--lengths", "5", "--out", str(tmp_path / "noema")], "no EMA weights")):
         with pytest.raises(SystemExit) as e:
             sweep.main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err, argv
     assert not (tmp_path / "new").exists()                         # refused before anything is written
+    assert not (tmp_path / "junk" / "sweep.json").exists()
 
 
 class _StubModel:
     """What condition_use needs of a Semantica: config.image_size, as_cond, null_cond and net(z_t, t, cond).
-    Its 'condition' is the image itself; its v prediction is `coef` times the condition (0: ignores it)."""
+    Its 'condition' is the image itself; its v prediction mixes the condition (`coef`; 0: ignored), z_t and t,
+    so a wrong z_t, t or condition changes the loss."""
 
     def __init__(self, coef):
         self.config = type("C", (), {"image_size": 8})()
         self.null_cond = torch.full((1, 3, 8, 8), 0.25)
-        self.net = lambda z, t, c: coef * c
+        self.net = lambda z, t, c: coef * c + 0.3 * z + 0.1 * t.view(-1, 1, 1, 1)
 
     def as_cond(self, images):
         return images
 
 
-def _expected_use(model, n, ts, seed):
+def _expected_use(model, n, ts, seed, chunks):
     """The same measurement by hand: the clipped cosine schedule in closed form (simple diffusion's pseudocode:
     logsnr = -2 log tan(a + t (b - a)), a = atan(exp(-7.5)), b = atan(exp(7.5))), shifted by the 32 px noise
-    resolution at 8 px (+2 log(32 / 8)); eps_hat = sigma z + alpha v_hat; mean squared error."""
+    resolution at 8 px (+2 log(32 / 8)); eps_hat = sigma z + alpha v_hat; squared error per pair, the gap's
+    standard error from the chunk means of the paired differences."""
     import synthetic
     pages = synthetic.SyntheticPages(n, 8, seed=sweep.PROBE_PAGES_SEED)
     x = torch.stack([pages.image(p, 1) for p in range(n)]).double()
@@ -108,27 +120,46 @@ def _expected_use(model, n, ts, seed):
         logsnr = -2 * np.log(np.tan(a + t * (b - a))) + 2 * np.log(32 / 8)
         alpha, sigma = np.sqrt(1 / (1 + np.exp(-logsnr))), np.sqrt(1 / (1 + np.exp(logsnr)))
         z = alpha * x + sigma * eps
-        out[str(t)] = {k: ((eps - (sigma * z + alpha * model.net(z, None, v))) ** 2).mean().item()
-                       for k, v in conds.items()}
+        tt = torch.full((n,), t, dtype=torch.float64)
+        per = {k: ((eps - (sigma * z + alpha * model.net(z, tt, v))) ** 2).flatten(1).mean(1) for k, v in conds.items()}
+        gap_chunks = (per["shuffled"] - per["true"]).view(chunks, -1).mean(1)
+        out[str(t)] = dict({k: v.mean().item() for k, v in per.items()}, gap=gap_chunks.mean().item(),
+                           gap_se=gap_chunks.std().item() / chunks ** 0.5)
     return out
 
 
 @pytest.mark.parametrize("coef", [0.0, 0.7])
 def test_condition_use_measures_the_loss_under_each_condition(coef):
     model, ts = _StubModel(coef), (0.3, 0.9)
-    got = sweep.condition_use(model, n=6, ts=ts, seed=3)
-    want = _expected_use(model, 6, ts, 3)
+    got = sweep.condition_use(model, n=8, ts=ts, seed=3, chunks=4)
+    want = _expected_use(model, 8, ts, 3, 4)
     for t in ts:
-        for k in ("true", "shuffled", "null"):
-            assert got[str(t)][k] == pytest.approx(want[str(t)][k], rel=1e-4), (coef, t, k)
+        for k in ("true", "shuffled", "null", "gap", "gap_se"):
+            assert got[str(t)][k] == pytest.approx(want[str(t)][k], rel=1e-4, abs=1e-7), (coef, t, k)
         if coef == 0:                                               # a model that ignores its condition: all alike
             assert got[str(t)]["true"] == got[str(t)]["shuffled"] == got[str(t)]["null"]
+            assert got[str(t)]["gap"] == 0
         else:
-            assert len({round(v, 6) for v in got[str(t)].values()}) == 3
+            assert len({round(v, 6) for v in list(got[str(t)].values())[:3]}) == 3
+    with pytest.raises(ValueError, match="multiple of chunks"):
+        sweep.condition_use(model, n=6, ts=ts, chunks=4)
+
+
+def test_use_reads_each_lengths_ema_checkpoint(monkeypatch, tmp_path):
+    seen = []
+
+    def load(path, **kw):
+        seen.append((os.path.basename(path), kw.get("ema", True)))
+        return _StubModel(0.5)
+    monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(load))
+    monkeypatch.setattr(sweep, "condition_use", lambda model: {"0.5": dict(true=1.0)})
+    out = sweep.use(str(tmp_path), [600, 2000])
+    assert seen == [("ckpt_600.pt", True), ("ckpt_2000.pt", True)]
+    assert set(out["rows"]) == {"600", "2000"}
 
 
 def test_markdown_use_table(tmp_path):
     res = {"use": dict(command="c", seconds=60.0, machine="m",
-                       rows={"600": {"0.9": dict(true=0.002, shuffled=0.0025, null=0.0021)}})}
+                       rows={"600": {"0.9": dict(true=0.002, shuffled=0.0025, null=0.0021, gap=0.0005, gap_se=0.0001)}})}
     sweep.write_markdown(res, str(tmp_path / "S.md"))
-    assert "| 600 | 0.9 | 0.0020 | 0.0025 | 0.0021 | +25 % |" in (tmp_path / "S.md").read_text()
+    assert "| 600 | 0.9 | 0.0020 | 0.0025 | 0.0021 | 0.00050 ± 0.00010 | +25 % |" in (tmp_path / "S.md").read_text()
