@@ -3,7 +3,7 @@
 Not part of the paper (Semantica trains 300K steps of batch 2048 on TPUs, §6.1). The CPU default job
 (`python train.py`: tiny-32, 600 steps of batch 32, a random tiny encoder, synthetic pages) and the claims
 run have drawn colour-true blobs rather than shapes (README "Measured results"); this script measures
-why, in five parts:
+why, in six parts:
 
   phases  images/s of each phase of the default job's step on this machine: rendering synthetic pages, the
           DataLoader (0 and 2 workers), the frozen encoder, the denoiser step (eager fp32, channels-last,
@@ -13,6 +13,9 @@ why, in five parts:
           claims encoder too when --encoder-weights names it).
   length  the default job's flags trained on (train.py, resumed) to each of --lengths steps; at each length
           the kind agreement of its variations (experiments/kinds.py) and a grid of them.
+  oracle  the encoder or the denoiser? The default job with an oracle condition whose tokens carry the
+          condition's true object kind (experiments/oracle.py), trained to each of --lengths steps and scored
+          like the length part.
   ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
   use     does the denoiser read its condition? Each length's diffusion loss (Eq. 1, eps space) at fixed noise
           levels t on held-out page pairs with the true condition, another page's condition, and the null:
@@ -22,7 +25,7 @@ why, in five parts:
     python experiments/sweep.py --parts phases,probe          # some parts (the others are kept from sweep.json)
 
 Each part is stored in OUT/sweep.json with its command, wall time and machine; checkpoints are kept per
-length (OUT/length/ckpt_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
+length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
 """
 import argparse
 import json
@@ -44,6 +47,7 @@ import diffusion  # noqa: E402
 import encoders  # noqa: E402
 import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
+import oracle  # noqa: E402  (experiments/oracle.py: the oracle-condition run)
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
 import uvit  # noqa: E402
@@ -233,6 +237,38 @@ def length(out, lengths, classifier, state):
     return state
 
 
+def oracle_part(out, lengths, classifier, state):
+    """The default job with an oracle condition (experiments/oracle.py) to each length, scored like the
+    length part; the run is kept per length (OUT/oracle/state_<L>.pt) and resumed for longer lengths."""
+    run = os.path.join(out, "oracle")
+    os.makedirs(run, exist_ok=True)
+    rows = state.setdefault("rows", {})
+    cond, kind = kinds.test_conditions(EVAL["pages"], 32)
+    real, real_kind = kinds.kind_bank(200, kinds.CHECK_PAGES_SEED + 1, 32)
+    index = torch.arange(len(cond)).repeat_interleave(EVAL["n"])
+    for steps in sorted(lengths):
+        keep = os.path.join(run, f"state_{steps}.pt")
+        if str(steps) in rows and os.path.exists(keep):
+            continue
+        if os.path.exists(keep):
+            run_state, loss = oracle.load(keep), rows.get(str(steps), {}).get("loss")
+        else:
+            latest = os.path.join(run, "state.pt")
+            run_state = oracle.load(latest) if os.path.exists(latest) else oracle.new_state()
+            if run_state["step"] > steps:
+                raise SystemExit(f"{latest} is at step {run_state['step']} > {steps}: delete {run} to measure shorter runs")
+            loss = oracle.train(run_state, steps, log=log)
+            oracle.save(run_state, latest)
+            shutil.copyfile(latest, keep + ".tmp")
+            os.replace(keep + ".tmp", keep)
+        samples = oracle.sample(run_state, cond, kind, EVAL["n"], EVAL["guidance"], EVAL["steps"])
+        save_grid(cond, samples, os.path.join(out, f"oracle_{steps}.png"))
+        scores = kinds.kind_scores(classifier, cond, kind, samples.flatten(0, 1), index, real, real_kind)
+        rows[str(steps)] = dict(loss=loss, pages=EVAL["pages"], n=EVAL["n"], **scores)
+        log(f"oracle {steps}: {rows[str(steps)]}")
+    return state
+
+
 def ddpm(out, lengths, classifier, step_counts=(16, 64, 256)):
     """Kind agreement of the longest run against DDPM steps (32 conditions x 2 samples each)."""
     keep = os.path.join(out, "length", f"ckpt_{max(lengths)}.pt")
@@ -246,10 +282,11 @@ def ddpm(out, lengths, classifier, step_counts=(16, 64, 256)):
 
 USE_T = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)   # DESIGN: noise levels of the use part (32 px: logsnr 2.3 .. -2.3 .. -5.1)
 USE_CHUNKS = 8                             # DESIGN: the gap's standard error from 8 equal chunks of the pairs
+USE_PAIRS = 128                            # DESIGN: held-out page pairs of the use part
 
 
 @torch.no_grad()
-def condition_use(model, n=128, ts=USE_T, seed=0, chunks=USE_CHUNKS):
+def condition_use(model, n=USE_PAIRS, ts=USE_T, seed=0, chunks=USE_CHUNKS):
     """Mean eps-space loss (Eq. 1 with w = SNR, diffusion.diffusion_loss) at each noise level t of `n`
     held-out page pairs (target image 1, condition image 0 of pages of seed PROBE_PAGES_SEED), with the same
     t and noise under three conditions -> {t: {"true", "shuffled" (the previous page's condition), "null",
@@ -280,9 +317,9 @@ def use(out, lengths):
     rows = {}
     for steps in lengths:
         keep = os.path.join(out, "length", f"ckpt_{steps}.pt")
-        rows[str(steps)] = condition_use(semantica.Semantica.from_checkpoint(keep))
+        rows[str(steps)] = condition_use(semantica.Semantica.from_checkpoint(keep), n=USE_PAIRS)
         log(f"use {steps}: {rows[str(steps)]}")
-    return dict(rows=rows)
+    return dict(rows=rows, pairs=USE_PAIRS)
 
 
 # ----------------------------------------------------------------------------- SWEEP.md
@@ -330,6 +367,21 @@ def write_markdown(res, path):
             lines += [f"| {s} | {int(s) * 32} | {r['loss']:.4f} | {r['agreement']:.3f} ± {std(r['agreement'], n):.3f} | "
                       f"{r['sample_accuracy']:.3f} / {r['real_accuracy']:.3f} |"]
         lines += [""]
+    if "oracle" in res:
+        p = res["oracle"]
+        lines += ["## Would the denoiser draw the kind if the condition carried it? (oracle condition)", "", meta(p), "",
+                  "The default job's flags in experiments/oracle.py's loop, with the random encoder's tokens plus a "
+                  "fixed random vector of the condition's true kind added to every token (a linear probe then reads "
+                  "the kind from any token). Kind agreement as in the length part, on the same held-out "
+                  "conditions; the train loss is the mean batch loss of the last 100 steps (the length table's is "
+                  "train.py's logged mean of its last 25). Grids: `oracle_<steps>.png` in the work folder.", "",
+                  "| steps x batch 32 | images seen | train loss (last 100 steps) | kind agreement | "
+                  "accuracy on samples / real |", "| --- | --- | --- | --- | --- |"]
+        for s, r in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
+            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+            lines += [f"| {s} | {int(s) * 32} | {loss} | {r['agreement']:.3f} ± {std(r['agreement'], r['pages'] * r['n']):.3f} | "
+                      f"{r['sample_accuracy']:.3f} / {r['real_accuracy']:.3f} |"]
+        lines += [""]
     if "ddpm" in res:
         p = res["ddpm"]
         lines += ["## Kind agreement against DDPM steps at evaluation", "", meta(p), "",
@@ -340,12 +392,12 @@ def write_markdown(res, path):
                       f"{r['sample_seconds']} |"]
         lines += [""]
     if "use" in res:
-        p = res["use"]
+        p, pairs = res["use"], res["use"].get("pairs", 128)          # sweep.json from before "pairs": 128
         lines += ["## Does the denoiser read its condition?", "", meta(p), "",
-                  "Mean eps-space loss (Eq. 1, w = SNR) of 128 held-out page pairs at fixed noise levels t, the same "
+                  f"Mean eps-space loss (Eq. 1, w = SNR) of {pairs} held-out page pairs at fixed noise levels t, the same "
                   "noise under each condition: the true one (another image of the target's page), a shuffled one "
                   "(the previous page's) and the learned null. Gap = shuffled - true, ± its standard error over "
-                  f"{USE_CHUNKS} chunks of {128 // USE_CHUNKS} pairs (one noise draw); relative = gap / true. A denoiser that ignores "
+                  f"{USE_CHUNKS} chunks of {pairs // USE_CHUNKS} pairs (one noise draw); relative = gap / true. A denoiser that ignores "
                   "its condition has gap 0.", "",
                   "| run (steps) | t | true | shuffled | null | gap (shuffled - true) | relative |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -362,9 +414,10 @@ def write_markdown(res, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="phases,probe,length,ddpm,use",
-                    help="comma list of phases, probe, length, ddpm, use")
-    ap.add_argument("--lengths", default="600,2000", help="training lengths (steps of batch 32) of the length part")
+    ap.add_argument("--parts", default="phases,probe,length,oracle,ddpm,use",
+                    help="comma list of phases, probe, length, oracle, ddpm, use")
+    ap.add_argument("--lengths", default="600,2000",
+                    help="training lengths (steps of batch 32) of the length and oracle parts")
     ap.add_argument("--ddpm-steps", default="16,64,256", help="ddpm: the DDPM step counts compared")
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
     ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth)")
@@ -373,7 +426,7 @@ def main(argv=None):
                     help="the markdown file written; results/sweep.json beside it is rewritten too (default: the "
                          "committed experiments/SWEEP.md and experiments/results/sweep.json)")
     a = ap.parse_args(argv)
-    order = ("phases", "probe", "length", "ddpm", "use")                  # length before the parts that read its runs
+    order = ("phases", "probe", "length", "oracle", "ddpm", "use")                  # length before the parts that read its runs
     given = {p for p in a.parts.split(",") if p}
     parts = [p for p in order if p in given]
     bad = given - set(order)
@@ -393,16 +446,13 @@ def main(argv=None):
             encoders.from_checkpoint(a.encoder_weights)
         except Exception as e:                                  # noqa: BLE001 (any unreadable file: one line)
             ap.error(f"--encoder-weights {a.encoder_weights}: not a loadable encoder ({str(e).splitlines()[0][:200]})")
-    longest = os.path.join(a.out, "length", f"ckpt_{max(lengths)}.pt")
-    if "ddpm" in parts and "length" not in parts and not os.path.exists(longest):
-        ap.error(f"--parts ddpm needs the {max(lengths)}-step run ({longest}): run --parts length first")
-    missing = [s for s in lengths if not os.path.exists(os.path.join(a.out, "length", f"ckpt_{s}.pt"))]
-    if "use" in parts and "length" not in parts and missing:
-        ap.error(f"--parts use needs the runs of {missing} steps in {a.out}/length: run --parts length first")
-    if "length" not in parts:                           # the kept runs the ddpm / use parts read: loadable?
-        needed = ([max(lengths)] if "ddpm" in parts else []) + (lengths if "use" in parts else [])
-        for steps in sorted(set(needed)):
+    if "length" not in parts:                           # the kept runs the ddpm / use parts read: there, loadable?
+        needed = {max(lengths): "ddpm"} if "ddpm" in parts else {}
+        needed.update({s: "use" for s in lengths if "use" in parts and s not in needed})
+        for steps, part in sorted(needed.items()):
             keep = os.path.join(a.out, "length", f"ckpt_{steps}.pt")
+            if not os.path.exists(keep):
+                ap.error(f"--parts {part} needs the {steps}-step run ({keep}): run --parts length first")
             try:
                 if semantica.read_checkpoint(keep).get("ema") is None:
                     raise ValueError("it holds no EMA weights")
@@ -417,13 +467,13 @@ def main(argv=None):
             with open(p) as f:
                 res.update(json.load(f))
     classifier = None
-    if {"length", "ddpm"} & set(parts):
+    if {"length", "oracle", "ddpm"} & set(parts):
         classifier, rep = kinds.train_classifier(os.path.join(a.out, "networks"), log=log)
         log(f"kind classifier: held-out accuracy {rep['held_out_accuracy']:.3f}")
     for part in parts:
         t0 = time.time()
         command = "python experiments/sweep.py --parts " + part + \
-            {"length": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
+            {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
              "use": f" --lengths {a.lengths}",
              "phases": " --compile" if a.compile else "",
              "probe": f" --encoder-weights {a.encoder_weights}" if a.encoder_weights else ""}[part]
@@ -435,11 +485,13 @@ def main(argv=None):
             out = probe(a.encoder_weights)
         elif part == "length":
             out = length(a.out, lengths, classifier, res.get("length", {}))
+        elif part == "oracle":
+            out = oracle_part(a.out, lengths, classifier, res.get("oracle", {}))
         elif part == "ddpm":
             out = ddpm(a.out, lengths, classifier, ddpm_steps)
         else:
             out = use(a.out, lengths)
-        prev = res.get(part, {}).get("seconds", 0) if part == "length" else 0
+        prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle") else 0
         res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine())
         for p in (path, committed):
             os.makedirs(os.path.dirname(p), exist_ok=True)       # the second copy sits beside SWEEP.md

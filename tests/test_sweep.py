@@ -152,14 +152,118 @@ def test_use_reads_each_lengths_ema_checkpoint(monkeypatch, tmp_path):
         seen.append((os.path.basename(path), kw.get("ema", True)))
         return _StubModel(0.5)
     monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(load))
-    monkeypatch.setattr(sweep, "condition_use", lambda model: {"0.5": dict(true=1.0)})
+    monkeypatch.setattr(sweep, "condition_use", lambda model, n: {"0.5": dict(true=float(n))})
     out = sweep.use(str(tmp_path), [600, 2000])
     assert seen == [("ckpt_600.pt", True), ("ckpt_2000.pt", True)]
-    assert set(out["rows"]) == {"600", "2000"}
+    assert set(out["rows"]) == {"600", "2000"} and out["pairs"] == out["rows"]["600"]["0.5"]["true"] == 128
 
 
 def test_markdown_use_table(tmp_path):
-    res = {"use": dict(command="c", seconds=60.0, machine="m",
+    res = {"use": dict(command="c", seconds=60.0, machine="m", pairs=64,
                        rows={"600": {"0.9": dict(true=0.002, shuffled=0.0025, null=0.0021, gap=0.0005, gap_se=0.0001)}})}
     sweep.write_markdown(res, str(tmp_path / "S.md"))
-    assert "| 600 | 0.9 | 0.0020 | 0.0025 | 0.0021 | 0.00050 ± 0.00010 | +25 % |" in (tmp_path / "S.md").read_text()
+    md = (tmp_path / "S.md").read_text()
+    assert "| 600 | 0.9 | 0.0020 | 0.0025 | 0.0021 | 0.00050 ± 0.00010 | +25 % |" in md
+    assert "of 64 held-out page pairs" in md and "8 chunks of 8 pairs" in md
+
+
+# ----------------------------------------------------------------------------- the oracle-condition run
+
+import oracle  # noqa: E402  (experiments/oracle.py)
+import synthetic  # noqa: E402
+
+
+def _kind_vectors_by_hand(dim):
+    """e_k as documented: N(0, 1) entries from a generator seeded 7, one row per kind."""
+    return torch.randn(len(synthetic.KINDS), dim, generator=torch.Generator().manual_seed(7))
+
+
+def test_oracle_condition_is_the_tokens_plus_the_kind_vector_on_every_token():
+    model = oracle.new_state()["model"]
+    pages = synthetic.SyntheticPages(3, 32, seed=1)
+    x = torch.stack([pages.image(p, 0) for p in range(3)])
+    kind = torch.tensor([0, 3, 3])
+    vectors = _kind_vectors_by_hand(model.config.cond_dim)
+    got = oracle.oracle_cond(model, x, kind, oracle.kind_vectors(model.config.cond_dim))
+    tokens = model.encoder(model.encoder.preprocess(x))[1]           # the random tiny encoder's tokens
+    torch.testing.assert_close(got, tokens + vectors[kind][:, None, :])
+    other = oracle.oracle_cond(model, x, torch.tensor([5, 3, 3]), oracle.kind_vectors(model.config.cond_dim))
+    torch.testing.assert_close((got - other)[0], (vectors[0] - vectors[5]).expand_as(got[0]))   # every token
+
+
+def _small_job():
+    return dict(oracle.JOB, num_pages=64, batch=8)
+
+
+def test_oracle_run_trains_on_page_pairs_with_the_conditions_kind(monkeypatch):
+    """Step s trains on pairs s*B .. s*B+B-1 of data.PagePairs; the oracle vector is the kind drawn in the
+    *condition* (an outlier image differs from its page's kind), computed here from the pages by hand."""
+    import data
+    job, seen = _small_job(), []
+    original = oracle.semantica.Semantica.loss
+
+    def spy(self, target, cond, generator=None):
+        seen.append((target.clone(), cond.clone()))
+        return original(self, target, cond, generator=generator)
+    monkeypatch.setattr(oracle.semantica.Semantica, "loss", spy)
+    state = oracle.new_state(job)
+    oracle.train(state, 6, job=job, log=lambda *a: None)
+    assert state["step"] == 6 and len(seen) == 6
+    pages = synthetic.SyntheticPages(64, 32, seed=0)
+    pairs = data.PagePairs(pages, mode="page", seed=0)
+    vectors, model, outliers = _kind_vectors_by_hand(128), state["model"], 0
+    for s, (target, cond) in enumerate(seen):
+        items = [pairs.pair(s * 8 + j) for j in range(8)]
+        xc = torch.stack([pages.image(p, c) for p, c, _ in items])
+        torch.testing.assert_close(target, torch.stack([pages.image(p, t) for p, _, t in items]))
+        kind = torch.tensor([pages.kind(p, c) for p, c, _ in items])
+        outliers += sum(pages.kind(p, c) != pages.label(p) for p, c, _ in items)
+        torch.testing.assert_close(cond, model.encoder(model.encoder.preprocess(xc))[1] + vectors[kind][:, None])
+    assert outliers > 0                                             # the condition's kind was really tested
+
+
+def test_oracle_run_resumes_exactly(tmp_path):
+    job = _small_job()
+    whole = oracle.new_state(job)
+    oracle.train(whole, 3, job=job, log=lambda *a: None)
+    part = oracle.new_state(job)
+    oracle.train(part, 2, job=job, log=lambda *a: None)
+    oracle.save(part, str(tmp_path / "s.pt"))
+    again = oracle.load(str(tmp_path / "s.pt"), job=job)
+    assert again["step"] == 2
+    oracle.train(again, 3, job=job, log=lambda *a: None)
+    for key in ("model", "ema"):
+        for (name, a), b in zip(whole[key].state_dict().items(), again[key].state_dict().values()):
+            assert torch.equal(a, b), (key, name)
+    assert not (tmp_path / "s.pt.tmp").exists()
+
+
+def test_oracle_part_keeps_each_length_and_resumes(monkeypatch, tmp_path):
+    monkeypatch.setitem(sweep.EVAL, "pages", 2)
+    monkeypatch.setitem(sweep.EVAL, "steps", 2)
+    trained = []
+    real_train = oracle.train
+
+    def train(state, steps, **kw):
+        trained.append((state["step"], steps))
+        return real_train(state, steps, **kw)
+    monkeypatch.setattr(oracle, "train", train)
+    classifier = sweep.kinds.KindCNN()
+    state = sweep.oracle_part(str(tmp_path), [1, 2], classifier, {})
+    state = sweep.oracle_part(str(tmp_path), [1, 2, 3], classifier, json.loads(json.dumps(state)))
+    assert trained == [(0, 1), (1, 2), (2, 3)]                      # each length once, resumed from the last
+    assert set(state["rows"]) == {"1", "2", "3"}
+    for s in (1, 2, 3):
+        assert (tmp_path / "oracle" / f"state_{s}.pt").exists() and (tmp_path / f"oracle_{s}.png").exists()
+        assert torch.load(tmp_path / "oracle" / f"state_{s}.pt", weights_only=True)["step"] == s
+        r = state["rows"][str(s)]
+        assert r["pages"] == 2 and r["n"] == 2 and 0 <= r["agreement"] <= 1 and r["loss"] > 0
+
+
+def test_markdown_oracle_table(tmp_path):
+    res = {"oracle": dict(command="c", seconds=60.0, machine="m",
+                          rows={"600": dict(loss=0.05, pages=48, n=2, agreement=0.5, sample_accuracy=0.25,
+                                            real_accuracy=0.99)})}
+    sweep.write_markdown(res, str(tmp_path / "S.md"))
+    std = (0.5 * 0.5 / 96) ** 0.5
+    assert f"| 600 | 19200 | 0.0500 | 0.500 ± {std:.3f} | 0.250 / 0.990 |" in (tmp_path / "S.md").read_text()
