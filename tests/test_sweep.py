@@ -267,3 +267,16 @@ def test_markdown_oracle_table(tmp_path):
     sweep.write_markdown(res, str(tmp_path / "S.md"))
     std = (0.5 * 0.5 / 96) ** 0.5
     assert f"| 600 | 19200 | 0.0500 | 0.500 ± {std:.3f} | 0.250 / 0.990 |" in (tmp_path / "S.md").read_text()
+
+
+def test_oracle_job_is_the_default_jobs_flags():
+    """oracle.JOB restates train.py's default job by hand (it cannot run train.py): it must not drift."""
+    import train
+    cfg = train.TrainConfig(**train.RES_PRESETS[32])
+    job = oracle.JOB
+    assert (job["model"], job["num_pages"], job["batch"], job["lr"], job["ema_decay"], job["seed"]) == \
+        (cfg.model, cfg.num_pages, cfg.batch, cfg.lr, cfg.ema_decay, cfg.seed)
+    assert job["betas"] == (cfg.beta1, cfg.beta2) and job["eps"] == cfg.adam_eps
+    assert cfg.encoder == "tiny" and cfg.random_encoder and cfg.data == "synthetic" and cfg.pairs == "page"
+    assert oracle.new_state(dict(job, model="tiny-32"))["model"].p_uncond == cfg.p_uncond
+    assert (cfg.filter_low, cfg.filter_high) == (-1.0, 1.0)           # no pair filter, as the loop assumes
