@@ -138,14 +138,19 @@ def test_conditions(num_pages, size=32, seed=TEST_PAGES_SEED):
             torch.tensor([pages.label(p) for p in range(num_pages)]))
 
 
-def evaluate_checkpoint(ckpt, net, pages=64, n=4, guidance=0.5, steps=64, seed=0, model=None):
+def evaluate_checkpoint(ckpt, net, pages=64, n=4, guidance=0.5, steps=64, seed=0, model=None, sample=None):
     """Sample `n` variations of one condition per held-out test page (seed TEST_PAGES_SEED) from a
-    train.py checkpoint and score them with kind_scores -> (scores dict, cond (M,3,S,S), samples (M,n,3,S,S))."""
-    model = model or semantica.Semantica.from_checkpoint(ckpt)
-    size = model.net.config.image_size
+    train.py checkpoint and score them with kind_scores -> (scores dict, cond (M,3,S,S), samples (M,n,3,S,S)).
+
+    sample(cond, kind, n, guidance, steps, seed) -> (M, n, 3, 32, 32) replaces the checkpoint (ckpt None):
+    a sampler that needs the conditions' true kinds (experiments/oracle.py)."""
+    if sample is None:
+        model = model or semantica.Semantica.from_checkpoint(ckpt)
+        sample = lambda c, k, *a: model.sample(c, num_samples=n, guidance=guidance, steps=steps, seed=seed)  # noqa: E731
+    size = 32 if model is None else model.net.config.image_size
     cond, kind = test_conditions(pages, size)
     t0 = time.time()
-    samples = model.sample(cond, num_samples=n, guidance=guidance, steps=steps, seed=seed)
+    samples = sample(cond, kind, n, guidance, steps, seed)
     seconds = time.time() - t0
     real, real_kind = kind_bank(200, CHECK_PAGES_SEED + 1, size)
     index = torch.arange(len(cond)).repeat_interleave(n)

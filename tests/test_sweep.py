@@ -248,10 +248,19 @@ def test_oracle_part_keeps_each_length_and_resumes(monkeypatch, tmp_path):
         trained.append((state["step"], steps))
         return real_train(state, steps, **kw)
     monkeypatch.setattr(oracle, "train", train)
+    sampled_kinds, real_sample = [], oracle.sample
+
+    def sample(state, cond, kind, *a):
+        sampled_kinds.append(kind.clone())
+        return real_sample(state, cond, kind, *a)
+    monkeypatch.setattr(oracle, "sample", sample)
     classifier = sweep.kinds.KindCNN()
     state = sweep.oracle_part(str(tmp_path), [1, 2], classifier, {})
     state = sweep.oracle_part(str(tmp_path), [1, 2, 3], classifier, json.loads(json.dumps(state)))
     assert trained == [(0, 1), (1, 2), (2, 3)]                      # each length once, resumed from the last
+    pages = synthetic.SyntheticPages(2, 32, seed=sweep.kinds.TEST_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0)
+    truth = torch.tensor([pages.label(p) for p in range(2)])         # the held-out conditions' true kinds
+    assert len(sampled_kinds) == 3 and all(torch.equal(k, truth) for k in sampled_kinds)
     assert set(state["rows"]) == {"1", "2", "3"}
     for s in (1, 2, 3):
         assert (tmp_path / "oracle" / f"state_{s}.pt").exists() and (tmp_path / f"oracle_{s}.png").exists()
