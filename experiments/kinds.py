@@ -131,6 +131,25 @@ def kind_scores(net, cond, cond_kind, samples, sample_cond, real=None, real_kind
     return out
 
 
+def agreement_std(share, n):
+    """Binomial std sqrt(p (1 - p) / n) of a share p of n samples, each counted as independent (a lower
+    bound when several samples share a condition)."""
+    return (share * (1 - share) / n) ** 0.5
+
+
+def agreement_rows(part, batch=32):
+    """Markdown table rows of a study part with kind scores per training length (experiments/sweep.py's
+    length and oracle parts, experiments/results/sweep.json: {"rows": {steps: evaluate_checkpoint scores +
+    "loss"}}) -> ["| steps | images seen | train loss | agreement ± std | accuracy on samples / real |", ...]."""
+    rows = []
+    for s, r in sorted(part["rows"].items(), key=lambda kv: int(kv[0])):
+        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
+        rows += [f"| {s} | {int(s) * batch} | {loss} | {r['agreement']:.3f} ± "
+                 f"{agreement_std(r['agreement'], r['pages'] * r['n']):.3f} | "
+                 f"{r['sample_accuracy']:.3f} / {r['real_accuracy']:.3f} |"]
+    return rows
+
+
 def test_conditions(num_pages, size=32, seed=TEST_PAGES_SEED):
     """One conditioning image per held-out clean test page -> (images (M,3,S,S), true kinds (M,))."""
     pages = synthetic.SyntheticPages(num_pages, size, seed=seed, p_outlier=0.0, p_duplicate=0.0)

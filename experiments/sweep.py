@@ -15,7 +15,8 @@ why, in six parts:
           the kind agreement of its variations (experiments/kinds.py) and a grid of them.
   oracle  the encoder or the denoiser? The default job with an oracle condition whose tokens carry the
           condition's true object kind (experiments/oracle.py), trained to each of --lengths steps and scored
-          like the length part.
+          like the length part; with the use part's loss measure of the kind (its own kind's vector against
+          another kind's on the same tokens).
   ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
   use     does the denoiser read its condition? Each length's diffusion loss (Eq. 1, eps space) at fixed noise
           levels t on held-out page pairs with the true condition, another page's condition, and the null:
@@ -219,6 +220,8 @@ def length(out, lengths, classifier, state):
     for steps in sorted(lengths):
         keep = os.path.join(run, f"ckpt_{steps}.pt")
         if str(steps) in rows and os.path.exists(keep):
+            if "use" not in rows[str(steps)]:                # a row measured before the use columns existed
+                rows[str(steps)]["use"] = oracle_use(oracle.load(keep))
             continue
         if not os.path.exists(keep):
             ckpt = os.path.join(run, "ckpt.pt")
@@ -246,6 +249,8 @@ def oracle_part(out, lengths, classifier, state):
     for steps in sorted(lengths):
         keep = os.path.join(run, f"state_{steps}.pt")
         if str(steps) in rows and os.path.exists(keep):
+            if "use" not in rows[str(steps)]:                # a row measured before the use columns existed
+                rows[str(steps)]["use"] = oracle_use(oracle.load(keep))
             continue
         if os.path.exists(keep):
             run_state, loss = oracle.load(keep), rows.get(str(steps), {}).get("loss")
@@ -261,9 +266,16 @@ def oracle_part(out, lengths, classifier, state):
         scores, cond, samples = kinds.evaluate_checkpoint(None, classifier, **EVAL,
                                                           sample=lambda *a, s=run_state: oracle.sample(s, *a))
         save_grid(cond, samples, os.path.join(out, f"oracle_{steps}.png"))
-        rows[str(steps)] = dict(loss=loss, **scores)
+        rows[str(steps)] = dict(loss=loss, **scores, use=oracle_use(run_state))
         log(f"oracle {steps}: {rows[str(steps)]}")
     return state
+
+
+def oracle_use(run_state):
+    """condition_use of an oracle run's EMA model: the loss with the condition's kind vector against another
+    kind's on the same tokens (how much the denoiser reads the kind)."""
+    ema = run_state["ema"]
+    return condition_use(ema, n=USE_PAIRS, kind_vectors=oracle.kind_vectors(ema.config.cond_dim))
 
 
 def ddpm(out, lengths, classifier, step_counts=(16, 64, 256)):
@@ -283,18 +295,26 @@ USE_PAIRS = 128                            # DESIGN: held-out page pairs of the 
 
 
 @torch.no_grad()
-def condition_use(model, n=USE_PAIRS, ts=USE_T, seed=0, chunks=USE_CHUNKS):
+def condition_use(model, n=USE_PAIRS, ts=USE_T, seed=0, chunks=USE_CHUNKS, kind_vectors=None):
     """Mean eps-space loss (Eq. 1 with w = SNR, diffusion.diffusion_loss) at each noise level t of `n`
     held-out page pairs (target image 1, condition image 0 of pages of seed PROBE_PAGES_SEED), with the same
     t and noise under three conditions -> {t: {"true", "shuffled" (the previous page's condition), "null",
-    "gap" (shuffled - true), "gap_se" (its standard error over `chunks` equal chunks of the pairs)}}."""
+    "gap" (shuffled - true), "gap_se" (its standard error over `chunks` equal chunks of the pairs)}}.
+    kind_vectors (K, D): an oracle-condition model (experiments/oracle.py): "true" is the condition's tokens
+    plus e_k of its kind k, "shuffled" the same tokens plus e_(k+1 mod K), another kind's vector."""
     if n % chunks:
         raise ValueError(f"n ({n}) must be a multiple of chunks ({chunks})")
     size = model.config.image_size
     pages = synthetic.SyntheticPages(n, size, seed=PROBE_PAGES_SEED)
     x = torch.stack([pages.image(p, 1) for p in range(n)])
     cond = model.as_cond(torch.stack([pages.image(p, 0) for p in range(n)]))
-    conds = dict(true=cond, shuffled=cond.roll(1, 0), null=model.null_cond.to(cond.dtype).expand_as(cond))
+    null = model.null_cond.to(cond.dtype).expand_as(cond)
+    if kind_vectors is None:
+        conds = dict(true=cond, shuffled=cond.roll(1, 0), null=null)
+    else:                                                      # what the condition shows (outliers: their kind)
+        kind = torch.tensor([pages.kind(p, 0) for p in range(n)])
+        conds = dict(true=cond + kind_vectors[kind][:, None], null=null,
+                     shuffled=cond + kind_vectors[(kind + 1) % len(kind_vectors)][:, None])
     g = torch.Generator().manual_seed(seed)
     rows = {}
     for t in ts:
@@ -321,19 +341,16 @@ def use(out, lengths):
 
 # ----------------------------------------------------------------------------- SWEEP.md
 
-def _std(p, n):
-    """Binomial std of a share p of n samples."""
-    return (p * (1 - p) / n) ** 0.5
-
-
-def kind_rows(part):
-    """Table rows of a length / oracle part: steps, images seen, train loss, agreement ± std, accuracies."""
-    rows = []
-    for s, r in sorted(part["rows"].items(), key=lambda kv: int(kv[0])):
-        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-        rows += [f"| {s} | {int(s) * 32} | {loss} | {r['agreement']:.3f} ± {_std(r['agreement'], r['pages'] * r['n']):.3f} | "
-                 f"{r['sample_accuracy']:.3f} / {r['real_accuracy']:.3f} |"]
-    return rows
+def use_rows(rows):
+    """Table rows of condition_use results per run length {steps: {t: {...}}}: loss under each condition,
+    gap ± standard error, gap relative to the true condition's loss."""
+    lines = []
+    for s, by_t in sorted(rows.items(), key=lambda kv: int(kv[0])):
+        for t, r in by_t.items():
+            gap = f"{r['gap']:.5f} ± {r['gap_se']:.5f}" if "gap" in r else "-"
+            lines += [f"| {s} | {t} | {r['true']:.4f} | {r['shuffled']:.4f} | {r['null']:.4f} | {gap} | "
+                      f"{100 * (r['shuffled'] / r['true'] - 1):+.0f} % |"]
+    return lines
 
 
 def write_markdown(res, path):
@@ -373,7 +390,7 @@ def write_markdown(res, path):
                   f"in the work folder.", "",
                   "| steps x batch 32 | images seen | train loss | kind agreement | accuracy on samples / real |",
                   "| --- | --- | --- | --- | --- |"]
-        lines += kind_rows(p) + [""]
+        lines += kinds.agreement_rows(p) + [""]
     if "oracle" in res:
         p = res["oracle"]
         lines += ["## Would the denoiser draw the kind if the condition carried it? (oracle condition)", "", meta(p), "",
@@ -384,14 +401,22 @@ def write_markdown(res, path):
                   "train.py's logged mean of its last 25). Grids: `oracle_<steps>.png` in the work folder.", "",
                   "| steps x batch 32 | images seen | train loss (last 100 steps) | kind agreement | "
                   "accuracy on samples / real |", "| --- | --- | --- | --- | --- |"]
-        lines += kind_rows(p) + [""]
+        lines += kinds.agreement_rows(p) + [""]
+        use = {k: v["use"] for k, v in p["rows"].items() if "use" in v}
+        if use:
+            lines += ["Does the oracle denoiser read the kind? The use part's measure (below) on each oracle run: the "
+                      "eps-space loss of the same held-out page pairs, t and noise, with the condition's tokens plus its "
+                      "own kind's vector (true), plus another kind's vector (k + 1 mod 8; same tokens) and the null. "
+                      "Gap = another kind - true, ± its standard error over 8 chunks.", "",
+                      "| run (steps) | t | true kind | another kind | null | gap (another - true) | relative |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"] + use_rows(use) + [""]
     if "ddpm" in res:
         p = res["ddpm"]
         lines += ["## Kind agreement against DDPM steps at evaluation", "", meta(p), "",
                   f"The {p['ckpt_step']}-step run, 32 conditions x 2 variations, guidance 0.5.", "",
                   "| DDPM steps | kind agreement | sampling seconds |", "| --- | --- | --- |"]
         for s, r in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
-            lines += [f"| {s} | {r['agreement']:.3f} ± {_std(r['agreement'], r['pages'] * r['n']):.3f} | "
+            lines += [f"| {s} | {r['agreement']:.3f} ± {kinds.agreement_std(r['agreement'], r['pages'] * r['n']):.3f} | "
                       f"{r['sample_seconds']} |"]
         lines += [""]
     if "use" in res:
@@ -404,12 +429,7 @@ def write_markdown(res, path):
                   "its condition has gap 0.", "",
                   "| run (steps) | t | true | shuffled | null | gap (shuffled - true) | relative |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for s, by_t in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
-            for t, r in by_t.items():
-                gap = f"{r['gap']:.5f} ± {r['gap_se']:.5f}" if "gap" in r else "-"
-                lines += [f"| {s} | {t} | {r['true']:.4f} | {r['shuffled']:.4f} | {r['null']:.4f} | {gap} | "
-                          f"{100 * (r['shuffled'] / r['true'] - 1):+.0f} % |"]
-        lines += [""]
+        lines += use_rows(p["rows"]) + [""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)

@@ -48,6 +48,17 @@ def test_quick_run_writes_every_claim(tmp_path):
     import encoders
     enc = encoders.from_checkpoint(res["encoder"])
     assert enc.name == "tiny" and enc.family == "dinov2"
+    # --report rewrites RESULTS.md from results.json and the cached samples alone: the same report, its header
+    # naming the rewrite (the command shows the flags it was given)
+    first = (out / "RESULTS.md").read_text().splitlines()
+    (out / "RESULTS.md").unlink()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out),
+                           "--report"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = (out / "RESULTS.md").read_text().splitlines()
+    assert again[:2] + again[3:] == first[:2] + first[3:]
+    assert again[2].startswith(first[2][:-1]) and again[2].endswith(
+        f"rewritten from that run's results.json by `python experiments/claims.py --quick --out {out} --report`.")
 
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -185,3 +196,45 @@ def test_fid_vs_test_size_restricts_both_sets_to_the_first_pages():
         m = page < r["pages"]                                         # the first pages, real and fake alike
         want = metrics.frechet_distance(real_f[m].double().numpy(), fake_f[page[cond] < r["pages"]].double().numpy())
         assert r["fid"] == pytest.approx(float(want), rel=1e-4, abs=1e-6) and r["fid_std"] > 0
+
+
+def _study(tmp_path, oracle_agreements):
+    """A hand-built experiments/results/sweep.json with a length and an oracle part (48 conditions x 2)."""
+    row = lambda a, loss: dict(loss=loss, pages=48, n=2, guidance=0.5, steps=64, agreement=a, sample_accuracy=a,  # noqa: E731
+                                  real_accuracy=0.99)
+    part = lambda rows: dict(command="python experiments/sweep.py --parts x", seconds=120.0, machine="m", rows=rows)  # noqa: E731
+    study = {"length": part({"600": row(0.1, 0.05), "2000": row(0.15, 0.04)}),
+             "oracle": part({str(s): row(a, 0.03) for s, a in oracle_agreements.items()})}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(study))
+    return str(path)
+
+
+def test_results_quote_the_study_with_its_first_length_beyond_chance(tmp_path):
+    """RESULTS.md's study section: both tables from sweep.json, in training order, and the first length whose
+    agreement exceeds chance by more than 2 binomial std of chance (48 x 2 = 96 samples: 0.125 + 0.0675)."""
+    import claims
+    cc = claims.PRESETS["full"]
+    std = (0.125 * 0.875 / 96) ** 0.5                                   # binomial std of chance, by hand
+    md = "\n".join(claims.study_section(cc, _study(tmp_path, {"8000": 0.4, "600": 0.125, "4000": 0.125 + 2.1 * std,
+                                                             "2000": 0.125 + 1.9 * std})))
+    assert f"| 2000 | 64000 | 0.0400 | 0.150 ± {(0.15 * 0.85 / 96) ** 0.5:.3f} | 0.150 / 0.990 |" in md
+    oracle = md[md.index("oracle condition"):]
+    assert oracle.index("| 600 |") < oracle.index("| 2000 |") < oracle.index("| 4000 |") < oracle.index("| 8000 |")
+    assert "**4000 steps (128000 images)**" in oracle                   # 2000 is 1.9 std above chance: not yet
+    assert "**none up to 2000 steps (64000 images)**" in md[:md.index("oracle condition")]   # length: 0.15 < 0.1925
+    assert "16000 images" in md                                          # the claims' own scale beside it
+    assert claims.study_section(claims.PRESETS["quick"], _study(tmp_path, {"600": 0.5})) == []
+    assert claims.study_section(cc, str(tmp_path / "missing.json")) == []
+
+
+def test_report_without_a_usable_run_is_a_one_line_error(tmp_path):
+    import claims
+    with pytest.raises(SystemExit, match="no earlier run to report"):
+        claims.main(["--report", "--out", str(tmp_path)])
+    (tmp_path / "results.json").write_text('{"config": {"preset": "full"}}')
+    with pytest.raises(SystemExit, match="not a claims.py results file"):
+        claims.main(["--report", "--out", str(tmp_path)])
+    (tmp_path / "results.json").write_text("not json")
+    with pytest.raises(SystemExit, match="not a claims.py results file"):
+        claims.main(["--report", "--out", str(tmp_path)])

@@ -102,7 +102,19 @@ class _StubModel:
         return images
 
 
-def _expected_use(model, n, ts, seed, chunks):
+class _StubTokenModel(_StubModel):
+    """_StubModel with cross-attention-shaped conditions: tokens (B, 64, 3), one per pixel, D = 3 channels."""
+
+    def __init__(self, coef):
+        super().__init__(coef)
+        self.null_cond = torch.full((1, 64, 3), 0.25)
+        self.net = lambda z, t, c: coef * c.transpose(1, 2).reshape(z.shape) + 0.3 * z + 0.1 * t.view(-1, 1, 1, 1)
+
+    def as_cond(self, images):
+        return images.flatten(2).transpose(1, 2)
+
+
+def _expected_use(model, n, ts, seed, chunks, vectors=None):
     """The same measurement by hand: the clipped cosine schedule in closed form (simple diffusion's pseudocode:
     logsnr = -2 log tan(a + t (b - a)), a = atan(exp(-7.5)), b = atan(exp(7.5))), shifted by the 32 px noise
     resolution at 8 px (+2 log(32 / 8)); eps_hat = sigma z + alpha v_hat; squared error per pair, the gap's
@@ -112,6 +124,11 @@ def _expected_use(model, n, ts, seed, chunks):
     x = torch.stack([pages.image(p, 1) for p in range(n)]).double()
     c = torch.stack([pages.image(p, 0) for p in range(n)]).double()
     conds = dict(true=c, shuffled=torch.cat([c[-1:], c[:-1]]), null=torch.full_like(c, 0.25))
+    if vectors is not None:          # oracle: the condition plus its kind's vector / the next kind's, per pixel
+        kind = [pages.kind(p, 0) for p in range(n)]
+        conds["true"] = c + torch.stack([vectors[k] for k in kind]).double()[:, :, None, None]
+        conds["shuffled"] = c + torch.stack([vectors[(k + 1) % 8] for k in kind]).double()[:, :, None, None]
+        model = type("M", (), {"net": staticmethod(lambda z, t, v, f=model.net: f(z, t, v.flatten(2).transpose(1, 2)))})
     g = torch.Generator().manual_seed(seed)
     out = {}
     for t in ts:
@@ -143,6 +160,18 @@ def test_condition_use_measures_the_loss_under_each_condition(coef):
             assert len({round(v, 6) for v in list(got[str(t)].values())[:3]}) == 3
     with pytest.raises(ValueError, match="multiple of chunks"):
         sweep.condition_use(model, n=6, ts=ts, chunks=4)
+
+
+def test_oracle_use_compares_the_conditions_kind_vector_with_another_kinds():
+    vectors = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    model, ts = _StubTokenModel(0.7), (0.3, 0.9)
+    got = sweep.condition_use(model, n=16, ts=ts, seed=3, chunks=4, kind_vectors=vectors)
+    want = _expected_use(model, 16, ts, 3, 4, vectors)
+    for t in ts:
+        for k in ("true", "shuffled", "null", "gap", "gap_se"):
+            assert got[str(t)][k] == pytest.approx(want[str(t)][k], rel=1e-4, abs=1e-7), (t, k)
+    plain = sweep.condition_use(model, n=16, ts=ts, seed=3, chunks=4)          # without vectors: the use part
+    assert plain[str(0.3)]["true"] != got[str(0.3)]["true"] and plain[str(0.3)]["null"] == got[str(0.3)]["null"]
 
 
 def test_use_reads_each_lengths_ema_checkpoint(monkeypatch, tmp_path):
@@ -241,6 +270,7 @@ def test_oracle_run_resumes_exactly(tmp_path):
 def test_oracle_part_keeps_each_length_and_resumes(monkeypatch, tmp_path):
     monkeypatch.setitem(sweep.EVAL, "pages", 2)
     monkeypatch.setitem(sweep.EVAL, "steps", 2)
+    monkeypatch.setattr(sweep, "USE_PAIRS", 8)
     trained = []
     real_train = oracle.train
 
@@ -256,8 +286,12 @@ def test_oracle_part_keeps_each_length_and_resumes(monkeypatch, tmp_path):
     monkeypatch.setattr(oracle, "sample", sample)
     classifier = sweep.kinds.KindCNN()
     state = sweep.oracle_part(str(tmp_path), [1, 2], classifier, {})
-    state = sweep.oracle_part(str(tmp_path), [1, 2, 3], classifier, json.loads(json.dumps(state)))
+    state = json.loads(json.dumps(state))
+    first_use = state["rows"]["1"].pop("use")                       # a row kept from before the use columns
+    state = sweep.oracle_part(str(tmp_path), [1, 2, 3], classifier, state)
     assert trained == [(0, 1), (1, 2), (2, 3)]                      # each length once, resumed from the last
+    assert all(state["rows"]["1"]["use"][t] == pytest.approx(u) for t, u in first_use.items())  # from the kept state
+    assert all(set(state["rows"][s]["use"]) == {str(t) for t in sweep.USE_T} for s in ("1", "2", "3"))
     pages = synthetic.SyntheticPages(2, 32, seed=sweep.kinds.TEST_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0)
     truth = torch.tensor([pages.label(p) for p in range(2)])         # the held-out conditions' true kinds
     assert len(sampled_kinds) == 3 and all(torch.equal(k, truth) for k in sampled_kinds)
@@ -275,7 +309,12 @@ def test_markdown_oracle_table(tmp_path):
                                             real_accuracy=0.99)})}
     sweep.write_markdown(res, str(tmp_path / "S.md"))
     std = (0.5 * 0.5 / 96) ** 0.5
-    assert f"| 600 | 19200 | 0.0500 | 0.500 ± {std:.3f} | 0.250 / 0.990 |" in (tmp_path / "S.md").read_text()
+    md = (tmp_path / "S.md").read_text()
+    assert f"| 600 | 19200 | 0.0500 | 0.500 ± {std:.3f} | 0.250 / 0.990 |" in md and "another kind" not in md
+    res["oracle"]["rows"]["600"]["use"] = {"0.8": dict(true=0.004, shuffled=0.005, null=0.0045, gap=0.001, gap_se=0.0002)}
+    sweep.write_markdown(res, str(tmp_path / "S.md"))
+    md = (tmp_path / "S.md").read_text()
+    assert "| 600 | 0.8 | 0.0040 | 0.0050 | 0.0045 | 0.00100 ± 0.00020 | +25 % |" in md and "another kind" in md
 
 
 def test_oracle_job_is_the_default_jobs_flags():
