@@ -220,8 +220,6 @@ def length(out, lengths, classifier, state):
     for steps in sorted(lengths):
         keep = os.path.join(run, f"ckpt_{steps}.pt")
         if str(steps) in rows and os.path.exists(keep):
-            if "use" not in rows[str(steps)]:                # a row measured before the use columns existed
-                rows[str(steps)]["use"] = oracle_use(oracle.load(keep))
             continue
         if not os.path.exists(keep):
             ckpt = os.path.join(run, "ckpt.pt")

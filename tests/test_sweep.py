@@ -174,6 +174,25 @@ def test_oracle_use_compares_the_conditions_kind_vector_with_another_kinds():
     assert plain[str(0.3)]["true"] != got[str(0.3)]["true"] and plain[str(0.3)]["null"] == got[str(0.3)]["null"]
 
 
+def test_length_part_leaves_kept_rows_alone(monkeypatch, tmp_path):
+    """Every length measured and its checkpoint kept: nothing is trained, loaded, scored or added to the rows."""
+    (tmp_path / "length").mkdir()
+    (tmp_path / "length" / "ckpt_600.pt").write_bytes(b"kept")
+    style = synthetic.SyntheticPages(1)
+    state = dict(settings=dict(eval=dict(sweep.EVAL), max_objects=list(style.max_objects),
+                               object_scale=list(style.object_scale)),
+                 rows={"600": dict(loss=0.05, pages=48, n=2, agreement=0.1, sample_accuracy=0.1, real_accuracy=0.99)})
+    before = json.loads(json.dumps(state))
+
+    def nothing(*a, **k):
+        raise AssertionError("a kept length was redone")
+    for name in ("train_to", "oracle_use"):
+        monkeypatch.setattr(sweep, name, nothing)
+    monkeypatch.setattr(sweep.kinds, "evaluate_checkpoint", nothing)
+    monkeypatch.setattr(sweep.oracle, "load", nothing)
+    assert sweep.length(str(tmp_path), [600], None, state) == before
+
+
 def test_use_reads_each_lengths_ema_checkpoint(monkeypatch, tmp_path):
     seen = []
 
