@@ -731,14 +731,13 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
     parts = [(k, title) for k, title in STUDY_PARTS if study.get(k, {}).get("rows")]
     if not parts:
         return []
-    first = next(iter(study[parts[0][0]]["rows"].values()))
+    first, chance = next(iter(study[parts[0][0]]["rows"].values())), 1 / len(synthetic.KINDS)
     L = ["", "## What limits learning (experiments/SWEEP.md)", "",
          f"Read from experiments/results/sweep.json (the full study, with where the time goes, the token probe, DDPM "
          f"steps and whether the denoiser reads its condition, is experiments/SWEEP.md). Kind agreement of "
          f"{first['pages']} held-out conditions x {first['n']} variations (guidance {first['guidance']}, "
-         f"{first['steps']} DDPM steps; chance {1 / len(synthetic.KINDS):.3f}; ± binomial std). The claims' models "
+         f"{first['steps']} DDPM steps; chance {chance:.3f}; ± binomial std). The claims' models "
          f"above train {cc.steps} steps of batch {cc.batch}: {cc.steps * cc.batch} images.", ""]
-    chance = 1 / len(synthetic.KINDS)
     for k, title in parts:
         p = study[k]
         L += [f"{title}: `{p['command']}`, {p['seconds'] / 60:.1f} min, {p['machine']}.", "",

@@ -41,11 +41,16 @@ def kind_vectors(dim, num_kinds=len(synthetic.KINDS), seed=KIND_SEED):
     return torch.randn(num_kinds, dim, generator=torch.Generator().manual_seed(seed))
 
 
+def with_kind(tokens, kind, vectors):
+    """Tokens (B, T, D) plus e_kind (B,) on every token -> (B, T, D): the oracle condition."""
+    return tokens + vectors[kind][:, None, :]
+
+
 def oracle_cond(model, images, kind, vectors):
     """Encoder tokens of `images` (B, 3, S, S) in [-1, 1] plus e_kind on every token -> (B, T, D)."""
     with torch.no_grad():
         tokens = model.condition(images)
-    return tokens + vectors[kind][:, None, :]
+    return with_kind(tokens, kind, vectors)
 
 
 def new_state(job=JOB):

@@ -311,8 +311,8 @@ def condition_use(model, n=USE_PAIRS, ts=USE_T, seed=0, chunks=USE_CHUNKS, kind_
         conds = dict(true=cond, shuffled=cond.roll(1, 0), null=null)
     else:                                                      # what the condition shows (outliers: their kind)
         kind = torch.tensor([pages.kind(p, 0) for p in range(n)])
-        conds = dict(true=cond + kind_vectors[kind][:, None], null=null,
-                     shuffled=cond + kind_vectors[(kind + 1) % len(kind_vectors)][:, None])
+        conds = dict(true=oracle.with_kind(cond, kind, kind_vectors), null=null,
+                     shuffled=oracle.with_kind(cond, (kind + 1) % len(kind_vectors), kind_vectors))
     g = torch.Generator().manual_seed(seed)
     rows = {}
     for t in ts:
@@ -405,7 +405,7 @@ def write_markdown(res, path):
             lines += ["Does the oracle denoiser read the kind? The use part's measure (below) on each oracle run: the "
                       "eps-space loss of the same held-out page pairs, t and noise, with the condition's tokens plus its "
                       "own kind's vector (true), plus another kind's vector (k + 1 mod 8; same tokens) and the null. "
-                      "Gap = another kind - true, ± its standard error over 8 chunks.", "",
+                      f"Gap = another kind - true, ± its standard error over {USE_CHUNKS} chunks.", "",
                       "| run (steps) | t | true kind | another kind | null | gap (another - true) | relative |",
                       "| --- | --- | --- | --- | --- | --- | --- |"] + use_rows(use) + [""]
     if "ddpm" in res:
