@@ -31,7 +31,6 @@ length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt), so a rerun measures on
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import diffusion  # noqa: E402
 import encoders  # noqa: E402
 import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
+import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import oracle  # noqa: E402  (experiments/oracle.py: the oracle-condition run)
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
@@ -59,20 +59,6 @@ EVAL = dict(pages=48, n=2, guidance=0.5, steps=64)   # kind agreement: 96 sample
 
 def log(*a):
     print(*a, flush=True)
-
-
-def machine():
-    """One line: CPU model, cores, AVX-512 / bf16 support, torch version and threads."""
-    flags, model = set(), platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    simd = "AVX-512" + (" + bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "no AVX-512"
-    return f"{model}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def rate(fn, items, repeat=3):
@@ -513,7 +499,7 @@ def main(argv=None):
         else:
             out = use(a.out, lengths)
         prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle") else 0
-        res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine())
+        res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine.describe())
         for p in (path, committed):
             os.makedirs(os.path.dirname(p), exist_ok=True)       # the second copy sits beside SWEEP.md
             with open(p + ".tmp", "w") as f:                     # (RESULTS.md quotes its length table)

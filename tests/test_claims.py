@@ -59,6 +59,18 @@ def test_quick_run_writes_every_claim(tmp_path):
     assert again[:2] + again[3:] == first[:2] + first[3:]
     assert again[2].startswith(first[2][:-1]) and again[2].endswith(
         f"rewritten from that run's results.json by `python experiments/claims.py --quick --out {out} --report`.")
+    # a rerun over the full cache computes nothing: its RESULTS.md keeps the first run's wall time and phase
+    # times (issue 20's time budget is the computation's) and names what it reused
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["invocation"]["reused"] == [k for k in res["timing"] if k != "total"] and not rerun["unrecorded"]
+    phases = {k: v for k, v in res["timing"].items() if k != "total"}
+    assert {k: v for k, v in rerun["timing"].items() if k != "total"} == phases       # not the reuse times
+    assert sum(phases.values()) <= rerun["timing"]["total"] <= sum(phases.values()) + rerun["invocation"]["seconds"]
+    header = (out / "RESULTS.md").read_text().splitlines()[2]
+    assert f"in {rerun['timing']['total'] / 60:.1f} min" in header and f"reused {len(phases)} phase(s)" in header
 
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -238,3 +250,32 @@ def test_report_without_a_usable_run_is_a_one_line_error(tmp_path):
     (tmp_path / "results.json").write_text("not json")
     with pytest.raises(SystemExit, match="not a claims.py results file"):
         claims.main(["--report", "--out", str(tmp_path)])
+
+
+def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
+    """A phase whose outputs predate it was read from --out's cache: RESULTS.md's wall time counts it with the
+    seconds of the run that computed it (from that run's results.json, same config and data only), never
+    with its reuse time, and says what the last invocation reused."""
+    import time
+
+    import claims
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    old.write_text("x")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    start = time.time() - 50
+    new.write_text("y")
+    assert claims.reused([str(old)], start) and not claims.reused([str(old), str(new)], start)
+    assert not claims.reused([], start) and not claims.reused([str(tmp_path / "gone.pt")], start)
+    cc = claims.PRESETS["quick"]
+    rec = dict(config=json.loads(json.dumps(claims.dataclasses.asdict(cc))), data="synthetic",
+               timing={"networks": 40.0, "train x": 300.0, "total": 341.0}, unrecorded=["train x"])
+    (tmp_path / "results.json").write_text(json.dumps(rec))
+    assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {"networks": 40.0, "total": 341.0}
+    assert claims.earlier_timing(str(tmp_path), cc, "/other/pages") == {}           # other data: not its cache
+    assert claims.earlier_timing(str(tmp_path), claims.PRESETS["full"], "synthetic") == {}
+    (tmp_path / "results.json").write_text("{")
+    assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {}
+    assert claims._reuse_note({"invocation": {"seconds": 12.0, "reused": []}}) == ""
+    note = claims._reuse_note({"invocation": {"seconds": 12.0, "reused": ["networks", "train x"]},
+                               "unrecorded": ["train x"]})
+    assert "0.2 min" in note and "reused 2 phase(s)" in note and "1 of them with no recorded computing time" in note

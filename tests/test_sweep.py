@@ -347,3 +347,24 @@ def test_oracle_job_is_the_default_jobs_flags():
     assert cfg.encoder == "tiny" and cfg.random_encoder and cfg.data == "synthetic" and cfg.pairs == "page"
     assert oracle.new_state(dict(job, model="tiny-32"))["model"].p_uncond == cfg.p_uncond
     assert (cfg.filter_low, cfg.filter_high) == (-1.0, 1.0)           # no pair filter, as the loop assumes
+
+
+def test_machine_line_names_cpu_simd_and_threads(monkeypatch):
+    """The provenance line of SWEEP.md / RESULTS.md: AVX-512 (and its bf16) read from the CPU flags, the
+    thread count as torch reports it; results from AVX2 and AVX-512 CPUs differ, so the line must tell them apart."""
+    import builtins
+    import io
+
+    import machine
+    info = {"avx512": "model name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n",
+            "avx2": "model name\t: Old CPU\nflags\t\t: fpu sse2 avx2\n"}
+    real_open, real_exists = builtins.open, os.path.exists
+    for kind, text in info.items():
+        monkeypatch.setattr(os.path, "exists", lambda p: p == "/proc/cpuinfo" or real_exists(p))
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: io.StringIO(text) if p == "/proc/cpuinfo"
+                            else real_open(p, *a, **k))
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        line = machine.describe()
+        want = "Test CPU 9000, " if kind == "avx512" else "Old CPU, "
+        assert want in line and line.endswith(f"torch {torch.__version__}, 3 thread(s)")
+        assert ("AVX-512 + bf16" in line) == (kind == "avx512") and ("no AVX-512" in line) == (kind == "avx2")
