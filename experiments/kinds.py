@@ -77,15 +77,16 @@ def train_classifier(cache_dir, size=32, pages=3000, steps=800, batch=64, lr=2e-
     other pages (seed CHECK_PAGES_SEED). Cached by its settings."""
     style = synthetic.SyntheticPages(1, size).style()              # the pages it learns: their drawing style
     tag = hashlib.sha1(json.dumps([size, pages, steps, batch, lr, width, seed, style["max_objects"],
-                                   style["object_scale"], "v1"]).encode()).hexdigest()[:10]
+                                   style["object_scale"], "v2"]).encode()).hexdigest()[:10]   # v2: init seeded
     path = os.path.join(cache_dir, f"kind_cnn_{tag}.pt")
-    net = KindCNN(width=width)
     if os.path.exists(path):
+        net = KindCNN(width=width)
         state = torch.load(path, map_location="cpu")
         net.load_state_dict(state["net"])
         return net.eval(), state["report"]
     t0 = time.time()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)                     # before the init: the network is a function of its tag alone
+    net = KindCNN(width=width)
     x, y = kind_bank(pages, CLASSIFIER_PAGES_SEED, size)
     opt = torch.optim.Adam(net.parameters(), lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)

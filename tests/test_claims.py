@@ -178,6 +178,20 @@ def test_evaluate_checkpoint_scores_each_sample_against_its_own_condition():
     assert s["agreement"] == pytest.approx((pred.roll(1) == pred).float().mean().item())
 
 
+def test_kind_classifier_is_a_function_of_its_settings(tmp_path):
+    """Two fresh trainings with the same settings give the same network whatever the caller's RNG state did
+    before: the cache file is named by the settings alone, so its content must not depend on the caller
+    (claims.py and sweep.py call it after different work)."""
+    import kinds
+    nets = []
+    for sub, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        torch.rand(5 * seed)
+        nets.append(kinds.train_classifier(str(tmp_path / sub), pages=12, steps=2, log=lambda *_: None)[0])
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_kinds_cli_refuses_bad_input_in_one_line(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_text("nope")
