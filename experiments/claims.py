@@ -367,7 +367,7 @@ def earlier_timing(out, cc, data_arg):
         with open(os.path.join(out, "results.json")) as f:
             r = json.load(f)
         same = r["config"] == json.loads(json.dumps(dataclasses.asdict(cc))) and r["data"] == data_arg
-        return {k: v for k, v in r["timing"].items() if k not in r.get("unrecorded", [])} if same else {}
+        return {k: v for k, v in r["timing"].items() if k not in r.get("invocation", {}).get("unrecorded", [])} if same else {}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -465,7 +465,7 @@ def run(cc, out, data_arg, results_path):
                   evals=evals, encoder_space=encoder_space, copy=copy, real_reference=ref, timing=timing,
                   feature_net=feat_net.name, encoder=enc_path, guidances=ws,
                   classifier=classifier_report if classifier is not None else None, fid_vs_n=fid_n,
-                  machine=machine.describe(), invocation=invocation, unrecorded=invocation["unrecorded"])
+                  machine=machine.describe(), invocation=invocation)
     claims = judge(result, SWEEP, W_ABLATION)
     result["claims"] = claims
     write_results(result, results_path, real_img, page)
@@ -730,7 +730,8 @@ def write_results(r, path, real_img, page):
     L += study_section(cc)
     L += ["", "## Sample grids", ""]
     L += [f"{cap}:\n\n![{cap}](results/{fn})\n" for cap, fn in grids.items()]
-    hits, unrecorded = r.get("invocation", {}).get("reused", []), r.get("unrecorded", [])
+    inv = r.get("invocation", {})
+    hits, unrecorded = inv.get("reused", []), inv.get("unrecorded", [])
     L += ["## Runtime", "", "Seconds each phase took to compute; a phase the last invocation found in its --out cache "
           "counts with the time of the run that computed it (marked).", "", "| phase | seconds |", "| --- | --- |"]
     L += [f"| {k} | {v:.0f}{' (not recorded: reuse time)' if k in unrecorded else ' (cached)' if k in hits else ''} |"
@@ -746,7 +747,7 @@ def _reuse_note(r):
     inv = r.get("invocation", {})
     if not inv.get("reused"):
         return ""
-    gap = f"; {len(r['unrecorded'])} of them with no recorded computing time" if r.get("unrecorded") else ""
+    gap = f"; {len(inv['unrecorded'])} of them with no recorded computing time" if inv.get("unrecorded") else ""
     return (f" (the last invocation took {inv['seconds'] / 60:.1f} min and reused {len(inv['reused'])} phase(s) from "
             f"its --out cache{gap}: see Runtime)")
 

@@ -65,7 +65,7 @@ def test_quick_run_writes_every_claim(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rerun = json.loads((out / "results.json").read_text())
-    assert rerun["invocation"]["reused"] == [k for k in res["timing"] if k != "total"] and not rerun["unrecorded"]
+    assert rerun["invocation"]["reused"] == [k for k in res["timing"] if k != "total"] and not rerun["invocation"]["unrecorded"]
     phases = {k: v for k, v in res["timing"].items() if k != "total"}
     assert {k: v for k, v in rerun["timing"].items() if k != "total"} == phases       # not the reuse times
     assert sum(phases.values()) <= rerun["timing"]["total"] <= sum(phases.values()) + rerun["invocation"]["seconds"]
@@ -282,7 +282,8 @@ def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
     assert not claims.reused([], start) and not claims.reused([str(tmp_path / "gone.pt")], start)
     cc = claims.PRESETS["quick"]
     rec = dict(config=json.loads(json.dumps(claims.dataclasses.asdict(cc))), data="synthetic",
-               timing={"networks": 40.0, "train x": 300.0, "total": 341.0}, unrecorded=["train x"])
+               timing={"networks": 40.0, "train x": 300.0, "total": 341.0},
+               invocation=dict(seconds=5.0, reused=["networks", "train x"], unrecorded=["train x"]))
     (tmp_path / "results.json").write_text(json.dumps(rec))
     assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {"networks": 40.0, "total": 341.0}
     assert claims.earlier_timing(str(tmp_path), cc, "/other/pages") == {}           # other data: not its cache
@@ -290,6 +291,6 @@ def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
     (tmp_path / "results.json").write_text("{")
     assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {}
     assert claims._reuse_note({"invocation": {"seconds": 12.0, "reused": []}}) == ""
-    note = claims._reuse_note({"invocation": {"seconds": 12.0, "reused": ["networks", "train x"]},
-                               "unrecorded": ["train x"]})
+    note = claims._reuse_note({"invocation": {"seconds": 12.0, "reused": ["networks", "train x"],
+                                              "unrecorded": ["train x"]}})
     assert "0.2 min" in note and "reused 2 phase(s)" in note and "1 of them with no recorded computing time" in note
