@@ -50,7 +50,21 @@ log = logging.getLogger("semantica.data")
 def read_manifest(path):
     """CSV or JSONL manifest -> [(page, absolute path)] (paths relative to its folder). Read as utf-8-sig
     (a byte-order mark and CRLF line ends are fine); ValueError naming file and line of a bad row."""
-    base, rows = os.path.dirname(os.path.abspath(path)), []
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        rows = _manifest_rows(path)
+    except UnicodeDecodeError as e:                      # an image or other binary file given as --data
+        raise ValueError(f"{path}: not a UTF-8 .csv/.jsonl manifest (byte {e.start}: {e.reason}); --data takes a "
+                         "pages folder ROOT/<page>/<image>, a manifest or 'synthetic'") from None
+    for n, r in rows:
+        if not isinstance(r, dict) or r.get("page") is None or r.get("path") is None:
+            raise ValueError(f"{path}:{n}: a row needs `page` and `path` columns, got {r!r}")
+    return [(str(r["page"]), os.path.join(base, r["path"])) for _, r in rows]
+
+
+def _manifest_rows(path):
+    """[(line number, row)] of a CSV (csv.DictReader) or JSONL manifest, read as utf-8-sig."""
+    rows = []
     with open(path, newline="", encoding="utf-8-sig") as f:
         if path.endswith((".jsonl", ".json")):
             for n, line in enumerate(f, 1):
@@ -61,10 +75,7 @@ def read_manifest(path):
         else:
             reader = csv.DictReader(f)
             rows = [(reader.line_num, r) for r in reader]
-    for n, r in rows:
-        if not isinstance(r, dict) or r.get("page") is None or r.get("path") is None:
-            raise ValueError(f"{path}:{n}: a row needs `page` and `path` columns, got {r!r}")
-    return [(str(r["page"]), os.path.join(base, r["path"])) for _, r in rows]
+    return rows
 
 
 def scan(source, decode=False, max_pixels=None, **synthetic_kwargs):

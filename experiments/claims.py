@@ -21,6 +21,8 @@ synthetic pages, as DINOv2 and Inception were trained elsewhere).
     python experiments/claims.py --quick    # smoke run (~1-2 min) -> OUT/RESULTS.md
     python experiments/claims.py --data DIR # train and test on a pages folder ROOT/<page>/<image>
     python experiments/claims.py --report   # rewrite RESULTS.md from the last run's results.json (seconds)
+    python experiments/claims.py --train-seeds 0,1,2   # also retrain the denoisers with train.py seeds 1, 2:
+                                            # each claim's verdict per seed (training variance), ~20 min a seed
 
 Everything is seeded; trained networks, checkpoints and samples are cached under --out (reruns reuse
 them, and RESULTS.md counts a reused phase with the time of the run that computed it; delete the folder for a
@@ -28,6 +30,7 @@ run from scratch). Left out: the paper's scale (256/512 px, 300K steps,
 50M pairs, 50K-sample FID), SigLIP, the user study, Inception/DINOv2 weights (not downloadable here).
 """
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -63,6 +66,7 @@ W_ABLATION = diffusion.GUIDANCE   # §6.1: "0.5 guidance for our ablations"
 # pixel near-duplicates of the synthetic pages all sit above 0.997, so the same procedure gives 0.995
 # (measured on the earlier 1-3-object pages; the next full run's histogram re-checks it on the new ones).
 FILTER = (0.3, 0.995)
+MAX_SEED = 2 ** 63 - 1        # --train-seeds: as train.py --seed (64-bit torch / numpy seeds)
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,9 @@ class ClaimsConfig:
     num_workers: int = 0             # train.py DataLoader workers (rendering pages; GPU profile: 8)
     classifier_steps: int = 800      # kinds.train_classifier (object-kind classifier, >= 90 % held out)
     classifier_pages: int = 3000     # its held-out training pages (and 1/3 as many to measure it)
-    seed: int = 0
+    seed: int = 0                    # test pages' split, sampling, bootstrap, the encoder and metric networks
+    train_seed: int = 0              # train.py --seed of the four denoisers: their training pages' draw, init,
+    #   data order, t and eps (--train-seeds: training variance, which the bootstrap sigma does not contain)
 
 
 PRESETS = {
@@ -173,7 +179,10 @@ def prepare_pages(cc, out, data_arg):
             synthetic_test_pages(cc).write(test + ".tmp")
             os.replace(test + ".tmp", test)
         return "synthetic", test
-    pages, skipped = data.scan(data_arg)
+    try:
+        pages, skipped = data.scan(data_arg)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--data {data_arg}: {e}") from None
     names = sorted(pages)
     big = [n for n in names if len(pages[n]) >= cc.per_page]
     if len(big) < cc.test_pages + 1:
@@ -183,11 +192,10 @@ def prepare_pages(cc, out, data_arg):
     paths = {}
     for split, keep in (("train", lambda n: n not in held), ("test", lambda n: n in held)):
         paths[split] = os.path.join(out, f"{split}_manifest.csv")
-        with open(paths[split], "w") as f:
-            f.write("page,path\n")
-            for n in names:
-                if keep(n):
-                    f.writelines(f'"{n}","{os.path.abspath(p)}"\n' for p in pages[n])
+        with open(paths[split], "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)                            # quotes page names with commas or quote marks
+            w.writerow(["page", "path"])
+            w.writerows([n, os.path.abspath(p)] for n in names if keep(n) for p in pages[n])
     return paths["train"], paths["test"]
 
 
@@ -208,7 +216,7 @@ def train_config(cc, name, out, train_source, encoder_path):
     return dict(res=32, model=cc.model, encoder="tiny", encoder_weights=encoder_path, random_encoder=False,
                 data=train_source, num_pages=cc.train_pages, pairs=s["pairs"], conditioning=s["conditioning"],
                 filter_low=FILTER[0] if s["filter"] else -1.0, filter_high=FILTER[1] if s["filter"] else 1.0,
-                steps=cc.steps, batch=cc.batch, lr=cc.lr, ema_decay=cc.ema_decay, seed=cc.seed,
+                steps=cc.steps, batch=cc.batch, lr=cc.lr, ema_decay=cc.ema_decay, seed=cc.train_seed,
                 sample_steps=cc.sample_steps, grid_images=2, grid_n=3, log_every=max(1, cc.steps // 8),
                 ckpt_every=cc.steps, sample_every=cc.steps, num_workers=cc.num_workers,
                 out=os.path.join(out, "runs", name.replace(" ", "_")))
@@ -352,6 +360,13 @@ def copy_model(cc, real_f, page):
     return {"full": full, "one_shot": one, "k_over_n": len(plan) / len(real_f)}
 
 
+def duplicate_count(x):
+    """Images (N, ...) that are pixel-identical to another image of the set. A copy model's one-shot sample then
+    also matches the duplicate, so its one-shot recall exceeds K/N (claim 3) on a test set with duplicates."""
+    _, counts = torch.unique(x.flatten(1), dim=0, return_counts=True)
+    return int(counts[counts > 1].sum())
+
+
 # ----------------------------------------------------------------------------- main
 
 def reused(paths, since):
@@ -366,14 +381,22 @@ def earlier_timing(out, cc, data_arg):
     try:
         with open(os.path.join(out, "results.json")) as f:
             r = json.load(f)
-        same = r["config"] == json.loads(json.dumps(dataclasses.asdict(cc))) and r["data"] == data_arg
+        now = json.loads(json.dumps(dataclasses.asdict(cc)))       # a field added since: its default then
+        same = {**json.loads(json.dumps(dataclasses.asdict(ClaimsConfig()))), **r["config"]} == now and \
+            r["data"] == data_arg
         return {k: v for k, v in r["timing"].items() if k not in r.get("invocation", {}).get("unrecorded", [])} if same else {}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
 
-def run(cc, out, data_arg, results_path):
+def run(cc, out, data_arg, results_path, networks=None, others=(), command=None):
+    """The whole pipeline for one training seed -> the result dict (also OUT/results.json and RESULTS.md).
+    networks: the folder of the encoder, feature CNN and kind classifier (default OUT/networks; --train-seeds
+    shares the first seed's, so that every seed is measured in the same spaces); others: seed_summary dicts of
+    runs with other training seeds, reported in RESULTS.md's across-seeds section; command: the command line
+    RESULTS.md names (default: rebuilt from cc and data_arg)."""
     t0, timing, hits = time.time(), {}, []
+    net_dir = networks or os.path.join(out, "networks")
     earlier = earlier_timing(out, cc, data_arg)
     torch.manual_seed(cc.seed)
     os.makedirs(out, exist_ok=True)
@@ -381,7 +404,7 @@ def run(cc, out, data_arg, results_path):
     train_source, test_source = prepare_pages(cc, out, data_arg)
 
     log("== 1/4 pretrained networks (held-out synthetic pages)")
-    enc_path, feat_path = features.pretrained(os.path.join(out, "networks"), cc.encoder_steps, cc.feature_steps,
+    enc_path, feat_path = features.pretrained(net_dir, cc.encoder_steps, cc.feature_steps,
                                               cc.bank_pages, cc.seed, log=log)
     feat_net = features.load_feature_net(feat_path)
     real_img, page = test_images(cc, test_source)
@@ -391,7 +414,7 @@ def run(cc, out, data_arg, results_path):
         if data_arg == "synthetic" else None
     classifier = None
     if kind is not None:                                 # issue 20.2: semantics with a ground truth
-        classifier, classifier_report = kinds.train_classifier(os.path.join(out, "networks"),
+        classifier, classifier_report = kinds.train_classifier(net_dir,
                                                                pages=cc.classifier_pages, steps=cc.classifier_steps,
                                                                log=log)
         log(f"kind classifier: held-out accuracy {classifier_report['held_out_accuracy']:.3f}")
@@ -407,7 +430,6 @@ def run(cc, out, data_arg, results_path):
                                                                  rand_cnn(real_small))):
                 spaces[label] = features.space_report(f, page, kind)
     timing["networks"] = time.time() - t0
-    net_dir = os.path.join(out, "networks")
     hits += ["networks"] * reused([os.path.join(net_dir, f) for f in os.listdir(net_dir)], t0)
 
     log("== 2/4 diffusion models (train.py)")
@@ -452,6 +474,7 @@ def run(cc, out, data_arg, results_path):
 
     log("== 4/4 claims and RESULTS.md")
     copy = copy_model(cc, real_f, page)
+    copy["duplicates"] = duplicate_count(real_img)       # test images a copy of another one matches exactly
     ref = real_reference(real_img, real_f, page)
     timing["total"] = wall = time.time() - t0
     # a phase found in the cache counts with the seconds of the run that computed it (issue 20: RESULTS.md's
@@ -465,7 +488,8 @@ def run(cc, out, data_arg, results_path):
                   evals=evals, encoder_space=encoder_space, copy=copy, real_reference=ref, timing=timing,
                   feature_net=feat_net.name, encoder=enc_path, guidances=ws,
                   classifier=classifier_report if classifier is not None else None, fid_vs_n=fid_n,
-                  machine=machine.describe(), invocation=invocation)
+                  machine=machine.describe(), invocation=invocation, other_seeds=list(others),
+                  command=command or default_command(cc, data_arg))
     claims = judge(result, SWEEP, W_ABLATION)
     result["claims"] = claims
     write_results(result, results_path, real_img, page)
@@ -478,11 +502,9 @@ def run(cc, out, data_arg, results_path):
     return result
 
 
-def report(out, results_path, command):
-    """Rewrite RESULTS.md from OUT/results.json of an earlier run (no training or sampling): the claims are
-    judged again and the grids redrawn from its cached samples, with the same code as a full run. For a report
-    whose other inputs changed (experiments/results/sweep.json) or whose layout did. One-line SystemExit when
-    the run or its samples are missing."""
+def load_result(out):
+    """OUT/results.json of an earlier run -> (result dict with tuple eval keys, its ClaimsConfig); one-line
+    SystemExit when it is missing or not a claims.py results file."""
     path = os.path.join(out, "results.json")
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no earlier run to report; run python experiments/claims.py first")
@@ -492,14 +514,31 @@ def report(out, results_path, command):
         cc = ClaimsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
         for key in ("evals", "encoder_space"):          # jsonable's "name|protocol|w" keys back to tuples
             r[key] = {(k.split("|")[0], k.split("|")[1], float(k.split("|")[2])): v for k, v in r[key].items()}
+        r["claims"] = judge(r, SWEEP, W_ABLATION)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise SystemExit(f"{path}: not a claims.py results file ({type(e).__name__}: {e})")
+    return r, cc
+
+
+def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=None):
+    """Rewrite RESULTS.md from OUT/results.json of an earlier run (no training or sampling): the claims are
+    judged again and the grids redrawn from its cached samples, with the same code as a full run. For a report
+    whose other inputs changed (experiments/results/sweep.json) or whose layout did. other_outs: the work
+    folders of the other training seeds (--train-seeds), judged again too. One-line SystemExit when a run or
+    its samples are missing. cc_want / data_arg: the preset and data the flags ask for; a results.json of
+    another run is refused (its report would land where the flags' run reports, e.g. experiments/RESULTS.md)."""
+    r, cc = load_result(out)
+    path = os.path.join(out, "results.json")
+    if cc_want is not None and (cc.preset, r["data"]) != (cc_want.preset, data_arg):
+        raise SystemExit(f"{path} is a {cc.preset} run on --data {r['data']}, not the {cc_want.preset} run on --data "
+                         f"{data_arg} these flags ask for: pass the flags it was made with")
     missing = sorted({e["samples_dir"] for e in r["evals"].values() if not os.path.isdir(e["samples_dir"])})
     if missing:
         raise SystemExit(f"{path}: the run's samples are gone ({missing[0]}); rerun python experiments/claims.py")
     _, test_source = prepare_pages(cc, out, r["data"])
     real_img, page = test_images(cc, test_source)
-    r["claims"], r["reported"] = judge(r, SWEEP, W_ABLATION), f"`{command}`"
+    r["other_seeds"] = [seed_summary(load_result(o)[0], o) for o in other_outs]
+    r["command"], r["reported"] = command, f"`{command} --report`"
     write_results(r, results_path, real_img, page)
     log(f"wrote {results_path} from {path}")
     for c in r["claims"]:
@@ -525,6 +564,15 @@ def _seq(v):
     return "[" + ", ".join(f"{x:.3f}" for x in v) + "]"
 
 
+def _relation(a, b, tol=1e-9):
+    return "=" if abs(a - b) <= tol else "<" if a < b else ">"
+
+
+def _duplicates_note(n):
+    return (f"; {n} test images are pixel-identical to another test image, which a copy of one also matches"
+            if n else "")
+
+
 def _verdict(ok):
     return "holds" if ok else "does not hold"
 
@@ -537,7 +585,9 @@ def judge(r, sweep, w_abl):
     # than two real images of one page are
     ok = rec["pixel_to_cond"] < COPY_RATIO * pag["pixel_to_cond"] and rec["pixel_diversity"] < ref["pixel_diversity"]
     claims.append(dict(id="1", claim="§4 / Fig. 2: reconstruction samples are near-copies of the condition; "
-                       "page-pair samples are not", verdict=_verdict(ok), criterion=(
+                       "page-pair samples are not", verdict=_verdict(ok), numbers=dict(
+        ratio=rec["pixel_to_cond"] / pag["pixel_to_cond"], diversity=rec["pixel_diversity"],
+        real_diversity=ref["pixel_diversity"]), criterion=(
         f"at w = 0: reconstruction RMSE to the condition < {COPY_RATIO} x the page model's, and RMSE between "
         "its samples < RMSE between two real images of one page"), summary=(
         f"guidance 0, reconstruction vs {sweep}: pixel RMSE sample-to-condition {rec['pixel_to_cond']:.3f} vs "
@@ -551,7 +601,8 @@ def judge(r, sweep, w_abl):
     noise = NOISE_SIGMAS * (recall_std(full[0], n) ** 2 + recall_std(full[-1], n) ** 2) ** 0.5
     ok = one[0] - one[-1] >= RECALL_DROP and full[0] - full[-1] <= noise
     claims.append(dict(id="2", claim="§7 / Fig. 3: as guidance rises, one-shot recall falls while full-set "
-                       "recall does not fall", verdict=_verdict(ok), criterion=(
+                       "recall does not fall", verdict=_verdict(ok), numbers=dict(
+        one_shot_drop=one[0] - one[-1], full_drop=full[0] - full[-1], noise=noise), criterion=(
         f"one-shot recall falls by >= {RECALL_DROP} from w = {ws[0]} to w = {ws[-1]}; full-set recall falls by "
         f"no more than {NOISE_SIGMAS:g} binomial sigma"), summary=(
         f"{sweep}, guidance {ws[0]} -> {ws[-1]}: one-shot recall {one[0]:.3f} -> {one[-1]:.3f} (drop "
@@ -561,10 +612,12 @@ def judge(r, sweep, w_abl):
     ok = abs(c["full"]["fid"]) < 1e-3 and c["full"]["recall"] == 1.0 and c["one_shot"]["recall"] <= c["k_over_n"] + 1e-9
     model_one = E[(sweep, "one_shot", w_abl)]["recall"]
     claims.append(dict(id="3", claim="§7: a copy model gets near-perfect full-set FID and recall and a "
-                       "collapsing one-shot recall", verdict=_verdict(ok), criterion=(
+                       "collapsing one-shot recall", verdict=_verdict(ok), numbers=dict(
+        one_shot_recall=c["one_shot"]["recall"], k_over_n=c["k_over_n"]), criterion=(
         "copy model: full-set FID < 1e-3 and recall 1; one-shot recall <= K/N"), summary=(
         f"copy model: full-set FID {c['full']['fid']:.2g}, recall {c['full']['recall']:.3f}; one-shot recall "
-        f"{c['one_shot']['recall']:.3f} (= K/N = {c['k_over_n']:.3f}) vs {model_one:.3f} for {sweep} at w={w_abl}")))
+        f"{c['one_shot']['recall']:.3f} ({_relation(c['one_shot']['recall'], c['k_over_n'])} K/N = {c['k_over_n']:.3f}"
+        f"{_duplicates_note(c.get('duplicates', 0))}) vs {model_one:.3f} for {sweep} at w={w_abl}")))
     for cid, a, b, what in (("4a", sweep, "reconstruction", "page pairs beat reconstruction on one-shot FID"),
                             ("4b", sweep, "pages", "filtering helps (App. C)"),
                             ("4c", sweep, "pages+filter FiLM", "cross-attention beats FiLM (App. D)")):
@@ -572,7 +625,8 @@ def judge(r, sweep, w_abl):
         noise = NOISE_SIGMAS * (A["fid_std"] ** 2 + B["fid_std"] ** 2) ** 0.5
         ok = B["fid"] - A["fid"] > noise                                  # beyond 2 bootstrap sigma
         note = "" if ok else " (lower FID, within bootstrap noise)" if A["fid"] < B["fid"] else ""
-        claims.append(dict(id=cid, claim=f"§8.2 at our scale: {what}", verdict=_verdict(ok) + note, criterion=(
+        claims.append(dict(id=cid, claim=f"§8.2 at our scale: {what}", verdict=_verdict(ok) + note,
+                           numbers=dict(gap=B["fid"] - A["fid"], noise=noise), criterion=(
             f"one-shot FID at w = {w_abl} lower by more than {NOISE_SIGMAS:g} bootstrap sigma"), summary=(
             f"one-shot FID at w={w_abl}: {a} {A['fid']:.2f} ± {A['fid_std']:.2f} vs {b} {B['fid']:.2f} ± "
             f"{B['fid_std']:.2f}")))
@@ -630,19 +684,22 @@ def write_results(r, path, real_img, page):
     grids = _grids(r, folder, real_img, page, sweep, w_abl)
     n = cc.test_pages * cc.per_page
     rewritten = f"; this report was rewritten from that run's results.json by {r['reported']}" if r.get("reported") else ""
+    others = r.get("other_seeds") or []
+    seeds = [cc.train_seed] + [o["seed"] for o in others]
+    minutes = (r["timing"]["total"] + sum(o["seconds"] for o in others)) / 60
     L = [f"# Semantica's claims at small scale ({cc.preset} run)", "",
-         f"Generated by `python experiments/claims.py{' --quick' if 'quick' in cc.preset else ''}"
-         f"{' --profile gpu' if cc.preset.startswith('gpu') else ''}"
-         f"{'' if r['data'] == 'synthetic' else ' --data ' + r['data']}` in {r['timing']['total'] / 60:.1f} min "
-         f"on {r.get('machine') or 'a machine its results.json does not name'}{_reuse_note(r)}. Seed {cc.seed}; every "
-         f"number below is regenerated by that command{rewritten}.", "",
+         f"Generated by `{r.get('command') or default_command(cc, r['data'], seeds)}` in {minutes:.1f} min "
+         f"{'(every training seed) ' if others else ''}"
+         f"on {r.get('machine') or 'a machine its results.json does not name'}{_reuse_note(r)}. Seed {cc.seed}"
+         f"{'' if seeds == [0] else ', training seed ' + str(cc.train_seed) + (' (the other seeds: Across training seeds)' if others else '')}; "
+         f"every number below is regenerated by that command{rewritten}.", "",
          "## Claims", "", "Criteria stated before the run (claims.py: COPY_RATIO, RECALL_DROP, NOISE_SIGMAS).", "",
          "| # | claim | criterion | verdict | numbers |", "| --- | --- | --- | --- | --- |"]
     L += [f"| {c['id']} | {c['claim']} | {c['criterion']} | **{c['verdict']}** | {c['summary']} |" for c in r["claims"]]
     L += ["", "## Setup", "",
           f"- Denoiser: U-ViT `{cc.model}` (uvit.py), trained by `train.py` for {cc.steps} steps at batch "
           f"{cc.batch}, lr {cc.lr}, EMA decay {cc.ema_decay}; training pages: "
-          f"{str(cc.train_pages) + ' synthetic (synthetic.SyntheticPages, seed ' + str(cc.seed) + ')' if r['data'] == 'synthetic' else r['data'] + ' minus the test pages'}. "
+          f"{str(cc.train_pages) + ' synthetic (synthetic.SyntheticPages, seed ' + str(cc.train_seed) + ')' if r['data'] == 'synthetic' else r['data'] + ' minus the test pages'}. "
           "The four settings share pages, seed and initialisation.",
           f"- Sampling: sample.py's K-shot evaluation, DDPM with {cc.sample_steps} steps (gamma 0.2), EMA weights. "
           f"Test set: {cc.test_pages} pages x {cc.per_page} images = N = {n} "
@@ -654,6 +711,11 @@ def write_results(r, path, real_img, page):
           "Pixel RMSE on the [-1, 1] scale. FID values are only comparable at equal N.",
           f"- Frozen conditioning encoder: `{os.path.basename(r['encoder'])}` (DINOv2 file layout, loaded with "
           "encoders.from_checkpoint / train.py --encoder-weights).", ""]
+    if r["data"] != "synthetic":
+        L[-1:] = ["- With --data: the conditioning encoder, the feature CNN and the filter band are this script's own, "
+                  "trained (features.py) and set (FILTER) on synthetic pages, not DINOv2 / Inception and the paper's "
+                  "band: the numbers measure the pipeline on these pages, not the paper's setting (for that, train.py "
+                  "--encoder-weights and sample.py --features inception).", ""]
     if r["spaces"]:
         L += ["## Why these feature spaces carry meaning", "",
               "Both networks are trained on held-out synthetic pages (experiments/features.py): the encoder "
@@ -728,6 +790,7 @@ def write_results(r, path, real_img, page):
               "", "| test pages | N real images | one-shot FID | bootstrap std |", "| --- | --- | --- | --- |"]
         L += [f"| {q['pages']} | {q['n']} | {q['fid']:.2f} | {q['fid_std']:.2f} |" for q in r["fid_vs_n"]]
     L += study_section(cc)
+    L += seeds_section(r, cc)
     L += ["", "## Sample grids", ""]
     L += [f"{cap}:\n\n![{cap}](results/{fn})\n" for cap, fn in grids.items()]
     inv = r.get("invocation", {})
@@ -740,6 +803,32 @@ def write_results(r, path, real_img, page):
                                                                     params=round(_millions(cc.model), 1))]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+def data_error(data_arg):
+    """Why --data is no pages source, in one line (None when it may be one); checked before anything is written.
+    Folders are listed (no image decoded), manifests parsed; prepare_pages scans the images later."""
+    if data_arg == "synthetic":
+        return None
+    try:
+        if os.path.isdir(data_arg):
+            images.find_images(data_arg)               # ValueError when it holds no image
+        elif os.path.isfile(data_arg):
+            data.read_manifest(data_arg)
+        else:
+            return "not a folder, a .csv/.jsonl manifest or 'synthetic'"
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
+
+
+def default_command(cc, data_arg, seeds=(0,), out=None, results=None):
+    """The claims.py command line of a run: preset, data, work folder and training seeds as flags."""
+    flags = [f for f, on in (("--quick", "quick" in cc.preset), ("--profile gpu", cc.preset.startswith("gpu")),
+                             (f"--data {data_arg}", data_arg != "synthetic"), (f"--out {out}", out),
+                             (f"--results {results}", results),
+                             ("--train-seeds " + ",".join(map(str, seeds)), list(seeds) != [0])) if on]
+    return " ".join(["python experiments/claims.py"] + flags)
 
 
 def _reuse_note(r):
@@ -796,6 +885,67 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
     return L[:-1]
 
 
+def seed_summary(r, out):
+    """What the across-seeds section needs of one training seed's result (tuple eval keys, judged claims):
+    {seed, out, seconds, claims, kind agreement and train loss per setting}."""
+    kind = {name: r["evals"][(name, "one_shot", W_ABLATION)].get("kind", {}).get("agreement") for name in SETTINGS}
+    return dict(seed=r["config"].get("train_seed", 0), out=out, seconds=r["timing"]["total"], claims=r["claims"],
+                kind=kind, loss={name: v["loss"] for name, v in r["runs"].items()})
+
+
+SEED_ROWS = (  # (claim id, number, what it is and its criterion) for the across-seeds table
+    ("1", "ratio", f"reconstruction RMSE to the condition / the page model's (< {COPY_RATIO})"),
+    ("2", "one_shot_drop", f"one-shot recall drop, lowest to highest w (>= {RECALL_DROP})"),
+    ("2", "full_drop", f"full-set recall drop (<= {NOISE_SIGMAS:g} binomial sigma, in brackets)"),
+    ("3", "one_shot_recall", "copy model's one-shot recall (<= K/N)"),
+    ("4a", "gap", f"one-shot FID reconstruction - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)"),
+    ("4b", "gap", f"one-shot FID pages - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)"),
+    ("4c", "gap", f"one-shot FID FiLM - cross-attention (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)"),
+)
+
+
+def seeds_section(r, cc):
+    """RESULTS.md lines: every claim's deciding number and verdict for each training seed (--train-seeds), with
+    mean and std over seeds: the training variance that the criteria's test-set sigma leave out. [] for one seed."""
+    rows = [seed_summary(r, None)] + list(r.get("other_seeds") or [])
+    if len(rows) < 2:
+        return []
+    by_seed = [{c["id"]: c for c in q["claims"]} for q in rows]
+    drawn = (f"a new draw of the {cc.train_pages} training pages, " if r.get("data", "synthetic") == "synthetic"
+             else "the same training pages; ")
+    L = ["", "## Across training seeds (--train-seeds)", "",
+         f"The four denoisers trained again with train.py --seed {', '.join(str(q['seed']) for q in rows[1:])} ({drawn}"
+         "initialisation, data order, pair draws, t and eps); test pages, encoder, "
+         "metric networks, sampling noise and bootstrap stay those above, so the spread across seeds is training "
+         "variance, which the criteria's sigma (test-set noise) do not contain. Each cell: the number that decides "
+         "the claim, then the verdict of that seed (yes = holds).", "",
+         "| claim | number (criterion) | " + " | ".join(f"seed {q['seed']}" for q in rows) + " | mean ± std |",
+         "| --- | --- | " + "--- | " * len(rows) + "--- |"]
+    for cid, key, what in SEED_ROWS:
+        cells, vals = [], []
+        for c in (b.get(cid) for b in by_seed):
+            if c is None or key not in c.get("numbers", {}):
+                cells.append("-")
+                continue
+            v, noise = c["numbers"][key], c["numbers"].get("noise")
+            vals.append(v)
+            cells.append(f"{v:.3f}{f' ({noise:.3f})' if noise is not None and key != 'one_shot_drop' else ''} "
+                         f"{'yes' if c['verdict'] == 'holds' else 'no'}")
+        spread = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "-"
+        L.append(f"| {cid} | {what} | " + " | ".join(cells) + f" | {spread} |")
+    for name in SETTINGS:
+        vals = [q["kind"].get(name) for q in rows]
+        if all(v is not None for v in vals):
+            L.append(f"| - | kind agreement, {name}, one-shot w = {W_ABLATION} | "
+                     + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f} |")
+    mixed = [cid for cid in dict.fromkeys(c for c, _, _ in SEED_ROWS)
+             if len({b[cid]["verdict"] == "holds" for b in by_seed if cid in b}) > 1]
+    L += ["", "Verdicts that change with the training seed: " + (", ".join(f"claim {c}" for c in mixed) if mixed else
+          "none") + ". Computing time per seed: " + ", ".join(f"seed {q['seed']} {q['seconds'] / 60:.1f} min" for q in rows)
+          + "."]
+    return L
+
+
 def _millions(preset):
     """Parameters of a U-ViT preset in millions (built on the meta device: no memory)."""
     with torch.device("meta"):
@@ -810,13 +960,15 @@ SCALE_NOTES = """\
 - The ± and the criteria's sigma are test-set noise (bootstrap over test images, binomial for recall), not
   training variance: the same command on another CPU (AVX2 against AVX-512 kernels round differently) trains
   different models, and a claim near its threshold can change verdict between two such runs (the README's
-  "Measured results" compares two).
+  "Measured results" compares two). `--train-seeds 0,1,2` measures that variance: the across-seeds section,
+  when present, shows each claim's number and verdict for every training seed.
 - Claim 3 is a property of the metrics (copies tie at distance 0, so one-shot recall is exactly K/N); it holds
-  at any scale. Claims 1, 2 and 4 are properties of trained models and can flip with training length.
-- At larger scale: the same script with `--data` pointing at real page folders, official DINOv2 weights for
-  the encoder (train.py --encoder-weights) and Inception features (sample.py --features inception), 256 px
-  presets, multi-GPU training (train.py under torchrun) and 10K-sample one-shot ImageNet (sample.py
-  --few-shot 1 --per-group 10) would test the claims as the paper does; App. C's filter gain (>10 FID) and
+  at any scale, on a test set without pixel-identical images (a copy also matches an image's duplicate). Claims 1, 2 and 4 are properties of trained models and can flip with training length.
+- At larger scale: train.py and sample.py run directly (claims.py always uses its own small synthetic-page
+  networks) on real page folders (--data), with official DINOv2 weights for the encoder (train.py
+  --encoder-weights), Inception features (sample.py --features inception), 256 px presets, multi-GPU
+  training (train.py under torchrun) and 10K-sample one-shot ImageNet (sample.py --few-shot 1 --per-group 10)
+  would test the claims as the paper does; App. C's filter gain (>10 FID) and
   App. D's FiLM gap were measured after 100K+ steps, far beyond this run."""
 
 
@@ -828,25 +980,51 @@ def main(argv=None):
     ap.add_argument("--data", default="synthetic", help="pages folder ROOT/<page>/<image> or manifest; "
                     "default: synthetic pages")
     ap.add_argument("--out", help="work folder (default runs/claims or runs/claims-quick)")
-    ap.add_argument("--results", help="RESULTS.md path (default experiments/RESULTS.md; --quick: OUT/RESULTS.md)")
+    ap.add_argument("--results", help="RESULTS.md path (default: experiments/RESULTS.md for the full synthetic run with "
+                    "training seed 0 first, experiments/RESULTS-gpu.md for --profile gpu; OUT/RESULTS.md for --quick, "
+                    "--data or another first seed)")
     ap.add_argument("--report", action="store_true", help="rewrite RESULTS.md from OUT/results.json of an earlier "
                     "run of the same flags (seconds: no training or sampling), e.g. after sweep.py changed "
                     "experiments/results/sweep.json")
+    ap.add_argument("--train-seeds", default="0", help="comma list of train.py seeds for the four denoisers, e.g. "
+                    "0,1,2: each trains and evaluates its own models (seed 0 in OUT, seed k in OUT-train-seed<k>; the "
+                    "first seed's networks shared) and RESULTS.md adds every seed's claims (training variance)")
     args = ap.parse_args(argv)
+    try:
+        seeds = [int(k) for k in args.train_seeds.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or max(seeds) > MAX_SEED or len(set(seeds)) != len(seeds):
+        ap.error(f"--train-seeds must be distinct integers in [0, 2^63 - 1] separated by commas, got {args.train_seeds!r}")
+    bad = data_error(args.data)
+    if bad:
+        ap.error(f"--data {args.data}: {bad}")
     name = {("cpu", False): "full", ("cpu", True): "quick", ("gpu", False): "gpu", ("gpu", True): "gpu-quick"}
     cc = PRESETS[name[args.profile, args.quick]]
     if cc.preset == "gpu" and not torch.cuda.is_available():
         log("note: --profile gpu without a CUDA device: train.py and sample.py run on the CPU (hours)")
     root = os.path.dirname(HERE)
-    out = args.out or os.path.join(root, "runs", "claims" + ("" if cc.preset == "full" else "-" + cc.preset))
+    base = args.out or os.path.join(root, "runs", "claims" + ("" if cc.preset == "full" else "-" + cc.preset))
+    outs = {k: base if k == 0 else f"{base}-train-seed{k}" for k in seeds}
+    out = outs[seeds[0]]                                  # the first seed's run is the report's main one
     committed = os.path.join(HERE, "RESULTS.md" if cc.preset == "full" else "RESULTS-gpu.md")
-    results = args.results or (os.path.join(out, "RESULTS.md") if args.quick or args.data != "synthetic"
+    results = args.results or (os.path.join(out, "RESULTS.md") if args.quick or args.data != "synthetic" or seeds[0]
                                else committed)
+    for o in outs.values():
+        if os.path.exists(o) and not os.path.isdir(o):
+            ap.error(f"--out: {o} exists and is not a folder")
+    command = default_command(cc, args.data, seeds, args.out, args.results)
     if args.report:
-        flags = [f for f, on in (("--quick", args.quick), ("--profile gpu", args.profile == "gpu"),
-                                 (f"--data {args.data}", args.data != "synthetic"), (f"--out {args.out}", args.out)) if on]
-        return report(out, results, " ".join(["python experiments/claims.py"] + flags + ["--report"]))
-    return run(cc, out, args.data, results)
+        return report(out, results, command, [outs[k] for k in seeds[1:]], cc, args.data)
+    networks, others = os.path.join(out, "networks"), []
+    for k in seeds[1:]:                                   # the other seeds first: the main report lists them
+        log(f"==== training seed {k} -> {outs[k]}")
+        r = run(dataclasses.replace(cc, train_seed=k), outs[k], args.data, os.path.join(outs[k], "RESULTS.md"),
+                networks, command=command)
+        others.append(seed_summary(r, outs[k]))
+    if others:
+        log(f"==== training seed {seeds[0]} -> {out}")
+    return run(dataclasses.replace(cc, train_seed=seeds[0]), out, args.data, results, networks, others, command)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,33 @@ def test_quick_run_writes_every_claim(tmp_path):
     assert f"in {rerun['timing']['total'] / 60:.1f} min" in header and f"reused {len(phases)} phase(s)" in header
 
 
+
+@pytest.mark.slow
+def test_quick_run_over_two_training_seeds(tmp_path):
+    """--train-seeds 0,1 end to end: seed 1 trains its own denoisers (train.py --seed 1) in OUT-train-seed1 with
+    seed 0's networks, and the main RESULTS.md (and its --report rewrite) lists both seeds' verdicts."""
+    out = tmp_path / "claims"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out), "--train-seeds", "0,1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    other = tmp_path / "claims-train-seed1"
+    assert json.loads((other / "results.json").read_text())["config"]["train_seed"] == 1
+    assert json.loads((other / "runs" / "pages+filter" / "config.json").read_text())["seed"] == 1
+    assert json.loads((out / "runs" / "pages+filter" / "config.json").read_text())["seed"] == 0
+    assert not (other / "networks").exists() and (out / "networks").is_dir()       # measured in one space
+    res = json.loads((out / "results.json").read_text())
+    assert [o["seed"] for o in res["other_seeds"]] == [1] and (other / "RESULTS.md").exists()
+    md = (out / "RESULTS.md").read_text()
+    assert "--train-seeds 0,1` in" in md and "## Across training seeds" in md and "| seed 0 | seed 1 |" in md
+    (out / "RESULTS.md").unlink()
+    proc = subprocess.run(cmd + ["--report"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = (out / "RESULTS.md").read_text()
+    section = lambda t: t[t.index("## Across training seeds"):t.index("## Sample grids")]
+    assert section(again) == section(md)
+
+
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
@@ -105,6 +132,142 @@ def test_judge_applies_the_criteria_stated_before_the_run():
     assert verdict(_result(full=(0.8, 0.725)))["2"]                  # drop 0.075 <= 0.0848 (r = 0.725)
     assert not verdict(_result(full=(0.8, 0.71)))["2"]               # drop 0.09 > 0.0856 (r = 0.71)
     assert not verdict(_result(fids=(20.0, 22.5)))["4a"]            # 2.5 < 2.83: within noise
+
+
+def test_each_claim_keeps_the_number_that_decides_it():
+    """judge()'s `numbers` (what the across-seeds table shows), worked out by hand from _result()."""
+    import claims
+    c = {q["id"]: q["numbers"] for q in claims.judge(_result(), claims.SWEEP, 0.5)}
+    assert c["1"]["ratio"] == pytest.approx(0.19 / 0.4) and c["1"]["real_diversity"] == 0.3
+    assert c["2"]["one_shot_drop"] == pytest.approx(0.15) and c["2"]["full_drop"] == pytest.approx(0.02)
+    assert c["2"]["noise"] == pytest.approx(2 * (0.8 * 0.2 / 200 + 0.78 * 0.22 / 200) ** 0.5)
+    assert c["4a"]["gap"] == pytest.approx(3.0) and c["4a"]["noise"] == pytest.approx(2 * 2 ** 0.5)
+    assert c["4b"]["gap"] == pytest.approx(10.0) and c["3"]["one_shot_recall"] == 0.1
+
+
+def _seed(seed, **kw):
+    """A seed_summary of _result(**kw) (judged), as run() stores it for another training seed."""
+    import claims
+    r = _result(**kw)
+    r["claims"] = claims.judge(r, claims.SWEEP, 0.5)
+    return dict(seed=seed, out=f"o{seed}", seconds=600.0 * (seed + 1), claims=r["claims"],
+                kind={n: 0.1 * (seed + 1) for n in claims.SETTINGS}, loss={})
+
+
+def test_the_across_seeds_section_shows_each_seed_and_the_spread():
+    """--train-seeds: each claim's deciding number and verdict per seed, mean ± std over seeds (ddof 1) by hand,
+    and the claims whose verdict changes with the seed; nothing for a single seed."""
+    import claims
+    cc = claims.PRESETS["full"]
+    r = _result()                                            # seed 0: ratio 0.475 (holds), 4a gap 3.0 (holds)
+    r.update(claims=claims.judge(r, claims.SWEEP, 0.5), runs={}, timing={"total": 300.0},
+             config=dict(r["config"], train_seed=0))
+    for e in r["evals"].values():
+        e["kind"] = dict(agreement=0.05)
+    assert claims.seeds_section(r, cc) == []
+    r["other_seeds"] = [_seed(1, rec_to_cond=0.24, fids=(20.0, 22.0)), _seed(2, rec_to_cond=0.2)]
+    md = "\n".join(claims.seeds_section(r, cc))
+    row = lambda cid, what: next(x for x in md.splitlines() if x.startswith(f"| {cid} | {what}"))
+    ratios = [0.475, 0.6, 0.5]
+    mean, std = sum(ratios) / 3, (sum((x - sum(ratios) / 3) ** 2 for x in ratios) / 2) ** 0.5
+    assert row("1", "reconstruction RMSE") .endswith(f"| 0.475 yes | 0.600 no | 0.500 no | {mean:.3f} ± {std:.3f} |")
+    assert f"| 2.000 ({2 * 2 ** 0.5:.3f}) no |" in row("4a", "one-shot FID")       # seed 1: gap 2 < 2.83
+    assert "| 0.150 yes |" in row("2", "one-shot recall drop")                     # no bracket for this one
+    assert "| 0.050 | 0.200 | 0.300 | 0.183 ± 0.126 |" in row("-", "kind agreement, pages+filter,")
+    assert "Verdicts that change with the training seed: claim 1, claim 4a." in md
+    assert "seed 0 5.0 min, seed 1 20.0 min, seed 2 30.0 min" in md
+
+
+def test_train_seeds_flag_runs_each_seed_in_its_own_folder(tmp_path, monkeypatch):
+    """--train-seeds 0,2: seed 2 first (its own OUT-train-seed2 and RESULTS.md), then seed 0 in OUT with seed 2's
+    summary; both measured with the first seed's networks; bad lists are one-line usage errors."""
+    import claims
+    calls = []
+
+    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None):
+        calls.append((cc.train_seed, out, results, networks, [o["seed"] for o in others], command))
+        return dict(config=dict(train_seed=cc.train_seed), timing={"total": 1.0}, claims=[], runs={},
+                    evals={(n, "one_shot", 0.5): {} for n in claims.SETTINGS})
+    monkeypatch.setattr(claims, "run", fake_run)
+    base, res = str(tmp_path / "c"), str(tmp_path / "R.md")
+    claims.main(["--out", base, "--results", res, "--train-seeds", "0,2"])
+    command = f"python experiments/claims.py --out {base} --results {res} --train-seeds 0,2"
+    assert calls == [(2, base + "-train-seed2", os.path.join(base + "-train-seed2", "RESULTS.md"),
+                      os.path.join(base, "networks"), [], command),
+                     (0, base, res, os.path.join(base, "networks"), [2], command)]
+    for bad in ("1,1", "-1", "a", "", "1,", str(2 ** 63)):
+        with pytest.raises(SystemExit) as e:
+            claims.main(["--out", base, "--train-seeds", bad])
+        assert e.value.code == 2
+
+
+def test_bad_data_or_out_is_a_usage_error_before_anything_is_written(tmp_path, capsys):
+    """--data that is no pages source (missing, an empty folder, an image given as a manifest) and an --out
+    that is a file: argparse errors (exit 2, one line), no work folder created, nothing run."""
+    import claims
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    (tmp_path / "file").write_text("x")
+    cases = [(["--data", str(tmp_path / "missing")], "not a folder, a .csv/.jsonl manifest"),
+             (["--data", str(tmp_path / "empty")], "no images under"),
+             (["--data", str(tmp_path / "one.jpg")], "not a UTF-8 .csv/.jsonl manifest"),
+             (["--out", str(tmp_path / "file")], "exists and is not a folder"),
+             (["--out", str(tmp_path / "w"), "--train-seeds", "0,3", "--data", str(tmp_path / "empty")], "no images")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            claims.main((["--out", str(tmp_path / "w")] if "--out" not in argv else []) + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "one.jpg"]
+
+
+def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
+    """--report without --quick over a quick run's folder would rewrite experiments/RESULTS.md with it."""
+    import claims
+    r = dict(config=claims.dataclasses.asdict(claims.PRESETS["quick"]), data="synthetic", evals={},
+             encoder_space={})
+    (tmp_path / "results.json").write_text(json.dumps(r))
+    monkeypatch.setattr(claims, "judge", lambda *a: [])
+    monkeypatch.setattr(claims, "write_results", lambda *a: pytest.fail("wrote a report"))
+    with pytest.raises(SystemExit, match="is a quick run on --data synthetic, not the full run"):
+        claims.main(["--report", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not the quick run on --data .*pages"):
+        (tmp_path / "pages" / "p").mkdir(parents=True)
+        (tmp_path / "pages" / "p" / "a.png").write_bytes(b"x")
+        claims.main(["--report", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "pages")])
+
+
+def test_manifests_keep_page_names_with_quotes_and_commas(tmp_path):
+    """--data DIR: the train/test manifests claims.py writes are read back by data.read_manifest with every
+    page name intact (a name with a quote mark was split and its images dropped as missing files)."""
+    import claims
+    import data
+    from PIL import Image
+    names = ['he said "hi"', "a,b", "plain", "ünï", "x y", "z"]
+    for i, n in enumerate(names):
+        (tmp_path / "pages" / n).mkdir(parents=True)
+        for j in range(5):
+            Image.new("RGB", (8, 8), (i * 40, j * 50, 0)).save(tmp_path / "pages" / n / f"{j}.png")
+    train, test = claims.prepare_pages(claims.PRESETS["quick"], str(tmp_path), str(tmp_path / "pages"))
+    rows = data.read_manifest(train) + data.read_manifest(test)
+    assert sorted({p for p, _ in rows}) == sorted(names) and len(rows) == 30
+    assert all(os.path.isfile(path) and os.path.basename(os.path.dirname(path)) == p for p, path in rows)
+
+
+def test_a_copy_models_recall_exceeds_k_over_n_only_through_duplicates():
+    """Claim 3's summary says = K/N only when it is; pixel-identical test images are counted and named."""
+    import claims
+    x = torch.zeros(5, 3, 2, 2)
+    x[1] += 1
+    x[2] += 1
+    x[3] += 2
+    assert claims.duplicate_count(x) == 4 and claims.duplicate_count(x[2:]) == 0
+    r = _result()
+    r["copy"] = dict(r["copy"], one_shot=dict(recall=0.125), duplicates=2)
+    c3 = next(c for c in claims.judge(r, claims.SWEEP, 0.5) if c["id"] == "3")
+    assert c3["verdict"] == "does not hold" and "0.125 (> K/N = 0.100; 2 test images are pixel-identical" in c3["summary"]
+    c3 = next(c for c in claims.judge(_result(), claims.SWEEP, 0.5) if c["id"] == "3")
+    assert "(= K/N = 0.100)" in c3["summary"] and "pixel-identical" not in c3["summary"]
 
 
 def test_kind_scores_by_hand():
@@ -288,6 +451,10 @@ def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
     assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {"networks": 40.0, "total": 341.0}
     assert claims.earlier_timing(str(tmp_path), cc, "/other/pages") == {}           # other data: not its cache
     assert claims.earlier_timing(str(tmp_path), claims.PRESETS["full"], "synthetic") == {}
+    old = dict(rec, config={k: v for k, v in rec["config"].items() if k != "train_seed"})
+    (tmp_path / "results.json").write_text(json.dumps(old))       # written before train_seed existed: its default
+    assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {"networks": 40.0, "total": 341.0}
+    assert claims.earlier_timing(str(tmp_path), claims.dataclasses.replace(cc, train_seed=1), "synthetic") == {}
     (tmp_path / "results.json").write_text("{")
     assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {}
     assert claims._reuse_note({"invocation": {"seconds": 12.0, "reused": []}}) == ""

@@ -180,6 +180,13 @@ def test_bad_file_is_skipped_with_reason(tmp_path, kind, caplog):
     assert len(pages["page0"]) == 2 and str(bad) in caplog.text
 
 
+def test_a_binary_file_as_manifest_is_one_value_error(tmp_path):
+    """An image given as --data is read as a CSV manifest: ValueError naming it, not a UnicodeDecodeError."""
+    (tmp_path / "one.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(32))
+    with pytest.raises(ValueError, match="one.jpg: not a UTF-8 .csv/.jsonl manifest"):
+        data.scan(str(tmp_path / "one.jpg"))
+
+
 def test_missing_manifest_file_is_skipped(tmp_path):
     write_pages(tmp_path, [2])
     (tmp_path / "m.csv").write_text("page,path\np,page0/0.png\np,page0/1.png\np,gone.png\n")

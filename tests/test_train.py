@@ -364,7 +364,7 @@ def test_ddp_fsdp_and_reshard_on_two_gloo_processes(tmp_path):
 @pytest.mark.parametrize("flags", [["--guidance", "nan"], ["--guidance", "inf"], ["--lr", "nan"], ["--lr", "0"],
                                    ["--steps", "0"], ["--log-every", "0"], ["--ckpt-every", "0"],
                                    ["--sample-every", "0"], ["--p-uncond", "1.5"], ["--ema-decay", "2"],
-                                   ["--batch", "0"], ["--max-pixels", "-5"]])
+                                   ["--batch", "0"], ["--max-pixels", "-5"], ["--seed", str(2 ** 63)]])
 def test_numbers_nothing_can_be_computed_with_are_parse_errors(flags, capsys):
     """Refused when parsed (exit 2, one line naming the flag), before any folder is made or step is run:
     a nan guidance used to train and then crash on the final grid without a checkpoint."""
