@@ -229,8 +229,9 @@ class PagePairs(torch.utils.data.Dataset):
                 key = (self.pages.key(p, c), self.pages.key(p, t))
                 if key not in self._bad:
                     self._bad.add(key)
-                    log.warning("item %d (%s, %s) failed: %s: %s; replaced by item %d",
-                                index, *key, type(e).__name__, e, new)
+                    q, qc, qt = self.pair(new)
+                    log.warning("item %d (%s, %s) failed: %s: %s; replaced by item %d (%s, %s)", index, *key,
+                                type(e).__name__, e, new, self.pages.key(q, qc), self.pages.key(q, qt))
                 index = new
         raise RuntimeError(f"10 consecutive items failed to load; last: {key}")
 

@@ -34,6 +34,7 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -389,12 +390,13 @@ def earlier_timing(out, cc, data_arg):
         return {}
 
 
-def run(cc, out, data_arg, results_path, networks=None, others=(), command=None):
+def run(cc, out, data_arg, results_path, networks=None, others=(), command=None, started=None):
     """The whole pipeline for one training seed -> the result dict (also OUT/results.json and RESULTS.md).
     networks: the folder of the encoder, feature CNN and kind classifier (default OUT/networks; --train-seeds
     shares the first seed's, so that every seed is measured in the same spaces); others: seed_summary dicts of
     runs with other training seeds, reported in RESULTS.md's across-seeds section; command: the command line
-    RESULTS.md names (default: rebuilt from cc and data_arg)."""
+    RESULTS.md names (default: rebuilt from cc and data_arg); started: time.time() when the invocation began
+    (--train-seeds: before the other seeds' runs), for the invocation's wall time."""
     t0, timing, hits = time.time(), {}, []
     net_dir = networks or os.path.join(out, "networks")
     earlier = earlier_timing(out, cc, data_arg)
@@ -482,7 +484,7 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None)
     for k in hits:
         timing["total"] += earlier.get(k, timing[k]) - timing[k]
         timing[k] = earlier.get(k, timing[k])
-    invocation = dict(seconds=wall, reused=hits, unrecorded=[k for k in hits if k not in earlier])
+    invocation = dict(seconds=time.time() - (started or t0), reused=hits, unrecorded=[k for k in hits if k not in earlier])
     result = dict(config=dataclasses.asdict(cc), data=data_arg, test=test_source, spaces=spaces, filter=filt,
                   runs={k: {"loss": v["loss"], "seconds": v["seconds"], "ckpt": v["ckpt"]} for k, v in runs.items()},
                   evals=evals, encoder_space=encoder_space, copy=copy, real_reference=ref, timing=timing,
@@ -529,7 +531,8 @@ def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=Non
     another run is refused (its report would land where the flags' run reports, e.g. experiments/RESULTS.md)."""
     r, cc = load_result(out)
     path = os.path.join(out, "results.json")
-    if cc_want is not None and (cc.preset, r["data"]) != (cc_want.preset, data_arg):
+    same_data = lambda a, b: a == b or "synthetic" not in (a, b) and os.path.abspath(a) == os.path.abspath(b)  # noqa: E731
+    if cc_want is not None and not (cc.preset == cc_want.preset and same_data(r["data"], data_arg)):
         raise SystemExit(f"{path} is a {cc.preset} run on --data {r['data']}, not the {cc_want.preset} run on --data "
                          f"{data_arg} these flags ask for: pass the flags it was made with")
     missing = sorted({e["samples_dir"] for e in r["evals"].values() if not os.path.isdir(e["samples_dir"])})
@@ -814,7 +817,8 @@ def data_error(data_arg):
         if os.path.isdir(data_arg):
             images.find_images(data_arg)               # ValueError when it holds no image
         elif os.path.isfile(data_arg):
-            data.read_manifest(data_arg)
+            if not data.read_manifest(data_arg):
+                return "a manifest with no rows (a .csv/.jsonl manifest needs page and path columns)"
         else:
             return "not a folder, a .csv/.jsonl manifest or 'synthetic'"
     except (ValueError, OSError) as e:
@@ -824,9 +828,10 @@ def data_error(data_arg):
 
 def default_command(cc, data_arg, seeds=(0,), out=None, results=None):
     """The claims.py command line of a run: preset, data, work folder and training seeds as flags."""
+    q = lambda v: shlex.quote(str(v))                    # noqa: E731 (a path with spaces stays one argument)
     flags = [f for f, on in (("--quick", "quick" in cc.preset), ("--profile gpu", cc.preset.startswith("gpu")),
-                             (f"--data {data_arg}", data_arg != "synthetic"), (f"--out {out}", out),
-                             (f"--results {results}", results),
+                             (f"--data {q(data_arg)}", data_arg != "synthetic"), (f"--out {q(out)}", out),
+                             (f"--results {q(results)}", results),
                              ("--train-seeds " + ",".join(map(str, seeds)), list(seeds) != [0])) if on]
     return " ".join(["python experiments/claims.py"] + flags)
 
@@ -1016,7 +1021,7 @@ def main(argv=None):
     command = default_command(cc, args.data, seeds, args.out, args.results)
     if args.report:
         return report(out, results, command, [outs[k] for k in seeds[1:]], cc, args.data)
-    networks, others = os.path.join(out, "networks"), []
+    networks, others, started = os.path.join(out, "networks"), [], time.time()
     for k in seeds[1:]:                                   # the other seeds first: the main report lists them
         log(f"==== training seed {k} -> {outs[k]}")
         r = run(dataclasses.replace(cc, train_seed=k), outs[k], args.data, os.path.join(outs[k], "RESULTS.md"),
@@ -1024,7 +1029,8 @@ def main(argv=None):
         others.append(seed_summary(r, outs[k]))
     if others:
         log(f"==== training seed {seeds[0]} -> {out}")
-    return run(dataclasses.replace(cc, train_seed=seeds[0]), out, args.data, results, networks, others, command)
+    return run(dataclasses.replace(cc, train_seed=seeds[0]), out, args.data, results, networks, others, command,
+               started)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_train_seeds_flag_runs_each_seed_in_its_own_folder(tmp_path, monkeypatch
     import claims
     calls = []
 
-    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None):
+    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None):
         calls.append((cc.train_seed, out, results, networks, [o["seed"] for o in others], command))
         return dict(config=dict(train_seed=cc.train_seed), timing={"total": 1.0}, claims=[], runs={},
                     evals={(n, "one_shot", 0.5): {} for n in claims.SETTINGS})
@@ -208,7 +208,9 @@ def test_bad_data_or_out_is_a_usage_error_before_anything_is_written(tmp_path, c
     (tmp_path / "empty").mkdir()
     (tmp_path / "one.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
     (tmp_path / "file").write_text("x")
-    cases = [(["--data", str(tmp_path / "missing")], "not a folder, a .csv/.jsonl manifest"),
+    (tmp_path / "empty.csv").write_text("")
+    cases = [(["--data", str(tmp_path / "empty.csv")], "a manifest with no rows"),
+             (["--data", str(tmp_path / "file")], "a manifest with no rows"),(["--data", str(tmp_path / "missing")], "not a folder, a .csv/.jsonl manifest"),
              (["--data", str(tmp_path / "empty")], "no images under"),
              (["--data", str(tmp_path / "one.jpg")], "not a UTF-8 .csv/.jsonl manifest"),
              (["--out", str(tmp_path / "file")], "exists and is not a folder"),
@@ -218,7 +220,9 @@ def test_bad_data_or_out_is_a_usage_error_before_anything_is_written(tmp_path, c
             claims.main((["--out", str(tmp_path / "w")] if "--out" not in argv else []) + argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "one.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "empty.csv", "file", "one.jpg"]
+    spaced = claims.default_command(claims.PRESETS["quick"], "/my pages/", out="/o x")
+    assert spaced == "python experiments/claims.py --quick --data '/my pages/' --out '/o x'"
 
 
 def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
@@ -235,6 +239,11 @@ def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
         (tmp_path / "pages" / "p").mkdir(parents=True)
         (tmp_path / "pages" / "p" / "a.png").write_bytes(b"x")
         claims.main(["--report", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "pages")])
+    r["data"] = str(tmp_path / "pages")                 # the same folder named with a trailing slash: its run
+    (tmp_path / "results.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit) as e:                # past the flags check: on to its (unusable) pages
+        claims.main(["--report", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "pages") + "/"])
+    assert "these flags ask for" not in str(e.value) and "needs more than" in str(e.value)
 
 
 def test_manifests_keep_page_names_with_quotes_and_commas(tmp_path):
