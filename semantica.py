@@ -45,6 +45,8 @@ DDPM_STEPS = 256  # DESIGN: the paper names the DDPM sampler (§3.1, §6.1) but 
 EMA_YOUNG = 0.25  # DESIGN: warn when the EMA still holds more than this fraction of its initial weights
 #                   (decay^step; ~1/(1 - decay) steps, where decay^step = 1/e)
 FORMAT = "semantica-ckpt/2"
+MAX_SEED = 2 ** 63 - 1  # DESIGN: the largest run seed (train.py --seed, claims.py --train-seeds): torch.manual_seed
+#                         and numpy SeedSequence take it, and seed + rank, as a 64-bit integer
 
 
 class Semantica(nn.Module):

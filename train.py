@@ -129,8 +129,7 @@ CHOICES = {"conditioning": ("cross_attention", "film"), "pairs": ("page", "same"
 RESUMABLE = {"steps", "resume", "reshard", "log_every", "ckpt_every", "sample_every", "sample_steps",
              "grid_images", "grid_n", "compile", "grad_checkpoint", "num_workers", "max_pixels", "out", "encoder_weights",
              "tensorboard", "device", "cond_cache", "backend"}  # backend: check_world guards the world size
-RESHARDABLE = {"micro_batch", "fsdp"}
-MAX_SEED = 2 ** 63 - 1  # --seed: torch.manual_seed and numpy SeedSequence take it (and seed + rank) as a 64-bit integer  # may also change with --reshard (another world size)
+RESHARDABLE = {"micro_batch", "fsdp"}  # may also change with --reshard (another world size)
 
 
 class UserError(ValueError):
@@ -190,8 +189,8 @@ def check_numbers(cfg):
     for name in ("micro_batch", "num_workers", "seed", "num_pages"):
         if getattr(cfg, name) < 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}"
-    if cfg.seed > MAX_SEED:
-        return f"--seed must be at most 2^63 - 1 = {MAX_SEED} (torch and numpy seeds are 64-bit), got {cfg.seed}"
+    if cfg.seed > semantica.MAX_SEED:
+        return f"--seed must be at most 2^63 - 1 = {semantica.MAX_SEED} (torch and numpy seeds are 64-bit), got {cfg.seed}"
     for name, low, high in (("lr", 0, math.inf), ("beta1", 0, 1), ("beta2", 0, 1), ("adam_eps", 0, math.inf),
                             ("ema_decay", 0, 1), ("p_uncond", 0, 1), ("guidance", -math.inf, math.inf),
                             ("filter_low", -1, 1), ("filter_high", -1, 1)):

@@ -67,7 +67,6 @@ W_ABLATION = diffusion.GUIDANCE   # §6.1: "0.5 guidance for our ablations"
 # pixel near-duplicates of the synthetic pages all sit above 0.997, so the same procedure gives 0.995
 # (measured on the earlier 1-3-object pages; the next full run's histogram re-checks it on the new ones).
 FILTER = (0.3, 0.995)
-MAX_SEED = 2 ** 63 - 1        # --train-seeds: as train.py --seed (64-bit torch / numpy seeds)
 
 
 @dataclass(frozen=True)
@@ -892,20 +891,20 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
 
 def seed_summary(r, out):
     """What the across-seeds section needs of one training seed's result (tuple eval keys, judged claims):
-    {seed, out, seconds, claims, kind agreement and train loss per setting}."""
+    {seed, out, seconds, claims, kind agreement per setting}."""
     kind = {name: r["evals"][(name, "one_shot", W_ABLATION)].get("kind", {}).get("agreement") for name in SETTINGS}
     return dict(seed=r["config"].get("train_seed", 0), out=out, seconds=r["timing"]["total"], claims=r["claims"],
-                kind=kind, loss={name: v["loss"] for name, v in r["runs"].items()})
+                kind=kind)
 
 
-SEED_ROWS = (  # (claim id, number, what it is and its criterion) for the across-seeds table
-    ("1", "ratio", f"reconstruction RMSE to the condition / the page model's (< {COPY_RATIO})"),
-    ("2", "one_shot_drop", f"one-shot recall drop, lowest to highest w (>= {RECALL_DROP})"),
-    ("2", "full_drop", f"full-set recall drop (<= {NOISE_SIGMAS:g} binomial sigma, in brackets)"),
-    ("3", "one_shot_recall", "copy model's one-shot recall (<= K/N)"),
-    ("4a", "gap", f"one-shot FID reconstruction - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)"),
-    ("4b", "gap", f"one-shot FID pages - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)"),
-    ("4c", "gap", f"one-shot FID FiLM - cross-attention (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)"),
+SEED_ROWS = (  # (claim id, number, what it is and its criterion, whether the claim's noise is its bound)
+    ("1", "ratio", f"reconstruction RMSE to the condition / the page model's (< {COPY_RATIO})", False),
+    ("2", "one_shot_drop", f"one-shot recall drop, lowest to highest w (>= {RECALL_DROP})", False),
+    ("2", "full_drop", f"full-set recall drop (<= {NOISE_SIGMAS:g} binomial sigma, in brackets)", True),
+    ("3", "one_shot_recall", "copy model's one-shot recall (<= K/N)", False),
+    ("4a", "gap", f"one-shot FID reconstruction - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)", True),
+    ("4b", "gap", f"one-shot FID pages - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)", True),
+    ("4c", "gap", f"one-shot FID FiLM - cross-attention (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)", True),
 )
 
 
@@ -926,15 +925,16 @@ def seeds_section(r, cc):
          "the claim, then the verdict of that seed (yes = holds).", "",
          "| claim | number (criterion) | " + " | ".join(f"seed {q['seed']}" for q in rows) + " | mean ± std |",
          "| --- | --- | " + "--- | " * len(rows) + "--- |"]
-    for cid, key, what in SEED_ROWS:
+    for cid, key, what, bracket in SEED_ROWS:
         cells, vals = [], []
         for c in (b.get(cid) for b in by_seed):
             if c is None or key not in c.get("numbers", {}):
                 cells.append("-")
                 continue
-            v, noise = c["numbers"][key], c["numbers"].get("noise")
+            v = c["numbers"][key]
             vals.append(v)
-            cells.append(f"{v:.3f}{f' ({noise:.3f})' if noise is not None and key != 'one_shot_drop' else ''} "
+            bound = f" ({c['numbers']['noise']:.3f})" if bracket else ""
+            cells.append(f"{v:.3f}{bound} "
                          f"{'yes' if c['verdict'] == 'holds' else 'no'}")
         spread = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "-"
         L.append(f"| {cid} | {what} | " + " | ".join(cells) + f" | {spread} |")
@@ -943,7 +943,7 @@ def seeds_section(r, cc):
         if all(v is not None for v in vals):
             L.append(f"| - | kind agreement, {name}, one-shot w = {W_ABLATION} | "
                      + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f} |")
-    mixed = [cid for cid in dict.fromkeys(c for c, _, _ in SEED_ROWS)
+    mixed = [cid for cid in dict.fromkeys(c for c, _, _, _ in SEED_ROWS)
              if len({b[cid]["verdict"] == "holds" for b in by_seed if cid in b}) > 1]
     L += ["", "Verdicts that change with the training seed: " + (", ".join(f"claim {c}" for c in mixed) if mixed else
           "none") + ". Computing time per seed: " + ", ".join(f"seed {q['seed']} {q['seconds'] / 60:.1f} min" for q in rows)
@@ -999,7 +999,7 @@ def main(argv=None):
         seeds = [int(k) for k in args.train_seeds.split(",")]
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) < 0 or max(seeds) > MAX_SEED or len(set(seeds)) != len(seeds):
+    if not seeds or min(seeds) < 0 or max(seeds) > semantica.MAX_SEED or len(set(seeds)) != len(seeds):
         ap.error(f"--train-seeds must be distinct integers in [0, 2^63 - 1] separated by commas, got {args.train_seeds!r}")
     bad = data_error(args.data)
     if bad:
