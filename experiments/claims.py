@@ -15,12 +15,15 @@ The claims, each reported as holds / does not hold with its numbers:
   3. §7: the copy model gets near-perfect full-set FID/recall and a collapsing one-shot recall.
   4. §8.2: page pairs beat reconstruction on one-shot FID; filtering helps; cross-attention beats FiLM.
 The frozen encoder and the metric features come from experiments/features.py (trained on held-out
-synthetic pages, as DINOv2 and Inception were trained elsewhere).
+synthetic pages, as DINOv2 and Inception were trained elsewhere). This file is the pipeline (pages,
+networks, train.py, sample.py, scores) and its command line; the presets, settings and criteria are
+claims_setup.py, the verdicts and RESULTS.md claims_report.py.
 
     python experiments/claims.py            # full run (21 min on a 2-core AVX-512 Xeon, 67 min without AVX-512) -> experiments/RESULTS.md
     python experiments/claims.py --quick    # smoke run (~1-2 min) -> OUT/RESULTS.md
     python experiments/claims.py --data DIR # train and test on a pages folder ROOT/<page>/<image>
     python experiments/claims.py --report   # rewrite RESULTS.md from the last run's results.json (seconds)
+    python experiments/claims.py --steps 2000  # the same at 4x the training -> experiments/RESULTS-steps2000.md
     python experiments/claims.py --train-seeds 0,1,2   # also retrain the denoisers with train.py seeds 1, 2:
                                             # each claim's verdict per seed (training variance), ~20 min a seed
 
@@ -34,12 +37,10 @@ import csv
 import dataclasses
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,7 +50,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import data  # noqa: E402
-import diffusion  # noqa: E402
 import encoders  # noqa: E402
 import images  # noqa: E402
 import features  # noqa: E402  (experiments/features.py: a library module of this folder, no main)
@@ -58,71 +58,9 @@ import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import metrics  # noqa: E402
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
-import uvit  # noqa: E402
-
-TEST_PAGES_SEED = 303       # DESIGN: test pages: their own seed, never trained on (as ImageNet val, §8.2)
-W_ABLATION = diffusion.GUIDANCE   # §6.1: "0.5 guidance for our ablations"
-# §5, App. C: low 0.3 as for DINOv2. INTERPRETATION: the paper set 0.9 "to filter out near duplicates" by
-# looking at DINOv2-B pairs; with our encoder half of the genuine same-page pairs exceed 0.9, while the
-# pixel near-duplicates of the synthetic pages all sit above 0.997, so the same procedure gives 0.995
-# (measured on the earlier 1-3-object pages; the next full run's histogram re-checks it on the new ones).
-FILTER = (0.3, 0.995)
-
-
-@dataclass(frozen=True)
-class ClaimsConfig:
-    preset: str = "full"
-    model: str = "tiny-32"           # uvit.PRESETS; the 32 px CPU preset
-    size: int = 32                   # image side of every page, sample and metric input (the model's)
-    train_pages: int = 2048          # synthetic training pages (train.py's synthetic source)
-    steps: int = 500                 # DEVIATION: ~1/600 of §6.1's 300K steps (CPU budget)
-    batch: int = 32                  # DEVIATION: §6.1 uses 2048
-    lr: float = 1e-3                 # as train.py --res 32: short-run learning rate
-    ema_decay: float = 0.99          # DEVIATION: §6.1 uses 0.9999; a 100-step window suits a 500-step run
-    test_pages: int = 20             # K conditioning images (one per page), §8.2: one per class
-    per_page: int = 10               # N/K test images per page, §8.2: ten per class
-    sample_steps: int = 32           # DESIGN: DDPM steps (paper: not stated); few, for the CPU budget
-    sample_batch: int = 100          # DESIGN: samples per sampling call (fastest on 2 CPU cores)
-    guidances: tuple = (0.0, 0.5, 1.0, 2.0, 4.0)  # Fig. 3 sweep; 0.5 = §6.1 ablation setting
-    encoder_steps: int = 250         # features.train_encoder
-    feature_steps: int = 500         # features.train_feature_net
-    bank_pages: int = 600            # held-out pages for each of the two networks
-    bootstrap: int = 50              # resamples for the FID noise estimate
-    num_workers: int = 0             # train.py DataLoader workers (rendering pages; GPU profile: 8)
-    classifier_steps: int = 800      # kinds.train_classifier (object-kind classifier, >= 90 % held out)
-    classifier_pages: int = 3000     # its held-out training pages (and 1/3 as many to measure it)
-    seed: int = 0                    # test pages' split, sampling, bootstrap, the encoder and metric networks
-    train_seed: int = 0              # train.py --seed of the four denoisers: their training pages' draw, init,
-    #   data order, t and eps (--train-seeds: training variance, which the bootstrap sigma does not contain)
-
-
-PRESETS = {
-    "full": ClaimsConfig(),
-    # Smoke test of every code path (CI): tiny everything, numbers meaningless.
-    "quick": ClaimsConfig(preset="quick", train_pages=64, steps=12, batch=8, test_pages=4, per_page=5,
-                          sample_steps=6, guidances=(0.0, 0.5, 2.0), encoder_steps=6, feature_steps=6,
-                          bank_pages=40, bootstrap=5, classifier_steps=6,
-                          classifier_pages=30),
-    # issue 20.5: the same claims at 64 px (small-64, 10.2M) on one H100/H200 in <= 8 min, with >= 20x the
-    # training images of "full" (2500 x 128 = 320K vs 500 x 32 = 16K seen; 40 960 pages vs 2 048).
-    # Metric features, classifier and encoder stay the 32 px networks (inputs downsampled, DESIGN).
-    "gpu": ClaimsConfig(preset="gpu", model="small-64", size=64, train_pages=40960, steps=2500, batch=128,
-                        lr=5e-4, ema_decay=0.999, test_pages=50, per_page=10, sample_steps=64, sample_batch=500,
-                        num_workers=8),
-    # The gpu profile's code path on a CPU in a minute (tests/test_claims.py): numbers meaningless.
-    "gpu-quick": ClaimsConfig(preset="gpu-quick", model="small-64", size=64, train_pages=32, steps=4, batch=4,
-                              test_pages=3, per_page=4, sample_steps=3, guidances=(0.0, 2.0), encoder_steps=4,
-                              feature_steps=4, bank_pages=24, bootstrap=3, classifier_steps=4,
-                              classifier_pages=30),
-}
-
-SETTINGS = {  # name -> train.py flags (App. D compares both conditionings with filtering)
-    "reconstruction": dict(pairs="same", conditioning="cross_attention", filter=False),      # Eq. 2
-    "pages+filter": dict(pairs="page", conditioning="cross_attention", filter=True),         # Eq. 3
-    "pages": dict(pairs="page", conditioning="cross_attention", filter=False),
-    "pages+filter FiLM": dict(pairs="page", conditioning="film", filter=True),
-}
-SWEEP = "pages+filter"      # the model of the guidance sweep (Fig. 3)
+from claims_report import jsonable, judge, seed_summary, write_results  # noqa: E402  (RESULTS.md)
+from claims_setup import (FILTER, PRESETS, SETTINGS, SWEEP, TEST_PAGES_SEED, W_ABLATION,  # noqa: E402
+                          ClaimsConfig, default_command, load_samples, steps_suffix)
 
 
 def log(*a):
@@ -274,17 +212,6 @@ def few_shot(cc, ckpt, test_source, k, guidances, out):
                batch=cc.sample_batch)
     with open(summary) as f:
         return json.load(f)
-
-
-def load_samples(out, w, size):
-    """-> (images (N,3,S,S) in [-1,1], cond index per sample (N,)), read back from the PNGs that
-    sample.few_shot writes as OUT/samples_w{w}/cond{index}_{sample}.png."""
-    folder = os.path.join(out, f"samples_w{w}")
-    files = sorted(f for f in os.listdir(folder) if f.startswith("cond") and f.endswith(".png"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no samples written by sample.few_shot")
-    cond = torch.tensor([int(f[4:].split("_")[0]) for f in files])
-    return torch.stack([data.load_image(os.path.join(folder, f), size) for f in files]), cond
 
 
 def bootstrap_fid_std(real, fake, n, seed):
@@ -526,14 +453,16 @@ def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=Non
     judged again and the grids redrawn from its cached samples, with the same code as a full run. For a report
     whose other inputs changed (experiments/results/sweep.json) or whose layout did. other_outs: the work
     folders of the other training seeds (--train-seeds), judged again too. One-line SystemExit when a run or
-    its samples are missing. cc_want / data_arg: the preset and data the flags ask for; a results.json of
+    its samples are missing. cc_want / data_arg: the preset (with its training length) and data the flags ask for; a results.json of
     another run is refused (its report would land where the flags' run reports, e.g. experiments/RESULTS.md)."""
     r, cc = load_result(out)
     path = os.path.join(out, "results.json")
     same_data = lambda a, b: a == b or "synthetic" not in (a, b) and os.path.abspath(a) == os.path.abspath(b)  # noqa: E731
-    if cc_want is not None and not (cc.preset == cc_want.preset and same_data(r["data"], data_arg)):
-        raise SystemExit(f"{path} is a {cc.preset} run on --data {r['data']}, not the {cc_want.preset} run on --data "
-                         f"{data_arg} these flags ask for: pass the flags it was made with")
+    if cc_want is not None and not (cc.preset == cc_want.preset and cc.steps == cc_want.steps
+                                    and same_data(r["data"], data_arg)):
+        raise SystemExit(f"{path} is a {cc.preset} run of {cc.steps} steps on --data {r['data']}, not the "
+                         f"{cc_want.preset} run of {cc_want.steps} steps on --data {data_arg} these flags ask for: "
+                         "pass the flags it was made with")
     missing = sorted({e["samples_dir"] for e in r["evals"].values() if not os.path.isdir(e["samples_dir"])})
     if missing:
         raise SystemExit(f"{path}: the run's samples are gone ({missing[0]}); rerun python experiments/claims.py")
@@ -548,264 +477,7 @@ def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=Non
     return r
 
 
-# ----------------------------------------------------------------------------- claims and RESULTS.md
-
-# Criteria, fixed before the run (issue 20.4):
-NOISE_SIGMAS = 2.0    # a difference counts when it is beyond 2 sigma of its noise (bootstrap / binomial)
-COPY_RATIO = 0.5      # claim 1: reconstruction RMSE to the condition < half the page model's (at w = 0)
-RECALL_DROP = 0.1     # claim 2: one-shot recall falls by >= 0.1 from w = 0 to the largest w
-
-
-def recall_std(recall, n):
-    """Binomial std of a recall measured on n real images: sqrt(r (1 - r) / n) (DESIGN: the noise of
-    a proportion, given the sample manifold; a bootstrap would duplicate points, which shrinks k-NN radii)."""
-    return (max(recall * (1 - recall), 0.0) / n) ** 0.5
-
-
-def _seq(v):
-    return "[" + ", ".join(f"{x:.3f}" for x in v) + "]"
-
-
-def _relation(a, b, tol=1e-9):
-    return "=" if abs(a - b) <= tol else "<" if a < b else ">"
-
-
-def _duplicates_note(n):
-    return (f"; {n} test images are pixel-identical to another test image, which a copy of one also matches"
-            if n else "")
-
-
-def _verdict(ok):
-    return "holds" if ok else "does not hold"
-
-
-def judge(r, sweep, w_abl):
-    """The four claims -> [{id, claim, verdict, summary}] from the result dict (feature-CNN space)."""
-    E, ref, claims = r["evals"], r["real_reference"], []
-    rec, pag = E[("reconstruction", "one_shot", 0.0)], E[(sweep, "one_shot", 0.0)]
-    # near-copy: under half the page model's RMSE to the condition, and its samples closer to each other
-    # than two real images of one page are
-    ok = rec["pixel_to_cond"] < COPY_RATIO * pag["pixel_to_cond"] and rec["pixel_diversity"] < ref["pixel_diversity"]
-    claims.append(dict(id="1", claim="§4 / Fig. 2: reconstruction samples are near-copies of the condition; "
-                       "page-pair samples are not", verdict=_verdict(ok), numbers=dict(
-        ratio=rec["pixel_to_cond"] / pag["pixel_to_cond"], diversity=rec["pixel_diversity"],
-        real_diversity=ref["pixel_diversity"]), criterion=(
-        f"at w = 0: reconstruction RMSE to the condition < {COPY_RATIO} x the page model's, and RMSE between "
-        "its samples < RMSE between two real images of one page"), summary=(
-        f"guidance 0, reconstruction vs {sweep}: pixel RMSE sample-to-condition {rec['pixel_to_cond']:.3f} vs "
-        f"{pag['pixel_to_cond']:.3f} (ratio {rec['pixel_to_cond'] / pag['pixel_to_cond']:.2f}); RMSE between "
-        f"samples of one condition {rec['pixel_diversity']:.3f} vs {pag['pixel_diversity']:.3f} (two real images "
-        f"of one page: {ref['pixel_diversity']:.3f}); alignment {rec['alignment']:.3f} vs {pag['alignment']:.3f} "
-        f"(two real images of one page: {ref['alignment']:.3f})")))
-    ws, n = r["guidances"], r["config"]["test_pages"] * r["config"]["per_page"]   # N real images
-    one = [E[(sweep, "one_shot", w)]["recall"] for w in ws]
-    full = [E[(sweep, "full", w)]["recall"] for w in ws]
-    noise = NOISE_SIGMAS * (recall_std(full[0], n) ** 2 + recall_std(full[-1], n) ** 2) ** 0.5
-    ok = one[0] - one[-1] >= RECALL_DROP and full[0] - full[-1] <= noise
-    claims.append(dict(id="2", claim="§7 / Fig. 3: as guidance rises, one-shot recall falls while full-set "
-                       "recall does not fall", verdict=_verdict(ok), numbers=dict(
-        one_shot_drop=one[0] - one[-1], full_drop=full[0] - full[-1], noise=noise), criterion=(
-        f"one-shot recall falls by >= {RECALL_DROP} from w = {ws[0]} to w = {ws[-1]}; full-set recall falls by "
-        f"no more than {NOISE_SIGMAS:g} binomial sigma"), summary=(
-        f"{sweep}, guidance {ws[0]} -> {ws[-1]}: one-shot recall {one[0]:.3f} -> {one[-1]:.3f} (drop "
-        f"{one[0] - one[-1]:.3f}), full-set recall {full[0]:.3f} -> {full[-1]:.3f} (drop {full[0] - full[-1]:.3f}, "
-        f"noise {noise:.3f}) (all guidance values {ws}: one-shot {_seq(one)}, full set {_seq(full)})")))
-    c = r["copy"]
-    ok = abs(c["full"]["fid"]) < 1e-3 and c["full"]["recall"] == 1.0 and c["one_shot"]["recall"] <= c["k_over_n"] + 1e-9
-    model_one = E[(sweep, "one_shot", w_abl)]["recall"]
-    claims.append(dict(id="3", claim="§7: a copy model gets near-perfect full-set FID and recall and a "
-                       "collapsing one-shot recall", verdict=_verdict(ok), numbers=dict(
-        one_shot_recall=c["one_shot"]["recall"], k_over_n=c["k_over_n"]), criterion=(
-        "copy model: full-set FID < 1e-3 and recall 1; one-shot recall <= K/N"), summary=(
-        f"copy model: full-set FID {c['full']['fid']:.2g}, recall {c['full']['recall']:.3f}; one-shot recall "
-        f"{c['one_shot']['recall']:.3f} ({_relation(c['one_shot']['recall'], c['k_over_n'])} K/N = {c['k_over_n']:.3f}"
-        f"{_duplicates_note(c.get('duplicates', 0))}) vs {model_one:.3f} for {sweep} at w={w_abl}")))
-    for cid, a, b, what in (("4a", sweep, "reconstruction", "page pairs beat reconstruction on one-shot FID"),
-                            ("4b", sweep, "pages", "filtering helps (App. C)"),
-                            ("4c", sweep, "pages+filter FiLM", "cross-attention beats FiLM (App. D)")):
-        A, B = E[(a, "one_shot", w_abl)], E[(b, "one_shot", w_abl)]
-        noise = NOISE_SIGMAS * (A["fid_std"] ** 2 + B["fid_std"] ** 2) ** 0.5
-        ok = B["fid"] - A["fid"] > noise                                  # beyond 2 bootstrap sigma
-        note = "" if ok else " (lower FID, within bootstrap noise)" if A["fid"] < B["fid"] else ""
-        claims.append(dict(id=cid, claim=f"§8.2 at our scale: {what}", verdict=_verdict(ok) + note,
-                           numbers=dict(gap=B["fid"] - A["fid"], noise=noise), criterion=(
-            f"one-shot FID at w = {w_abl} lower by more than {NOISE_SIGMAS:g} bootstrap sigma"), summary=(
-            f"one-shot FID at w={w_abl}: {a} {A['fid']:.2f} ± {A['fid_std']:.2f} vs {b} {B['fid']:.2f} ± "
-            f"{B['fid_std']:.2f}")))
-    return claims
-
-
-def jsonable(x):
-    if isinstance(x, dict):
-        return {("|".join(map(str, k)) if isinstance(k, tuple) else str(k)): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    return x
-
-
-def _grids(r, folder, real_img, page, sweep, w_abl, rows=6):
-    """Sample grids (save_grid layout) -> {caption: file name}."""
-    os.makedirs(folder, exist_ok=True)
-    E, out = r["evals"], {}
-    pages = page.unique()[:rows].tolist()
-    real_rows = torch.stack([real_img[page == p] for p in pages])
-    images.save_grid(real_rows, os.path.join(folder, "test_pages.png"))
-    out["Test pages (one row per page; never trained on)"] = "test_pages.png"
-
-    def samples(name, proto, w):                                  # {cond index: its samples}, first rows
-        img, cond = load_samples(E[(name, proto, w)]["samples_dir"], w, r["config"]["size"])
-        by = {c: img[cond == c] for c in cond.unique().tolist()}
-        return [c for c in by if int(page[c]) in pages][:rows], by
-
-    conds, rec = samples("reconstruction", "one_shot", 0.0)
-    _, pag = samples(sweep, "one_shot", 0.0)
-    k = min(4, min(len(v) for v in rec.values()))
-    fig2 = torch.stack([torch.cat([real_img[c][None], rec[c][:k], pag[c][:k]]) for c in conds])
-    images.save_grid(fig2, os.path.join(folder, "fig2_reconstruction_vs_pages.png"))
-    out[f"Fig. 2 layout, guidance 0: condition | {k} reconstruction samples | {k} {sweep} samples"] = \
-        "fig2_reconstruction_vs_pages.png"
-    for name in SETTINGS:
-        conds, by = samples(name, "one_shot", w_abl)
-        g = torch.stack([torch.cat([real_img[c][None], by[c]]) for c in conds])
-        fname = f"oneshot_{name.replace(' ', '_').replace('+', '_')}.png"
-        images.save_grid(g, os.path.join(folder, fname))
-        out[f"One-shot samples, {name}, guidance {w_abl}: condition | its samples"] = fname
-    cols = {w: samples(sweep, "one_shot", w)[1] for w in r["guidances"]}
-    conds = list(cols[r["guidances"][0]])[:4]
-    k = min(3, min(len(v) for v in cols[r["guidances"][0]].values()))
-    g = torch.stack([torch.cat([real_img[c][None]] + [cols[w][c][:k] for w in r["guidances"]]) for c in conds])
-    images.save_grid(g, os.path.join(folder, "fig3_guidance.png"))
-    out[f"Guidance sweep ({sweep}): condition | {k} samples per guidance {r['guidances']}"] = "fig3_guidance.png"
-    return out
-
-
-def write_results(r, path, real_img, page):
-    """RESULTS.md: setup, the two networks, the filter, per-setting tables, claims, grids, scale notes."""
-    cc, E, sweep, w_abl = ClaimsConfig(**r["config"]), r["evals"], SWEEP, W_ABLATION
-    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
-    grids = _grids(r, folder, real_img, page, sweep, w_abl)
-    n = cc.test_pages * cc.per_page
-    rewritten = f"; this report was rewritten from that run's results.json by {r['reported']}" if r.get("reported") else ""
-    others = r.get("other_seeds") or []
-    seeds = [cc.train_seed] + [o["seed"] for o in others]
-    minutes = (r["timing"]["total"] + sum(o["seconds"] for o in others)) / 60
-    L = [f"# Semantica's claims at small scale ({cc.preset} run)", "",
-         f"Generated by `{r.get('command') or default_command(cc, r['data'], seeds)}` in {minutes:.1f} min "
-         f"{'(every training seed) ' if others else ''}"
-         f"on {r.get('machine') or 'a machine its results.json does not name'}{_reuse_note(r)}. Seed {cc.seed}"
-         f"{'' if seeds == [0] else ', training seed ' + str(cc.train_seed) + (' (the other seeds: Across training seeds)' if others else '')}; "
-         f"every number below is regenerated by that command{rewritten}.", "",
-         "## Claims", "", "Criteria stated before the run (claims.py: COPY_RATIO, RECALL_DROP, NOISE_SIGMAS).", "",
-         "| # | claim | criterion | verdict | numbers |", "| --- | --- | --- | --- | --- |"]
-    L += [f"| {c['id']} | {c['claim']} | {c['criterion']} | **{c['verdict']}** | {c['summary']} |" for c in r["claims"]]
-    L += ["", "## Setup", "",
-          f"- Denoiser: U-ViT `{cc.model}` (uvit.py), trained by `train.py` for {cc.steps} steps at batch "
-          f"{cc.batch}, lr {cc.lr}, EMA decay {cc.ema_decay}; training pages: "
-          f"{str(cc.train_pages) + ' synthetic (synthetic.SyntheticPages, seed ' + str(cc.train_seed) + ')' if r['data'] == 'synthetic' else r['data'] + ' minus the test pages'}. "
-          "The four settings share pages, seed and initialisation.",
-          f"- Sampling: sample.py's K-shot evaluation, DDPM with {cc.sample_steps} steps (gamma 0.2), EMA weights. "
-          f"Test set: {cc.test_pages} pages x {cc.per_page} images = N = {n} "
-          f"({'seed ' + str(TEST_PAGES_SEED) + ', no outliers/duplicates' if r['data'] == 'synthetic' else r['test']}). "
-          f"One-shot: K = {cc.test_pages} conditioning images (one per page, as one per class in §8.2), "
-          f"{cc.per_page} samples each. Full set: every test image conditions one sample.",
-          f"- Metrics (metrics.py): FID, precision/recall (k = 3), alignment = cosine(condition, sample), in the "
-          f"feature CNN's 128-d space (`{r['feature_net']}`). ± = std over {cc.bootstrap} bootstrap resamples. "
-          "Pixel RMSE on the [-1, 1] scale. FID values are only comparable at equal N.",
-          f"- Frozen conditioning encoder: `{os.path.basename(r['encoder'])}` (DINOv2 file layout, loaded with "
-          "encoders.from_checkpoint / train.py --encoder-weights).", ""]
-    if r["data"] != "synthetic":
-        L[-1:] = ["- With --data: the conditioning encoder, the feature CNN and the filter band are this script's own, "
-                  "trained (features.py) and set (FILTER) on synthetic pages, not DINOv2 / Inception and the paper's "
-                  "band: the numbers measure the pipeline on these pages, not the paper's setting (for that, train.py "
-                  "--encoder-weights and sample.py --features inception).", ""]
-    if r["spaces"]:
-        L += ["## Why these feature spaces carry meaning", "",
-              "Both networks are trained on held-out synthetic pages (experiments/features.py): the encoder "
-              "self-supervised (InfoNCE between two images of a page, the §5 hypothesis), the feature CNN "
-              "supervised on object kind + page identity (as Inception on ImageNet labels). On the test pages:", "",
-              "| space | kind accuracy of the nearest image on another page | same-page retrieval@1 |",
-              "| --- | --- | --- |"]
-        L += [f"| {k} | {v['kind_acc_nn_other_page']:.3f} (chance {v['chance_kind']:.3f}) | {v['same_page_at_1']:.3f} |"
-              for k, v in r["spaces"].items()]
-        at1 = [v["same_page_at_1"] for v in r["spaces"].values()]
-        L += ["", f"Same-page retrieval: encoder {at1[0]:.2f} vs {at1[1]:.2f} with random weights, feature CNN "
-              f"{at1[2]:.2f} vs {at1[3]:.2f}. This is what the K-shot metrics need: a sample should land near the "
-              "test images of its condition's page exactly when it shares their semantics (kind, palette, "
-              "texture, background). Shape across pages is the weak part (the kind column); colour and texture "
-              "dominate these spaces.", ""]
-    if r["filter"]:
-        f = r["filter"]
-        L += ["## Pair filter (§5, App. C)", "",
-              f"Thresholds [{f['low']}, {f['high']}] on the frozen encoder's CLS cosine (the paper's DINOv2 values are "
-              "[0.3, 0.9]; the upper one is re-set for our encoder, see FILTER in claims.py): "
-              f"{f['pairs_before']} candidate pairs -> {f['pairs_after']} kept ({f['dropped_low']} below, "
-              f"{f['dropped_high']} above). Histogram of pair similarities ('|' = kept band):", "", "```",
-              f["histogram"], "```", ""]
-    L += ["## One-shot results per setting (guidance %s)" % w_abl, "",
-          "| setting | train loss | FID | precision | recall | alignment | RMSE to condition | RMSE between samples |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in SETTINGS:
-        e = E[(name, "one_shot", w_abl)]
-        L.append(f"| {name} | {r['runs'][name]['loss']:.4f} | {e['fid']:.2f} ± {e['fid_std']:.2f} | "
-                 f"{e['precision']:.3f} | {e['recall']:.3f} | {e['alignment']:.3f} | {e['pixel_to_cond']:.3f} | "
-                 f"{e['pixel_diversity']:.3f} |")
-    c = r["copy"]
-    for label, m in (("copy model, one-shot", c["one_shot"]), ("copy model, full set", c["full"])):
-        L.append(f"| {label} | - | {m['fid']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | 1.000 | 0.000 | "
-                 f"{'0.000' if 'one' in label else '-'} |")
-    ref = r["real_reference"]
-    L += [f"| two real images of one page | - | - | - | - | {ref['alignment']:.3f} | {ref['pixel_diversity']:.3f} | "
-          f"{ref['pixel_diversity']:.3f} |", "",
-          "The same metrics in the conditioning encoder's own space (sample.py's default `--features encoder`, "
-          "as FD-DINOv2), as a cross-check:", "", "| setting | FID | precision | recall | alignment |",
-          "| --- | --- | --- | --- | --- |"]
-    for name in SETTINGS:
-        e = r["encoder_space"][(name, "one_shot", w_abl)]
-        L.append(f"| {name} | {e['fid']:.2f} | {e['precision']:.3f} | {e['recall']:.3f} | {e['alignment']:.3f} |")
-    if r.get("classifier"):
-        k = r["classifier"]
-        L += ["", "## Do samples keep the condition's object kind? (issue 20.2)", "",
-              f"A kind classifier (experiments/kinds.py: a 3-stage CNN trained on {k['train_images']} images of "
-              f"held-out synthetic pages, {k['steps']} steps) reaches **{k['held_out_accuracy']:.3f}** accuracy on "
-              f"{k['held_out_images']} images of other held-out pages (goal >= {kinds.GOAL_ACCURACY}; chance "
-              f"{1 / len(synthetic.KINDS):.3f}). Agreement = the classifier names the same kind for a sample "
-              "and its condition; relative accuracy = its accuracy on samples (against the condition's true "
-              "kind) / its accuracy on the real test images.", "",
-              "| setting | guidance | protocol | kind agreement | accuracy on samples | on real test images | relative |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-        for (name, proto, w), e in E.items():
-            if "kind" in e:
-                q = e["kind"]
-                L.append(f"| {name} | {w} | {proto.replace('_', '-')} | {q['agreement']:.3f} | "
-                         f"{q['sample_accuracy']:.3f} | {q['real_accuracy']:.3f} | {q['relative_accuracy']:.2f} |")
-    L += ["", f"## Guidance sweep ({sweep}; Fig. 3)", "",
-          "| guidance | one-shot FID | one-shot precision | one-shot recall | full-set FID | full-set precision | "
-          "full-set recall | one-shot RMSE between samples |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for w in r["guidances"]:
-        o, f = E[(sweep, "one_shot", w)], E[(sweep, "full", w)]
-        L.append(f"| {w} | {o['fid']:.2f} | {o['precision']:.3f} | {o['recall']:.3f} | {f['fid']:.2f} | "
-                 f"{f['precision']:.3f} | {f['recall']:.3f} | {o['pixel_diversity']:.3f} |")
-    if r.get("fid_vs_n"):
-        L += ["", f"## FID noise against test-set size ({sweep}, one-shot, guidance {w_abl})", "",
-              "The same samples restricted to the first pages of the test set (nested subsets): how FID and its "
-              "bootstrap std move with N tells how large a test set a difference between settings needs.",
-              "", "| test pages | N real images | one-shot FID | bootstrap std |", "| --- | --- | --- | --- |"]
-        L += [f"| {q['pages']} | {q['n']} | {q['fid']:.2f} | {q['fid_std']:.2f} |" for q in r["fid_vs_n"]]
-    L += study_section(cc)
-    L += seeds_section(r, cc)
-    L += ["", "## Sample grids", ""]
-    L += [f"{cap}:\n\n![{cap}](results/{fn})\n" for cap, fn in grids.items()]
-    inv = r.get("invocation", {})
-    hits, unrecorded = inv.get("reused", []), inv.get("unrecorded", [])
-    L += ["## Runtime", "", "Seconds each phase took to compute; a phase the last invocation found in its --out cache "
-          "counts with the time of the run that computed it (marked).", "", "| phase | seconds |", "| --- | --- |"]
-    L += [f"| {k} | {v:.0f}{' (not recorded: reuse time)' if k in unrecorded else ' (cached)' if k in hits else ''} |"
-          for k, v in r["timing"].items()]
-    L += ["", "## What this does and does not show", "", SCALE_NOTES.format(n=n, model=cc.model, size=cc.size,
-                                                                    params=round(_millions(cc.model), 1))]
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n")
-
+# ----------------------------------------------------------------------------- command line
 
 def data_error(data_arg):
     """Why --data is no pages source, in one line (None when it may be one); checked before anything is written.
@@ -825,158 +497,6 @@ def data_error(data_arg):
     return None
 
 
-def default_command(cc, data_arg, seeds=(0,), out=None, results=None):
-    """The claims.py command line of a run: preset, data, work folder and training seeds as flags."""
-    q = lambda v: shlex.quote(str(v))                    # noqa: E731 (a path with spaces stays one argument)
-    flags = [f for f, on in (("--quick", "quick" in cc.preset), ("--profile gpu", cc.preset.startswith("gpu")),
-                             (f"--data {q(data_arg)}", data_arg != "synthetic"), (f"--out {q(out)}", out),
-                             (f"--results {q(results)}", results),
-                             ("--train-seeds " + ",".join(map(str, seeds)), list(seeds) != [0])) if on]
-    return " ".join(["python experiments/claims.py"] + flags)
-
-
-def _reuse_note(r):
-    """Header text for a run that reused phases from its --out cache ('' for a run that computed all)."""
-    inv = r.get("invocation", {})
-    if not inv.get("reused"):
-        return ""
-    gap = f"; {len(inv['unrecorded'])} of them with no recorded computing time" if inv.get("unrecorded") else ""
-    return (f" (the last invocation took {inv['seconds'] / 60:.1f} min and reused {len(inv['reused'])} phase(s) from "
-            f"its --out cache{gap}: see Runtime)")
-
-
-STUDY_PARTS = (  # experiments/results/sweep.json parts quoted in RESULTS.md, with what each one measures
-    ("length", "The default job (`python train.py`'s flags) against training length"),
-    ("oracle", "The same job with an oracle condition (experiments/oracle.py: the condition's true kind added to "
-               "every token, what a perfect semantic encoder would give)"),
-)
-
-
-def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
-    """RESULTS.md lines quoting the issue-20 study (experiments/sweep.py's sweep.json): kind agreement against
-    training length, for the default job and with an oracle condition; [] for other presets or without it."""
-    if cc.preset != "full" or not os.path.exists(path):
-        return []
-    with open(path) as f:
-        study = json.load(f)
-    parts = [(k, title) for k, title in STUDY_PARTS if study.get(k, {}).get("rows")]
-    if not parts:
-        return []
-    first, chance = next(iter(study[parts[0][0]]["rows"].values())), 1 / len(synthetic.KINDS)
-    L = ["", "## What limits learning (experiments/SWEEP.md)", "",
-         f"Read from experiments/results/sweep.json (the full study, with where the time goes, the token probe, DDPM "
-         f"steps and whether the denoiser reads its condition, is experiments/SWEEP.md). Kind agreement of "
-         f"{first['pages']} held-out conditions x {first['n']} variations (guidance {first['guidance']}, "
-         f"{first['steps']} DDPM steps; chance {chance:.3f}; ± binomial std). The claims' models "
-         f"above train {cc.steps} steps of batch {cc.batch}: {cc.steps * cc.batch} images.", ""]
-    for k, title in parts:
-        p = study[k]
-        L += [f"{title}: `{p['command']}`, {p['seconds'] / 60:.1f} min, {p['machine']}.", "",
-              "| steps x batch 32 | images seen | train loss | kind agreement | accuracy on samples / real |",
-              "| --- | --- | --- | --- | --- |"] + kinds.agreement_rows(p)
-        above = sorted(int(s) for s, v in p["rows"].items()    # beyond NOISE_SIGMAS binomial std of chance
-                       if v["agreement"] > chance + NOISE_SIGMAS * kinds.agreement_std(chance, v["pages"] * v["n"]))
-        last = max(int(s) for s in p["rows"])
-        L += ["", f"First length whose agreement exceeds chance by more than {NOISE_SIGMAS:g} binomial std of chance: "
-              + (f"**{above[0]} steps ({above[0] * 32} images)**." if above else
-                 f"**none up to {last} steps ({last * 32} images)**."), ""]
-    if "oracle" in study and study["oracle"].get("rows"):
-        L += ["Claims 1 and 4a are about what a sample keeps of its condition (the reconstruction model copies it; page "
-              "pairs keep its semantics better than reconstruction does), so both need a denoiser that follows its "
-              "condition. The oracle condition is the most favourable case, a condition that states the kind outright: "
-              "the first length at which its agreement leaves chance is a lower bound on the training these claims "
-              f"need at this model size, against the {cc.steps * cc.batch} images the claims' models see.", ""]
-    return L[:-1]
-
-
-def seed_summary(r, out):
-    """What the across-seeds section needs of one training seed's result (tuple eval keys, judged claims):
-    {seed, out, seconds, claims, kind agreement per setting}."""
-    kind = {name: r["evals"][(name, "one_shot", W_ABLATION)].get("kind", {}).get("agreement") for name in SETTINGS}
-    return dict(seed=r["config"].get("train_seed", 0), out=out, seconds=r["timing"]["total"], claims=r["claims"],
-                kind=kind)
-
-
-SEED_ROWS = (  # (claim id, number, what it is and its criterion, whether the claim's noise is its bound)
-    ("1", "ratio", f"reconstruction RMSE to the condition / the page model's (< {COPY_RATIO})", False),
-    ("2", "one_shot_drop", f"one-shot recall drop, lowest to highest w (>= {RECALL_DROP})", False),
-    ("2", "full_drop", f"full-set recall drop (<= {NOISE_SIGMAS:g} binomial sigma, in brackets)", True),
-    ("3", "one_shot_recall", "copy model's one-shot recall (<= K/N)", False),
-    ("4a", "gap", f"one-shot FID reconstruction - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)", True),
-    ("4b", "gap", f"one-shot FID pages - pages+filter (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)", True),
-    ("4c", "gap", f"one-shot FID FiLM - cross-attention (> {NOISE_SIGMAS:g} bootstrap sigma, in brackets)", True),
-)
-
-
-def seeds_section(r, cc):
-    """RESULTS.md lines: every claim's deciding number and verdict for each training seed (--train-seeds), with
-    mean and std over seeds: the training variance that the criteria's test-set sigma leave out. [] for one seed."""
-    rows = [seed_summary(r, None)] + list(r.get("other_seeds") or [])
-    if len(rows) < 2:
-        return []
-    by_seed = [{c["id"]: c for c in q["claims"]} for q in rows]
-    drawn = (f"a new draw of the {cc.train_pages} training pages, " if r.get("data", "synthetic") == "synthetic"
-             else "the same training pages; ")
-    L = ["", "## Across training seeds (--train-seeds)", "",
-         f"The four denoisers trained again with train.py --seed {', '.join(str(q['seed']) for q in rows[1:])} ({drawn}"
-         "initialisation, data order, pair draws, t and eps); test pages, encoder, "
-         "metric networks, sampling noise and bootstrap stay those above, so the spread across seeds is training "
-         "variance, which the criteria's sigma (test-set noise) do not contain. Each cell: the number that decides "
-         "the claim, then the verdict of that seed (yes = holds).", "",
-         "| claim | number (criterion) | " + " | ".join(f"seed {q['seed']}" for q in rows) + " | mean ± std |",
-         "| --- | --- | " + "--- | " * len(rows) + "--- |"]
-    for cid, key, what, bracket in SEED_ROWS:
-        cells, vals = [], []
-        for c in (b.get(cid) for b in by_seed):
-            if c is None or key not in c.get("numbers", {}):
-                cells.append("-")
-                continue
-            v = c["numbers"][key]
-            vals.append(v)
-            bound = f" ({c['numbers']['noise']:.3f})" if bracket else ""
-            cells.append(f"{v:.3f}{bound} "
-                         f"{'yes' if c['verdict'] == 'holds' else 'no'}")
-        spread = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "-"
-        L.append(f"| {cid} | {what} | " + " | ".join(cells) + f" | {spread} |")
-    for name in SETTINGS:
-        vals = [q["kind"].get(name) for q in rows]
-        if all(v is not None for v in vals):
-            L.append(f"| - | kind agreement, {name}, one-shot w = {W_ABLATION} | "
-                     + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f} |")
-    mixed = [cid for cid in dict.fromkeys(c for c, _, _, _ in SEED_ROWS)
-             if len({b[cid]["verdict"] == "holds" for b in by_seed if cid in b}) > 1]
-    L += ["", "Verdicts that change with the training seed: " + (", ".join(f"claim {c}" for c in mixed) if mixed else
-          "none") + ". Computing time per seed: " + ", ".join(f"seed {q['seed']} {q['seconds'] / 60:.1f} min" for q in rows)
-          + "."]
-    return L
-
-
-def _millions(preset):
-    """Parameters of a U-ViT preset in millions (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in uvit.UViT(uvit.PRESETS[preset]).parameters()) / 1e6
-
-
-SCALE_NOTES = """\
-- Scale: a {params}M-parameter {size} px U-ViT ({model}) trained for minutes, a 4-block ViT encoder trained for about a minute, and
-  N = {n} test images instead of SiD-B/L at 256 px, DINOv2-B/L, ~300K steps at batch 2048 and 10K-50K images.
-  FID at N = {n} in a 128-d space has a large bias and noise (see the ± column); only differences well
-  beyond the bootstrap noise mean something, and one training seed per setting is not an ablation.
-- The ± and the criteria's sigma are test-set noise (bootstrap over test images, binomial for recall), not
-  training variance: the same command on another CPU (AVX2 against AVX-512 kernels round differently) trains
-  different models, and a claim near its threshold can change verdict between two such runs (the README's
-  "Measured results" compares two). `--train-seeds 0,1,2` measures that variance: the across-seeds section,
-  when present, shows each claim's number and verdict for every training seed.
-- Claim 3 is a property of the metrics (copies tie at distance 0, so one-shot recall is exactly K/N); it holds
-  at any scale, on a test set without pixel-identical images (a copy also matches an image's duplicate). Claims 1, 2 and 4 are properties of trained models and can flip with training length.
-- At larger scale: train.py and sample.py run directly (claims.py always uses its own small synthetic-page
-  networks) on real page folders (--data), with official DINOv2 weights for the encoder (train.py
-  --encoder-weights), Inception features (sample.py --features inception), 256 px presets, multi-GPU
-  training (train.py under torchrun) and 10K-sample one-shot ImageNet (sample.py --few-shot 1 --per-group 10)
-  would test the claims as the paper does; App. C's filter gain (>10 FID) and
-  App. D's FiLM gap were measured after 100K+ steps, far beyond this run."""
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run of every code path (numbers meaningless)")
@@ -991,6 +511,9 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true", help="rewrite RESULTS.md from OUT/results.json of an earlier "
                     "run of the same flags (seconds: no training or sampling), e.g. after sweep.py changed "
                     "experiments/results/sweep.json")
+    ap.add_argument("--steps", type=int, help="training steps of each of the four denoisers (default: the preset's, 500 "
+                    "for the CPU profile); another length runs in its own OUT-steps<N> and reports to RESULTS-steps<N>.md, "
+                    "e.g. --steps 2000: the claims after 4x the training")
     ap.add_argument("--train-seeds", default="0", help="comma list of train.py seeds for the four denoisers, e.g. "
                     "0,1,2: each trains and evaluates its own models (seed 0 in OUT, seed k in OUT-train-seed<k>; the "
                     "first seed's networks shared) and RESULTS.md adds every seed's claims (training variance)")
@@ -1006,13 +529,18 @@ def main(argv=None):
         ap.error(f"--data {args.data}: {bad}")
     name = {("cpu", False): "full", ("cpu", True): "quick", ("gpu", False): "gpu", ("gpu", True): "gpu-quick"}
     cc = PRESETS[name[args.profile, args.quick]]
+    if args.steps is not None:
+        if not 1 <= args.steps <= 10 ** 9:
+            ap.error(f"--steps must be an integer in [1, 10^9], got {args.steps}")
+        cc = dataclasses.replace(cc, steps=args.steps)
+    longer = steps_suffix(cc)                            # "" at the preset's length, else "-steps<N>"
     if cc.preset == "gpu" and not torch.cuda.is_available():
         log("note: --profile gpu without a CUDA device: train.py and sample.py run on the CPU (hours)")
     root = os.path.dirname(HERE)
-    base = args.out or os.path.join(root, "runs", "claims" + ("" if cc.preset == "full" else "-" + cc.preset))
+    base = args.out or os.path.join(root, "runs", "claims" + ("" if cc.preset == "full" else "-" + cc.preset) + longer)
     outs = {k: base if k == 0 else f"{base}-train-seed{k}" for k in seeds}
     out = outs[seeds[0]]                                  # the first seed's run is the report's main one
-    committed = os.path.join(HERE, "RESULTS.md" if cc.preset == "full" else "RESULTS-gpu.md")
+    committed = os.path.join(HERE, ("RESULTS" if cc.preset == "full" else "RESULTS-gpu") + longer + ".md")
     results = args.results or (os.path.join(out, "RESULTS.md") if args.quick or args.data != "synthetic" or seeds[0]
                                else committed)
     for o in outs.values():

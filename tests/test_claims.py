@@ -158,15 +158,16 @@ def test_the_across_seeds_section_shows_each_seed_and_the_spread():
     """--train-seeds: each claim's deciding number and verdict per seed, mean ± std over seeds (ddof 1) by hand,
     and the claims whose verdict changes with the seed; nothing for a single seed."""
     import claims
+    import claims_report
     cc = claims.PRESETS["full"]
     r = _result()                                            # seed 0: ratio 0.475 (holds), 4a gap 3.0 (holds)
     r.update(claims=claims.judge(r, claims.SWEEP, 0.5), runs={}, timing={"total": 300.0},
              config=dict(r["config"], train_seed=0))
     for e in r["evals"].values():
         e["kind"] = dict(agreement=0.05)
-    assert claims.seeds_section(r, cc) == []
+    assert claims_report.seeds_section(r, cc) == []
     r["other_seeds"] = [_seed(1, rec_to_cond=0.24, fids=(20.0, 22.0)), _seed(2, rec_to_cond=0.2)]
-    md = "\n".join(claims.seeds_section(r, cc))
+    md = "\n".join(claims_report.seeds_section(r, cc))
     row = lambda cid, what: next(x for x in md.splitlines() if x.startswith(f"| {cid} | {what}"))
     ratios = [0.475, 0.6, 0.5]
     mean, std = sum(ratios) / 3, (sum((x - sum(ratios) / 3) ** 2 for x in ratios) / 2) ** 0.5
@@ -201,6 +202,44 @@ def test_train_seeds_flag_runs_each_seed_in_its_own_folder(tmp_path, monkeypatch
         assert e.value.code == 2
 
 
+def test_steps_flag_runs_another_length_in_its_own_folder_and_report(tmp_path, monkeypatch, capsys):
+    """--steps N: the preset trained N steps, in runs/claims-steps<N> with experiments/RESULTS-steps<N>.md (never
+    the preset-length run's folder or report), its command naming --steps; the preset's own length changes
+    nothing; a count below 1 is a usage error."""
+    import claims
+    calls = []
+
+    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None):
+        calls.append((cc.steps, cc.preset, out, results, command))
+    monkeypatch.setattr(claims, "run", fake_run)
+    runs, here = os.path.join(ROOT, "runs"), os.path.join(ROOT, "experiments")
+    claims.main(["--steps", "2000"])
+    claims.main(["--steps", "500"])
+    claims.main(["--quick", "--steps", "30", "--out", str(tmp_path / "q")])
+    assert calls == [
+        (2000, "full", os.path.join(runs, "claims-steps2000"), os.path.join(here, "RESULTS-steps2000.md"),
+         "python experiments/claims.py --steps 2000"),
+        (500, "full", os.path.join(runs, "claims"), os.path.join(here, "RESULTS.md"), "python experiments/claims.py"),
+        (30, "quick", str(tmp_path / "q"), str(tmp_path / "q" / "RESULTS.md"),
+         f"python experiments/claims.py --quick --steps 30 --out {tmp_path / 'q'}")]
+    for bad in ("0", "-5", "x", "1.5"):
+        with pytest.raises(SystemExit) as e:
+            claims.main(["--quick", "--out", str(tmp_path / "q"), "--steps", bad])
+        assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    assert len(calls) == 3
+
+
+def test_each_report_keeps_its_grids_in_its_own_folder():
+    """RESULTS.md shows results/*.png; RESULTS-gpu.md and RESULTS-steps<N>.md (and any other --results name) draw
+    theirs in their own folder, never over the committed report's grids."""
+    import claims_report
+    assert claims_report.grids_folder("experiments/RESULTS.md") == "results"
+    assert claims_report.grids_folder("/o/RESULTS.md") == "results"
+    assert claims_report.grids_folder("experiments/RESULTS-steps2000.md") == "results-steps2000"
+    assert claims_report.grids_folder("experiments/RESULTS-gpu.md") == "results-gpu"
+    assert claims_report.grids_folder("/tmp/mine.md") == "results-mine"
+
+
 def test_bad_data_or_out_is_a_usage_error_before_anything_is_written(tmp_path, capsys):
     """--data that is no pages source (missing, an empty folder, an image given as a manifest) and an --out
     that is a file: argparse errors (exit 2, one line), no work folder created, nothing run."""
@@ -233,12 +272,14 @@ def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text(json.dumps(r))
     monkeypatch.setattr(claims, "judge", lambda *a: [])
     monkeypatch.setattr(claims, "write_results", lambda *a: pytest.fail("wrote a report"))
-    with pytest.raises(SystemExit, match="is a quick run on --data synthetic, not the full run"):
+    with pytest.raises(SystemExit, match="is a quick run of 12 steps on --data synthetic, not the full run of 500 steps"):
         claims.main(["--report", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="not the quick run on --data .*pages"):
+    with pytest.raises(SystemExit, match="not the quick run of 12 steps on --data .*pages"):
         (tmp_path / "pages" / "p").mkdir(parents=True)
         (tmp_path / "pages" / "p" / "a.png").write_bytes(b"x")
         claims.main(["--report", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "pages")])
+    with pytest.raises(SystemExit, match="is a quick run of 12 steps .*not the quick run of 40 steps"):
+        claims.main(["--report", "--quick", "--steps", "40", "--out", str(tmp_path)])   # another training length
     r["data"] = str(tmp_path / "pages")                 # the same folder named with a trailing slash: its run
     (tmp_path / "results.json").write_text(json.dumps(r))
     with pytest.raises(SystemExit) as e:                # past the flags check: on to its (unusable) pages
@@ -412,9 +453,10 @@ def test_results_quote_the_study_with_its_first_length_beyond_chance(tmp_path):
     """RESULTS.md's study section: both tables from sweep.json, in training order, and the first length whose
     agreement exceeds chance by more than 2 binomial std of chance (48 x 2 = 96 samples: 0.125 + 0.0675)."""
     import claims
+    import claims_report
     cc = claims.PRESETS["full"]
     std = (0.125 * 0.875 / 96) ** 0.5                                   # binomial std of chance, by hand
-    md = "\n".join(claims.study_section(cc, _study(tmp_path, {"8000": 0.4, "600": 0.125, "4000": 0.125 + 2.1 * std,
+    md = "\n".join(claims_report.study_section(cc, _study(tmp_path, {"8000": 0.4, "600": 0.125, "4000": 0.125 + 2.1 * std,
                                                              "2000": 0.125 + 1.9 * std})))
     assert f"| 2000 | 64000 | 0.0400 | 0.150 ± {(0.15 * 0.85 / 96) ** 0.5:.3f} | 0.150 / 0.990 |" in md
     oracle = md[md.index("oracle condition"):]
@@ -422,8 +464,8 @@ def test_results_quote_the_study_with_its_first_length_beyond_chance(tmp_path):
     assert "**4000 steps (128000 images)**" in oracle                   # 2000 is 1.9 std above chance: not yet
     assert "**none up to 2000 steps (64000 images)**" in md[:md.index("oracle condition")]   # length: 0.15 < 0.1925
     assert "16000 images" in md                                          # the claims' own scale beside it
-    assert claims.study_section(claims.PRESETS["quick"], _study(tmp_path, {"600": 0.5})) == []
-    assert claims.study_section(cc, str(tmp_path / "missing.json")) == []
+    assert claims_report.study_section(claims.PRESETS["quick"], _study(tmp_path, {"600": 0.5})) == []
+    assert claims_report.study_section(cc, str(tmp_path / "missing.json")) == []
 
 
 def test_report_without_a_usable_run_is_a_one_line_error(tmp_path):
@@ -445,6 +487,8 @@ def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
     import time
 
     import claims
+
+    import claims_report
     old, new = tmp_path / "old.pt", tmp_path / "new.pt"
     old.write_text("x")
     os.utime(old, (time.time() - 100, time.time() - 100))
@@ -466,7 +510,7 @@ def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
     assert claims.earlier_timing(str(tmp_path), claims.dataclasses.replace(cc, train_seed=1), "synthetic") == {}
     (tmp_path / "results.json").write_text("{")
     assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {}
-    assert claims._reuse_note({"invocation": {"seconds": 12.0, "reused": []}}) == ""
-    note = claims._reuse_note({"invocation": {"seconds": 12.0, "reused": ["networks", "train x"],
+    assert claims_report._reuse_note({"invocation": {"seconds": 12.0, "reused": []}}) == ""
+    note = claims_report._reuse_note({"invocation": {"seconds": 12.0, "reused": ["networks", "train x"],
                                               "unrecorded": ["train x"]}})
     assert "0.2 min" in note and "reused 2 phase(s)" in note and "1 of them with no recorded computing time" in note
