@@ -24,6 +24,9 @@ import uvit  # noqa: E402
 from claims_setup import (COPY_RATIO, NOISE_SIGMAS, RECALL_DROP, SETTINGS, SWEEP, TEST_PAGES_SEED,  # noqa: E402
                           W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)
 
+
+# ----------------------------------------------------------------------------- verdicts
+
 def recall_std(recall, n):
     """Binomial std of a recall measured on n real images: sqrt(r (1 - r) / n) (DESIGN: the noise of
     a proportion, given the sample manifold; a bootstrap would duplicate points, which shrinks k-NN radii)."""
@@ -33,12 +36,15 @@ def recall_std(recall, n):
 def _seq(v):
     return "[" + ", ".join(f"{x:.3f}" for x in v) + "]"
 
+
 def _relation(a, b, tol=1e-9):
     return "=" if abs(a - b) <= tol else "<" if a < b else ">"
+
 
 def _duplicates_note(n):
     return (f"; {n} test images are pixel-identical to another test image, which a copy of one also matches"
             if n else "")
+
 
 def _verdict(ok):
     return "holds" if ok else "does not hold"
@@ -99,6 +105,8 @@ def judge(r, sweep, w_abl):
             f"{B['fid_std']:.2f}")))
     return claims
 
+
+# ----------------------------------------------------------------------------- RESULTS.md
 
 def jsonable(x):
     if isinstance(x, dict):
