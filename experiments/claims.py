@@ -450,8 +450,8 @@ def load_result(out):
 
 def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=None):
     """Rewrite RESULTS.md from OUT/results.json of an earlier run (no training or sampling): the claims are
-    judged again and the grids redrawn from its cached samples, with the same code as a full run. For a report
-    whose other inputs changed (experiments/results/sweep.json) or whose layout did. other_outs: the work
+    judged again and the grids redrawn from its cached samples, with the same code as a full run. For a run whose
+    other inputs (experiments/results/sweep.json) or report layout changed since. other_outs: the work
     folders of the other training seeds (--train-seeds), judged again too. One-line SystemExit when a run or
     its samples are missing. cc_want / data_arg: the preset (with its training length) and data the flags ask for; a results.json of
     another run is refused (its report would land where the flags' run reports, e.g. experiments/RESULTS.md)."""
@@ -504,7 +504,7 @@ def main(argv=None):
                     "cores); gpu: 64 px small-64 with 20x the training images (<= 8 min on one H100/H200)")
     ap.add_argument("--data", default="synthetic", help="pages folder ROOT/<page>/<image> or manifest; "
                     "default: synthetic pages")
-    ap.add_argument("--out", help="work folder (default runs/claims or runs/claims-quick)")
+    ap.add_argument("--out", help="work folder (default runs/claims[-<preset>][-steps<N>], e.g. runs/claims-quick)")
     ap.add_argument("--results", help="RESULTS.md path (default: experiments/RESULTS.md for the full synthetic run with "
                     "training seed 0 first, experiments/RESULTS-gpu.md for --profile gpu; OUT/RESULTS.md for --quick, "
                     "--data or another first seed)")
@@ -512,8 +512,8 @@ def main(argv=None):
                     "run of the same flags (seconds: no training or sampling), e.g. after sweep.py changed "
                     "experiments/results/sweep.json")
     ap.add_argument("--steps", type=int, help="training steps of each of the four denoisers (default: the preset's, 500 "
-                    "for the CPU profile); another length runs in its own OUT-steps<N> and reports to RESULTS-steps<N>.md, "
-                    "e.g. --steps 2000: the claims after 4x the training")
+                    "for the CPU profile); another length defaults to the work folder runs/claims[-<preset>]-steps<N> and the report "
+                    "experiments/RESULTS[-gpu]-steps<N>.md (--quick, --data: OUT/RESULTS.md), e.g. --steps 2000: the claims after 4x the training")
     ap.add_argument("--train-seeds", default="0", help="comma list of train.py seeds for the four denoisers, e.g. "
                     "0,1,2: each trains and evaluates its own models (seed 0 in OUT, seed k in OUT-train-seed<k>; the "
                     "first seed's networks shared) and RESULTS.md adds every seed's claims (training variance)")
@@ -536,8 +536,7 @@ def main(argv=None):
     longer = steps_suffix(cc)                            # "" at the preset's length, else "-steps<N>"
     if cc.preset == "gpu" and not torch.cuda.is_available():
         log("note: --profile gpu without a CUDA device: train.py and sample.py run on the CPU (hours)")
-    root = os.path.dirname(HERE)
-    base = args.out or os.path.join(root, "runs", "claims" + ("" if cc.preset == "full" else "-" + cc.preset) + longer)
+    base = args.out or os.path.join(ROOT, "runs", "claims" + ("" if cc.preset == "full" else "-" + cc.preset) + longer)
     outs = {k: base if k == 0 else f"{base}-train-seed{k}" for k in seeds}
     out = outs[seeds[0]]                                  # the first seed's run is the report's main one
     committed = os.path.join(HERE, ("RESULTS" if cc.preset == "full" else "RESULTS-gpu") + longer + ".md")

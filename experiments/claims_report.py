@@ -199,7 +199,7 @@ def write_results(r, path, real_img, page):
           "encoders.from_checkpoint / train.py --encoder-weights).", ""]
     if r["data"] != "synthetic":
         L[-1:] = ["- With --data: the conditioning encoder, the feature CNN and the filter band are this script's own, "
-                  "trained (features.py) and set (FILTER) on synthetic pages, not DINOv2 / Inception and the paper's "
+                  "trained (features.py) and set (FILTER in claims_setup.py) on synthetic pages, not DINOv2 / Inception and the paper's "
                   "band: the numbers measure the pipeline on these pages, not the paper's setting (for that, train.py "
                   "--encoder-weights and sample.py --features inception).", ""]
     if r["spaces"]:
