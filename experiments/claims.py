@@ -180,6 +180,33 @@ def train_setting(cfg):
     return path, losses[-1]
 
 
+FLAG_OF = {"steps": "--steps", "seed": "--train-seeds"}   # train_config keys a claims.py flag sets directly
+
+
+def earlier_run_clash(cc, out):
+    """A one-line refusal when OUT already holds a denoiser trained with other flags (another --steps,
+    --profile, --quick or seed), else None. train_setting refuses the same checkpoint, but only after the
+    networks, pages and earlier settings have run, and naming train.py's derived keys (log_every, ckpt_every)."""
+    for name in SETTINGS:
+        want = train_config(cc, name, out, None, None)
+        path = os.path.join(want["out"], "ckpt.pt")
+        if not os.path.exists(path):
+            continue
+        try:
+            stored = semantica.read_checkpoint(path).get("train_config") or {}
+        except Exception as e:                           # noqa: BLE001 (any unreadable file: one line)
+            return f"{path} is not a readable train.py checkpoint ({type(e).__name__}); delete it to retrain"
+        ours = ("steps", "model", "batch", "lr", "ema_decay", "seed", "sample_steps", "num_pages", "pairs",
+                "conditioning", "filter_low", "filter_high")
+        diff = [k for k in ours if k in stored and stored[k] != want[k]]
+        if diff:
+            k = diff[0]
+            flag = FLAG_OF.get(k, "--profile / --quick")
+            return (f"{want['out']} was trained with {k} {stored[k]} (this run: {want[k]}); rerun with that run's "
+                    f"{flag} or choose another --out")
+    return None
+
+
 def filter_report(cfg, encoder_path, size):
     """Pairs before/after the §5 filter with the frozen encoder (shares train.py's embedding cache)."""
     pages, _ = data.open_pages(cfg["data"], size, **(dict(num_pages=cfg["num_pages"], seed=cfg["seed"])
@@ -546,6 +573,10 @@ def main(argv=None):
         if os.path.exists(o) and not os.path.isdir(o):
             ap.error(f"--out: {o} exists and is not a folder")
     command = default_command(cc, args.data, seeds, args.out, args.results)
+    for k in ([] if args.report else seeds):             # --report reads results.json and checks its length
+        clash = earlier_run_clash(dataclasses.replace(cc, train_seed=k), outs[k])
+        if clash:
+            ap.error(clash)
     if args.report:
         return report(out, results, command, [outs[k] for k in seeds[1:]], cc, args.data)
     networks, others, started = os.path.join(out, "networks"), [], time.time()

@@ -10,6 +10,7 @@ no training or sampling.
 import json
 import os
 import sys
+import urllib.parse
 
 import numpy as np
 import torch
@@ -278,7 +279,8 @@ def write_results(r, path, real_img, page):
     L += study_section(cc)
     L += seeds_section(r, cc)
     L += ["", "## Sample grids", ""]
-    L += [f"{cap}:\n\n![{cap}]({sub}/{fn})\n" for cap, fn in grids.items()]
+    # percent-encoded: a --results name with spaces still gives links CommonMark / GitHub render
+    L += [f"{cap}:\n\n![{cap}]({urllib.parse.quote(f'{sub}/{fn}')})\n" for cap, fn in grids.items()]
     inv = r.get("invocation", {})
     hits, unrecorded = inv.get("reused", []), inv.get("unrecorded", [])
     L += ["## Runtime", "", "Seconds each phase took to compute; a phase the last invocation found in its --out cache "

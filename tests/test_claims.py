@@ -59,6 +59,13 @@ def test_quick_run_writes_every_claim(tmp_path):
     assert again[:2] + again[3:] == first[:2] + first[3:]
     assert again[2].startswith(first[2][:-1]) and again[2].endswith(
         f"rewritten from that run's results.json by `python experiments/claims.py --quick --out {out} --report`.")
+    # a report named with a space keeps its grids beside it, in links that CommonMark renders (percent-encoded)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out),
+                           "--report", "--results", str(tmp_path / "my report.md")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "](results-my%20report/test_pages.png)" in (tmp_path / "my report.md").read_text()
+    assert (tmp_path / "results-my report" / "test_pages.png").stat().st_size > 0
     # a rerun over the full cache computes nothing: its RESULTS.md keeps the first run's wall time and phase
     # times (issue 20's time budget is the computation's) and names what it reused
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out)],
@@ -212,6 +219,7 @@ def test_steps_flag_runs_another_length_in_its_own_folder_and_report(tmp_path, m
     def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None):
         calls.append((cc.steps, cc.preset, out, results, command))
     monkeypatch.setattr(claims, "run", fake_run)
+    monkeypatch.setattr(claims, "earlier_run_clash", lambda cc, out: None)   # whatever runs/ holds on this machine
     runs, here = os.path.join(ROOT, "runs"), os.path.join(ROOT, "experiments")
     claims.main(["--steps", "2000"])
     claims.main(["--steps", "500"])
@@ -227,6 +235,43 @@ def test_steps_flag_runs_another_length_in_its_own_folder_and_report(tmp_path, m
             claims.main(["--quick", "--out", str(tmp_path / "q"), "--steps", bad])
         assert e.value.code == 2 and "--steps" in capsys.readouterr().err
     assert len(calls) == 3
+
+
+def test_an_out_folder_of_another_length_or_seed_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """--out holding denoisers trained with another --steps (or seed, or preset): a one-line usage error naming
+    the flag, before the networks or any setting run (train_setting would refuse it only after them, naming
+    train.py's derived log_every / ckpt_every); the same flags go on; an unreadable checkpoint is one line too."""
+    import claims
+    import semantica
+    from claims_setup import PRESETS
+    calls = []
+    monkeypatch.setattr(claims, "run", lambda cc, out, *a, **k: calls.append((cc.steps, out)))
+    quick = PRESETS["quick"]
+
+    def finished(folder):                                # a finished quick run's "pages" setting, seed 0
+        cfg = claims.train_config(quick, "pages", str(folder), None, None)
+        os.makedirs(cfg["out"])
+        torch.save(dict(format=semantica.FORMAT, model_config={}, p_uncond=0.1, encoder="tiny", step=cfg["steps"],
+                        train_config=cfg), os.path.join(cfg["out"], "ckpt.pt"))
+        return os.path.join(cfg["out"], "ckpt.pt")
+
+    def refused(argv, *words):
+        with pytest.raises(SystemExit) as e:
+            claims.main(["--quick"] + argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and ": error: " in err[-1] and all(w in err[-1] for w in words), err
+
+    out = tmp_path / "w"
+    ckpt = finished(out)
+    claims.main(["--quick", "--out", str(out)])          # its own flags: on
+    assert calls == [(quick.steps, str(out))]
+    refused(["--out", str(out), "--steps", "7"], f"steps {quick.steps} (this run: 7)", "--steps", "choose another --out")
+    finished(tmp_path / "v-train-seed1")                 # seed 1's folder holding a seed-0 model
+    refused(["--out", str(tmp_path / "v"), "--train-seeds", "1"], "seed 0 (this run: 1)", "--train-seeds")
+    with open(ckpt, "wb") as f:
+        f.write(b"not a checkpoint")
+    refused(["--out", str(out)], "not a readable train.py checkpoint", "delete it")
+    assert len(calls) == 1
 
 
 def test_each_report_keeps_its_grids_in_its_own_folder():
