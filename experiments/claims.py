@@ -56,6 +56,7 @@ import features  # noqa: E402  (experiments/features.py: a library module of thi
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import metrics  # noqa: E402
+import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
 from claims_report import jsonable, judge, seed_summary, write_results  # noqa: E402  (RESULTS.md)
@@ -117,15 +118,15 @@ def prepare_pages(cc, out, data_arg):
             synthetic_test_pages(cc).write(test + ".tmp")
             os.replace(test + ".tmp", test)
         return "synthetic", test
-    try:
-        pages, skipped = data.scan(data_arg)
+    try:   # decode=True: a truncated file would pass the header check here and be skipped by sample.py only,
+        pages, skipped = data.scan(data_arg, decode=True)      # scoring samples against other test images
     except (ValueError, OSError) as e:
         raise SystemExit(f"--data {data_arg}: {e}") from None
     names = sorted(pages)
     big = [n for n in names if len(pages[n]) >= cc.per_page]
     if len(big) < cc.test_pages + 1:
         raise SystemExit(f"{data_arg}: needs more than {cc.test_pages} pages with >= {cc.per_page} images "
-                         f"(found {len(big)}; {len(skipped)} unreadable files skipped)")
+                         f"(found {len(big)}; {skip_summary(skipped)})")
     held = set(np.random.default_rng(cc.seed).choice(big, cc.test_pages, replace=False).tolist())
     paths = {}
     for split, keep in (("train", lambda n: n not in held), ("test", lambda n: n in held)):
@@ -137,9 +138,27 @@ def prepare_pages(cc, out, data_arg):
     return paths["train"], paths["test"]
 
 
+def skip_summary(skipped):
+    """{path: reason} of data.scan -> '3 files skipped: 1 not inside a page folder, 2 unreadable' (each file's
+    reason is in data.scan's log)."""
+    if not skipped:
+        return "no file skipped"
+    reasons = {}
+    for r in skipped.values():
+        r = r if r in ("not inside a page folder", "missing file (or not a file)") else "unreadable"
+        reasons[r] = reasons.get(r, 0) + 1
+    return f"{len(skipped)} files skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+
+
+def eval_dir(out, name, proto):
+    """OUT/eval/<setting>/<protocol>: sample.py's K-shot samples of one setting (found from OUT, so a moved
+    or renamed work folder still reports)."""
+    return os.path.join(out, "eval", name.replace(" ", "_"), proto)
+
+
 def test_images(cc, test_source):
     """The N test images in sample.few_shot's order -> (images (N,3,S,S), page id (N,))."""
-    pages, _ = data.open_pages(test_source, cc.size)
+    pages, _ = data.open_pages(test_source, cc.size, decode=True)          # as sample.py's K-shot plan
     items = [(p, i) for p in range(len(pages)) for i in range(pages.count(p))]
     groups = [p for p, _ in items]
     keep = metrics.balanced_subset(groups, cc.per_page, cc.seed)      # as sample.few_shot
@@ -167,9 +186,15 @@ def train_setting(cfg):
     if resume:
         ckpt = semantica.read_checkpoint(path)
         stored = ckpt.get("train_config", {})
-        diff = {k: (stored.get(k), v) for k, v in cfg.items() if k not in ("out", "steps") and stored.get(k) != v}
+        old, new = (os.path.dirname(os.path.dirname(c)) for c in (stored.get("out") or "", cfg["out"]))   # OUT then, now
+
+        def here(v):   # a path inside the work folder it was trained in (its manifest, encoder): the same file now
+            return os.path.join(new, os.path.relpath(v, old)) if isinstance(v, str) and old and \
+                v.startswith(old + os.sep) else v
+        diff = {k: (stored.get(k), v) for k, v in cfg.items() if k not in ("out", "steps") and here(stored.get(k)) != v}
         if diff:
-            raise SystemExit(f"{path} was trained with another config ({diff}); delete {cfg['out']} to retrain")
+            raise SystemExit(f"{path} was trained with another config ({diff}); delete {new}/runs to retrain "
+                             "every setting, or choose another --out")
         if ckpt["step"] >= cfg["steps"]:
             log(f"reusing {path} (step {ckpt['step']})")
             resume = None
@@ -183,7 +208,7 @@ def train_setting(cfg):
 FLAG_OF = {"steps": "--steps", "seed": "--train-seeds"}   # train_config keys a claims.py flag sets directly
 
 
-def earlier_run_clash(cc, out):
+def earlier_run_clash(cc, out, data_arg="synthetic"):
     """A one-line refusal when OUT already holds a denoiser trained with other flags (another --steps,
     --profile, --quick or seed), else None. train_setting refuses the same checkpoint, but only after the
     networks, pages and earlier settings have run, and naming train.py's derived keys (log_every, ckpt_every)."""
@@ -198,6 +223,9 @@ def earlier_run_clash(cc, out):
             return f"{path} is not a readable train.py checkpoint ({type(e).__name__}); delete it to retrain"
         ours = ("steps", "model", "batch", "lr", "ema_decay", "seed", "sample_steps", "num_pages", "pairs",
                 "conditioning", "filter_low", "filter_high")
+        if "data" in stored and (stored["data"] == "synthetic") != (data_arg == "synthetic"):
+            return (f"{want['out']} was trained on --data {'synthetic' if stored['data'] == 'synthetic' else 'files'} "
+                    f"(this run: --data {data_arg}); rerun with that run's --data or choose another --out")
         diff = [k for k in ours if k in stored and stored[k] != want[k]]
         if diff:
             k = diff[0]
@@ -408,7 +436,7 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
     for name, protocols in plan.items():
         for proto, gws in protocols.items():
             t = time.time()
-            d = os.path.join(out, "eval", name.replace(" ", "_"), proto)
+            d = eval_dir(out, name, proto)
             s = few_shot(cc, runs[name]["ckpt"], test_source, 1 if proto == "one_shot" else cc.per_page, gws, d)
             for w in gws:
                 fake_img, cond = load_samples(d, float(w), cc.size)
@@ -447,9 +475,10 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
                   command=command or default_command(cc, data_arg))
     claims = judge(result, SWEEP, W_ABLATION)
     result["claims"] = claims
-    write_results(result, results_path, real_img, page)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, "results.json") + ".tmp", "w") as f:     # first: a report that fails keeps the record
         json.dump(jsonable(result), f, indent=1)
+    os.replace(os.path.join(out, "results.json") + ".tmp", os.path.join(out, "results.json"))
+    write_results(result, results_path, real_img, page)
     log(f"wrote {results_path} ({timing['total'] / 60:.1f} min of computation; this invocation {wall / 60:.1f} min, "
         f"{len(hits)} phase(s) reused from {out})")
     for c in claims:
@@ -469,8 +498,10 @@ def load_result(out):
         cc = ClaimsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
         for key in ("evals", "encoder_space"):          # jsonable's "name|protocol|w" keys back to tuples
             r[key] = {(k.split("|")[0], k.split("|")[1], float(k.split("|")[2])): v for k, v in r[key].items()}
+        for (name, proto, _), e in r["evals"].items():   # this folder's samples, wherever the run was made
+            e["samples_dir"] = eval_dir(out, name, proto)
         r["claims"] = judge(r, SWEEP, W_ABLATION)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise SystemExit(f"{path}: not a claims.py results file ({type(e).__name__}: {e})")
     return r, cc
 
@@ -572,9 +603,12 @@ def main(argv=None):
     for o in outs.values():
         if os.path.exists(o) and not os.path.isdir(o):
             ap.error(f"--out: {o} exists and is not a folder")
+    bad = outputs.output_error("--results", results)
+    if bad:
+        ap.error(bad)
     command = default_command(cc, args.data, seeds, args.out, args.results)
     for k in ([] if args.report else seeds):             # --report reads results.json and checks its length
-        clash = earlier_run_clash(dataclasses.replace(cc, train_seed=k), outs[k])
+        clash = earlier_run_clash(dataclasses.replace(cc, train_seed=k), outs[k], args.data)
         if clash:
             ap.error(clash)
     if args.report:

@@ -16,6 +16,7 @@ Not part of the paper (DESIGN throughout); experiments/claims.py reports it for 
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
+import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 
 CLASSIFIER_PAGES_SEED = 404   # DESIGN: held-out pages of their own seed (training pages: 0, claims test: 303)
 CHECK_PAGES_SEED = 405        # held-out pages that measure the classifier's own accuracy
@@ -182,19 +184,26 @@ def evaluate_checkpoint(ckpt, net, pages=64, n=4, guidance=0.5, steps=64, seed=0
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Kind agreement of a checkpoint's variations on held-out pages.")
     ap.add_argument("ckpt", help="a train.py checkpoint (OUT/ckpt.pt) of a 32 px synthetic-pages model")
-    ap.add_argument("--pages", type=int, default=64, help="held-out test pages (one condition each)")
-    ap.add_argument("--n", type=int, default=4, help="samples per condition")
-    ap.add_argument("--guidance", type=float, default=0.5, help="guidance weight (§6.1 ablations: 0.5)")
-    ap.add_argument("--steps", type=int, default=64, help="DDPM steps")
+    ap.add_argument("--pages", type=int, default=64, help="held-out test pages (one condition each; default 64)")
+    ap.add_argument("--n", type=int, default=4, help="samples per condition (default 4)")
+    ap.add_argument("--guidance", type=float, default=0.5, help="guidance weight (default 0.5, §6.1's ablations)")
+    ap.add_argument("--steps", type=int, default=64, help="DDPM steps (default 64)")
     ap.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs",
                                                     "kinds"), help="classifier cache folder (default: runs/kinds)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     a = ap.parse_args(argv)
     if not os.path.isfile(a.ckpt):
         ap.error(f"no checkpoint at {a.ckpt}")
     for flag in ("pages", "n", "steps"):
         if getattr(a, flag) < 1:
             ap.error(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    if not math.isfinite(a.guidance):
+        ap.error(f"--guidance must be a finite number, got {a.guidance}")
+    if not 0 <= a.seed <= semantica.MAX_SEED:
+        ap.error(f"--seed must be an integer in [0, 2^63 - 1], got {a.seed}")
+    bad = outputs.output_error("--cache", a.cache, folder=True)
+    if bad:
+        ap.error(bad)
     try:
         data = (semantica.read_checkpoint(a.ckpt).get("train_config") or {}).get("data", "synthetic")
         if data == "synthetic":

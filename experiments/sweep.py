@@ -31,6 +31,7 @@ length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt), so a rerun measures on
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import oracle  # noqa: E402  (experiments/oracle.py: the oracle-condition run)
+import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
 import uvit  # noqa: E402
@@ -422,13 +424,15 @@ def write_markdown(res, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="phases,probe,length,oracle,ddpm,use",
-                    help="comma list of phases, probe, length, oracle, ddpm, use")
+                    help="comma list of phases, probe, length, oracle, ddpm, use (default: all six, hours on a CPU; "
+                         "each part rewrites its section of --results)")
     ap.add_argument("--lengths", default="600,2000",
-                    help="training lengths (steps of batch 32) of the length and oracle parts")
-    ap.add_argument("--ddpm-steps", default="16,64,256", help="ddpm: the DDPM step counts compared")
+                    help="training lengths (steps of batch 32) of the length and oracle parts (default 600,2000; the "
+                         "committed SWEEP.md: 600,2000,4000,6000,8000)")
+    ap.add_argument("--ddpm-steps", default="16,64,256", help="ddpm: the DDPM step counts compared (default 16,64,256)")
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
     ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"), help="work folder (cached runs)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"), help="work folder of cached runs (default runs/sweep)")
     ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"),
                     help="the markdown file written; results/sweep.json beside it is rewritten too (default: the "
                          "committed experiments/SWEEP.md and experiments/results/sweep.json)")
@@ -465,7 +469,9 @@ def main(argv=None):
                     raise ValueError("it holds no EMA weights")
             except (OSError, ValueError) as e:
                 ap.error(f"{keep}: not a usable train.py checkpoint ({str(e).splitlines()[0][:200]})")
-    os.makedirs(a.out, exist_ok=True)
+    for bad in (outputs.output_error("--out", a.out, folder=True), outputs.output_error("--results", a.results)):
+        if bad:
+            ap.error(bad)
     path = os.path.join(a.out, "sweep.json")
     committed = os.path.join(os.path.dirname(os.path.abspath(a.results)), "results", "sweep.json")
     res = {}
@@ -483,8 +489,8 @@ def main(argv=None):
             {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
              "use": f" --lengths {a.lengths}",
              "phases": " --compile" if a.compile else "",
-             "probe": f" --encoder-weights {a.encoder_weights}" if a.encoder_weights else ""}[part]
-        command += "".join(f" --{k} {v}" for k, v, d in (("out", a.out, ap.get_default("out")),
+             "probe": f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else ""}[part]
+        command += "".join(f" --{k} {shlex.quote(v)}" for k, v, d in (("out", a.out, ap.get_default("out")),
                                                          ("results", a.results, ap.get_default("results"))) if v != d)
         if part == "phases":
             out = dict(results=phases(a.compile))

@@ -4,11 +4,13 @@ The quick preset's numbers are meaningless (a dozen training steps); what is che
 RESULTS.md with every claim, a verdict for each, its tables and its grids is produced, and that the
 copy-model claim (a property of the metrics, not of training) holds exactly: one-shot recall = K/N.
 """
+import io
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +80,15 @@ def test_quick_run_writes_every_claim(tmp_path):
     assert sum(phases.values()) <= rerun["timing"]["total"] <= sum(phases.values()) + rerun["invocation"]["seconds"]
     header = (out / "RESULTS.md").read_text().splitlines()[2]
     assert f"in {rerun['timing']['total'] / 60:.1f} min" in header and f"reused {len(phases)} phase(s)" in header
+    # a moved (renamed) work folder reports and reruns from its own files: samples, manifests and encoder are
+    # found under the new name, never read from (or refused for) the old one
+    moved = tmp_path / "moved claims"
+    os.rename(out, moved)
+    for extra in (["--report"], []):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out",
+                               str(moved)] + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((moved / "results.json").read_text())["invocation"]["reused"] == rerun["invocation"]["reused"]
 
 
 
@@ -219,7 +230,7 @@ def test_steps_flag_runs_another_length_in_its_own_folder_and_report(tmp_path, m
     def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None):
         calls.append((cc.steps, cc.preset, out, results, command))
     monkeypatch.setattr(claims, "run", fake_run)
-    monkeypatch.setattr(claims, "earlier_run_clash", lambda cc, out: None)   # whatever runs/ holds on this machine
+    monkeypatch.setattr(claims, "earlier_run_clash", lambda *a: None)   # whatever runs/ holds on this machine
     runs, here = os.path.join(ROOT, "runs"), os.path.join(ROOT, "experiments")
     claims.main(["--steps", "2000"])
     claims.main(["--steps", "500"])
@@ -239,7 +250,7 @@ def test_steps_flag_runs_another_length_in_its_own_folder_and_report(tmp_path, m
 
 def test_an_out_folder_of_another_length_or_seed_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     """--out holding denoisers trained with another --steps (or seed, or preset): a one-line usage error naming
-    the flag, before the networks or any setting run (train_setting would refuse it only after them, naming
+    the flag (also a run on other --data), before the networks or any setting run (train_setting would refuse it only after them, naming
     train.py's derived log_every / ckpt_every); the same flags go on; an unreadable checkpoint is one line too."""
     import claims
     import semantica
@@ -248,8 +259,8 @@ def test_an_out_folder_of_another_length_or_seed_is_refused_before_any_work(tmp_
     monkeypatch.setattr(claims, "run", lambda cc, out, *a, **k: calls.append((cc.steps, out)))
     quick = PRESETS["quick"]
 
-    def finished(folder):                                # a finished quick run's "pages" setting, seed 0
-        cfg = claims.train_config(quick, "pages", str(folder), None, None)
+    def finished(folder, data="synthetic"):              # a finished quick run's "pages" setting, seed 0
+        cfg = claims.train_config(quick, "pages", str(folder), data, None)
         os.makedirs(cfg["out"])
         torch.save(dict(format=semantica.FORMAT, model_config={}, p_uncond=0.1, encoder="tiny", step=cfg["steps"],
                         train_config=cfg), os.path.join(cfg["out"], "ckpt.pt"))
@@ -268,10 +279,60 @@ def test_an_out_folder_of_another_length_or_seed_is_refused_before_any_work(tmp_
     refused(["--out", str(out), "--steps", "7"], f"steps {quick.steps} (this run: 7)", "--steps", "choose another --out")
     finished(tmp_path / "v-train-seed1")                 # seed 1's folder holding a seed-0 model
     refused(["--out", str(tmp_path / "v"), "--train-seeds", "1"], "seed 0 (this run: 1)", "--train-seeds")
+    finished(tmp_path / "d", data=str(tmp_path / "d" / "train_manifest.csv"))     # trained on --data files
+    refused(["--out", str(tmp_path / "d")], "trained on --data files (this run: --data synthetic)", "--data")
     with open(ckpt, "wb") as f:
         f.write(b"not a checkpoint")
     refused(["--out", str(out)], "not a readable train.py checkpoint", "delete it")
     assert len(calls) == 1
+
+
+def test_results_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """--results naming a folder, or under a file: a one-line usage error before training (the report was
+    written last, after the whole run, and failed with a traceback)."""
+    import claims
+    calls = []
+    monkeypatch.setattr(claims, "run", lambda *a, **k: calls.append(a))
+    (tmp_path / "afile").write_text("x")
+    for results, words in ((tmp_path, "is a folder"), (tmp_path / "afile" / "R.md", "is a file, not a folder")):
+        with pytest.raises(SystemExit) as e:
+            claims.main(["--quick", "--out", str(tmp_path / "q"), "--results", str(results)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "--results" in err[-1] and words in err[-1], err
+    assert calls == []
+
+
+def test_data_pages_leave_undecodable_files_out_of_both_manifests(tmp_path):
+    """--data: a truncated JPEG passes the header check but not a decode; sample.py decodes, so the test set
+    claims.py scores against must leave it out too (else samples are scored against other test images)."""
+    import claims
+    from PIL import Image
+    from claims_setup import PRESETS
+    cc = PRESETS["quick"]
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pages"
+    for p in range(cc.test_pages + 3):
+        (root / f"p{p}").mkdir(parents=True)
+        for i in range(cc.per_page):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / f"p{p}" / f"{i}.png")
+    good = root / "p0" / "0.png"
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    for p in range(cc.test_pages + 3):                   # one truncated JPEG on every page
+        (root / f"p{p}" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "loose.png").write_bytes(good.read_bytes())  # not inside a page folder
+    (tmp_path / "out").mkdir()
+    train, test = claims.prepare_pages(cc, str(tmp_path / "out"), str(root))
+    for manifest in (train, test):
+        text = open(manifest).read()
+        assert "cut.jpg" not in text and "loose.png" not in text and str(good) in open(train).read() + open(test).read()
+    real, page = claims.test_images(cc, test)
+    assert real.shape[0] == cc.test_pages * cc.per_page and len(set(page.tolist())) == cc.test_pages
+    skipped = {str(root / f"p{p}" / "cut.jpg"): "OSError: image file is truncated (9 bytes not processed)"
+               for p in range(2)}
+    skipped[str(root / "loose.png")] = "not inside a page folder"
+    assert claims.skip_summary(skipped) == "3 files skipped: 1 not inside a page folder, 2 unreadable"
+    assert claims.skip_summary({}) == "no file skipped"
 
 
 def test_each_report_keeps_its_grids_in_its_own_folder():
@@ -458,7 +519,10 @@ def test_kinds_cli_refuses_bad_input_in_one_line(tmp_path):
                 "train_config": {"data": "/data/pages"}}, folder)
     for args, msg in (([str(tmp_path / "none.pt")], "no checkpoint"), ([str(bad)], "not a train.py checkpoint"),
                       ([str(folder)], "trained on --data /data/pages, not synthetic pages"),
-                      ([str(bad), "--pages", "0"], "--pages must be >= 1"), ([str(bad), "--n", "-1"], "--n must be")):
+                      ([str(bad), "--pages", "0"], "--pages must be >= 1"), ([str(bad), "--n", "-1"], "--n must be"),
+                      ([str(bad), "--guidance", "nan"], "--guidance must be a finite number"),
+                      ([str(bad), "--seed", "-1"], "--seed must be an integer in"),
+                      ([str(bad), "--cache", str(bad)], "exists and is not a folder")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "kinds.py"), *args],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -80,7 +80,11 @@ def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
                       (["--parts", "ddpm", "--out", str(tmp_path / "new")], "run --parts length first"),
                       (["--parts", "use", "--out", str(tmp_path / "new")], "run --parts length first"),
                       (["--parts", "use", "--lengths", "5", "--out", str(tmp_path / "junk")], "not a usable"),
-                      (["--parts", "ddpm", "--lengths", "5", "--out", str(tmp_path / "noema")], "no EMA weights")):
+                      (["--parts", "ddpm", "--lengths", "5", "--out", str(tmp_path / "noema")], "no EMA weights"),
+                      (["--parts", "phases", "--out", str(bad)], "exists and is not a folder"),
+                      (["--parts", "phases", "--out", str(tmp_path / "w"), "--results", str(tmp_path)], "is a folder"),
+                      (["--parts", "phases", "--out", str(tmp_path / "w"), "--results", str(bad / "S.md")],
+                       "is a file, not a folder")):
         with pytest.raises(SystemExit) as e:
             sweep.main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err, argv
