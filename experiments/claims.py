@@ -561,7 +561,8 @@ def main(argv=None):
     ap.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="cpu: 32 px tiny-32 (<= 45 min on 2 "
                     "cores); gpu: 64 px small-64 with 20x the training images (<= 8 min on one H100/H200)")
     ap.add_argument("--data", default="synthetic", help="pages folder ROOT/<page>/<image> or manifest; "
-                    "default: synthetic pages")
+                    "default: synthetic pages. Needs more than test_pages pages with >= per_page decodable images "
+                    "(held out as the test set; cpu: 20 pages of 10, gpu: 50 of 10, --quick: 4 of 5)")
     ap.add_argument("--out", help="work folder (default runs/claims[-<preset>][-steps<N>], e.g. runs/claims-quick)")
     ap.add_argument("--results", help="RESULTS.md path (default: experiments/RESULTS.md for the full synthetic run with "
                     "training seed 0 first, experiments/RESULTS-gpu.md for --profile gpu; OUT/RESULTS.md for --quick, "
