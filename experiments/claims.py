@@ -109,25 +109,33 @@ def check_style(out):
             json.dump(want, f)
 
 
-def prepare_pages(cc, out, data_arg):
+def scan_pages(cc, data_arg):
+    """--data DIR or manifest -> (pages {name: [paths]}, held-out test page names), every image decoded.
+    One-line SystemExit when it has too few pages for the test set; run() calls it before OUT is created,
+    so a refused --data leaves nothing behind."""
+    try:   # decode=True: a truncated file would pass the header check here and be skipped by sample.py only,
+        pages, skipped = data.scan(data_arg, decode=True)      # scoring samples against other test images
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--data {data_arg}: {e}") from None
+    big = [n for n in sorted(pages) if len(pages[n]) >= cc.per_page]
+    if len(big) < cc.test_pages + 1:
+        raise SystemExit(f"{data_arg}: needs more than {cc.test_pages} pages with >= {cc.per_page} images "
+                         f"(found {len(big)}; {skip_summary(skipped)})")
+    return pages, set(np.random.default_rng(cc.seed).choice(big, cc.test_pages, replace=False).tolist())
+
+
+def prepare_pages(cc, out, data_arg, scanned=None):
     """-> (train source for train.py, test source for sample.py). Synthetic: write the test pages as
-    PNG folders. --data DIR: hold out `test_pages` pages with >= per_page images, manifests for both."""
+    PNG folders. --data DIR: hold out `test_pages` pages with >= per_page images, manifests for both
+    (scanned: scan_pages's answer when the caller already has it)."""
     if data_arg == "synthetic":
         test = os.path.join(out, "test_pages")
         if not os.path.isdir(test):
             synthetic_test_pages(cc).write(test + ".tmp")
             os.replace(test + ".tmp", test)
         return "synthetic", test
-    try:   # decode=True: a truncated file would pass the header check here and be skipped by sample.py only,
-        pages, skipped = data.scan(data_arg, decode=True)      # scoring samples against other test images
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"--data {data_arg}: {e}") from None
+    pages, held = scanned or scan_pages(cc, data_arg)
     names = sorted(pages)
-    big = [n for n in names if len(pages[n]) >= cc.per_page]
-    if len(big) < cc.test_pages + 1:
-        raise SystemExit(f"{data_arg}: needs more than {cc.test_pages} pages with >= {cc.per_page} images "
-                         f"(found {len(big)}; {skip_summary(skipped)})")
-    held = set(np.random.default_rng(cc.seed).choice(big, cc.test_pages, replace=False).tolist())
     paths = {}
     for split, keep in (("train", lambda n: n not in held), ("test", lambda n: n in held)):
         paths[split] = os.path.join(out, f"{split}_manifest.csv")
@@ -371,20 +379,23 @@ def earlier_timing(out, cc, data_arg):
         return {}
 
 
-def run(cc, out, data_arg, results_path, networks=None, others=(), command=None, started=None):
+def run(cc, out, data_arg, results_path, networks=None, others=(), command=None, started=None, scanned=None):
     """The whole pipeline for one training seed -> the result dict (also OUT/results.json and RESULTS.md).
     networks: the folder of the encoder, feature CNN and kind classifier (default OUT/networks; --train-seeds
     shares the first seed's, so that every seed is measured in the same spaces); others: seed_summary dicts of
     runs with other training seeds, reported in RESULTS.md's across-seeds section; command: the command line
     RESULTS.md names (default: rebuilt from cc and data_arg); started: time.time() when the invocation began
-    (--train-seeds: before the other seeds' runs), for the invocation's wall time."""
+    (--train-seeds: before the other seeds' runs), for the invocation's wall time; scanned: scan_pages's answer
+    for --data (scanned here when None)."""
     t0, timing, hits = time.time(), {}, []
     net_dir = networks or os.path.join(out, "networks")
     earlier = earlier_timing(out, cc, data_arg)
     torch.manual_seed(cc.seed)
+    if scanned is None and data_arg != "synthetic":
+        scanned = scan_pages(cc, data_arg)               # refused before OUT exists
     os.makedirs(out, exist_ok=True)
     check_style(out)
-    train_source, test_source = prepare_pages(cc, out, data_arg)
+    train_source, test_source = prepare_pages(cc, out, data_arg, scanned)
 
     log("== 1/4 pretrained networks (held-out synthetic pages)")
     enc_path, feat_path = features.pretrained(net_dir, cc.encoder_steps, cc.feature_steps,
@@ -604,26 +615,29 @@ def main(argv=None):
     for o in outs.values():
         if os.path.exists(o) and not os.path.isdir(o):
             ap.error(f"--out: {o} exists and is not a folder")
-    bad = outputs.output_error("--results", results)
-    if bad:
-        ap.error(bad)
-    command = default_command(cc, args.data, seeds, args.out, args.results)
     for k in ([] if args.report else seeds):             # --report reads results.json and checks its length
         clash = earlier_run_clash(dataclasses.replace(cc, train_seed=k), outs[k], args.data)
         if clash:
             ap.error(clash)
+    # --data's images are decoded once, here, before output_error creates --results' folder (OUT/ for --data):
+    # a refused --data leaves no folder behind
+    scanned = None if args.report or args.data == "synthetic" else scan_pages(cc, args.data)
+    bad = outputs.output_error("--results", results)
+    if bad:
+        ap.error(bad)
+    command = default_command(cc, args.data, seeds, args.out, args.results)
     if args.report:
         return report(out, results, command, [outs[k] for k in seeds[1:]], cc, args.data)
     networks, others, started = os.path.join(out, "networks"), [], time.time()
     for k in seeds[1:]:                                   # the other seeds first: the main report lists them
         log(f"==== training seed {k} -> {outs[k]}")
         r = run(dataclasses.replace(cc, train_seed=k), outs[k], args.data, os.path.join(outs[k], "RESULTS.md"),
-                networks, command=command)
+                networks, command=command, scanned=scanned)
         others.append(seed_summary(r, outs[k]))
     if others:
         log(f"==== training seed {seeds[0]} -> {out}")
     return run(dataclasses.replace(cc, train_seed=seeds[0]), out, args.data, results, networks, others, command,
-               started)
+               started, scanned)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def test_train_seeds_flag_runs_each_seed_in_its_own_folder(tmp_path, monkeypatch
     import claims
     calls = []
 
-    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None):
+    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None, scanned=None):
         calls.append((cc.train_seed, out, results, networks, [o["seed"] for o in others], command))
         return dict(config=dict(train_seed=cc.train_seed), timing={"total": 1.0}, claims=[], runs={},
                     evals={(n, "one_shot", 0.5): {} for n in claims.SETTINGS})
@@ -227,7 +227,7 @@ def test_steps_flag_runs_another_length_in_its_own_folder_and_report(tmp_path, m
     import claims
     calls = []
 
-    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None):
+    def fake_run(cc, out, data_arg, results, networks=None, others=(), command=None, started=None, scanned=None):
         calls.append((cc.steps, cc.preset, out, results, command))
     monkeypatch.setattr(claims, "run", fake_run)
     monkeypatch.setattr(claims, "earlier_run_clash", lambda *a: None)   # whatever runs/ holds on this machine
@@ -391,6 +391,23 @@ def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:                # past the flags check: on to its (unusable) pages
         claims.main(["--report", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "pages") + "/"])
     assert "these flags ask for" not in str(e.value) and "needs more than" in str(e.value)
+
+
+def test_data_with_too_few_pages_is_refused_before_out_is_created(tmp_path, monkeypatch):
+    """A --data folder with fewer usable pages than the test set needs: one-line error, and no --out folder
+    (with its pages_style.json) left behind for the next run to trip over."""
+    import claims
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for p in range(3):                                    # quick needs 5 pages of >= 5 images
+        (tmp_path / "pages" / f"p{p}").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "pages" / f"p{p}" / f"{i}.png")
+    monkeypatch.setattr(claims.features, "pretrained", lambda *a, **k: pytest.fail("started work"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"needs more than 4 pages with >= 5 images \(found 3; no file skipped\)"):
+        claims.main(["--quick", "--data", str(tmp_path / "pages"), "--out", str(out)])
+    assert not out.exists()
 
 
 def test_manifests_keep_page_names_with_quotes_and_commas(tmp_path):
