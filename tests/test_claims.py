@@ -335,6 +335,22 @@ def test_data_pages_leave_undecodable_files_out_of_both_manifests(tmp_path):
     assert claims.skip_summary({}) == "no file skipped"
 
 
+def test_reports_of_one_preset_at_other_lengths_link_each_other(tmp_path):
+    """RESULTS.md names RESULTS-steps2000.md beside it and back; other presets' and other names' reports are not
+    listed, and a report named otherwise (a --results of the user's) lists none."""
+    import claims_report
+    for f in ("RESULTS.md", "RESULTS-steps2000.md", "RESULTS-steps8000.md", "RESULTS-gpu.md", "RESULTS-gpu-steps50.md",
+              "RESULTS-stepsx.md", "SWEEP.md", "my report.md"):
+        (tmp_path / f).write_text("x")
+    assert claims_report.other_lengths(str(tmp_path / "RESULTS.md"), "full") == [
+        ("RESULTS-steps2000.md", 2000), ("RESULTS-steps8000.md", 8000)]
+    assert claims_report.other_lengths(str(tmp_path / "RESULTS-steps8000.md"), "full") == [
+        ("RESULTS.md", 500), ("RESULTS-steps2000.md", 2000)]
+    assert claims_report.other_lengths(str(tmp_path / "RESULTS-gpu.md"), "gpu") == [("RESULTS-gpu-steps50.md", 50)]
+    assert claims_report.other_lengths(str(tmp_path / "my report.md"), "full") == []
+    assert claims_report.other_lengths(str(tmp_path / "RESULTS.md"), "quick") == []
+
+
 def test_each_report_keeps_its_grids_in_its_own_folder():
     """RESULTS.md shows results/*.png; RESULTS-gpu.md and RESULTS-steps<N>.md (and any other --results name) draw
     theirs in their own folder, never over the committed report's grids."""
