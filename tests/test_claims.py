@@ -68,6 +68,16 @@ def test_quick_run_writes_every_claim(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "](results-my%20report/test_pages.png)" in (tmp_path / "my report.md").read_text()
     assert (tmp_path / "results-my report" / "test_pages.png").stat().st_size > 0
+    # a report named as claims.py names a preset's reports links the same preset's reports at other lengths
+    # beside it (RESULTS.md <-> RESULTS-steps2000.md), in the header of the whole report
+    (tmp_path / "RESULTS-quick-steps30.md").write_text("x")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out),
+                           "--report", "--results", str(tmp_path / "RESULTS-quick.md")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("The same claims at other training lengths: [RESULTS-quick-steps30.md](RESULTS-quick-steps30.md) "
+            "(30 steps).") in (tmp_path / "RESULTS-quick.md").read_text().splitlines()
+    assert "other training lengths" not in (tmp_path / "my report.md").read_text()
     # a rerun over the full cache computes nothing: its RESULTS.md keeps the first run's wall time and phase
     # times (issue 20's time budget is the computation's) and names what it reused
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out)],
