@@ -60,8 +60,8 @@ import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in o
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
 from claims_report import jsonable, judge, seed_summary, write_results  # noqa: E402  (RESULTS.md)
-from claims_setup import (FILTER, PRESETS, SETTINGS, SWEEP, TEST_PAGES_SEED, W_ABLATION,  # noqa: E402
-                          ClaimsConfig, default_command, load_samples, steps_suffix)
+from claims_setup import (FILTER, PRESETS, SETTINGS, SWEEP, TEST_COPY_RMSE, TEST_PAGES_SEED,  # noqa: E402
+                          W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)
 
 
 def log(*a):
@@ -110,9 +110,10 @@ def check_style(out):
 
 
 def scan_pages(cc, data_arg):
-    """--data DIR or manifest -> (pages {name: [paths]}, held-out test page names), every image decoded.
-    One-line SystemExit when it has too few pages for the test set; run() calls it before OUT is created,
-    so a refused --data leaves nothing behind."""
+    """--data DIR or manifest -> (pages {name: [paths]}, held-out test page names, copies {training image: the
+    test image it copies}), every image decoded; `pages` no longer holds the copies (copies_of_test), so the
+    test pages are never trained on. One-line SystemExit when it has too few pages for the test set; run()
+    calls it before OUT is created, so a refused --data leaves nothing behind."""
     try:   # decode=True: a truncated file would pass the header check here and be skipped by sample.py only,
         pages, skipped = data.scan(data_arg, decode=True)      # scoring samples against other test images
     except (ValueError, OSError) as e:
@@ -121,7 +122,31 @@ def scan_pages(cc, data_arg):
     if len(big) < cc.test_pages + 1:
         raise SystemExit(f"{data_arg}: needs more than {cc.test_pages} pages with >= {cc.per_page} images "
                          f"(found {len(big)}; {skip_summary(skipped)})")
-    return pages, set(np.random.default_rng(cc.seed).choice(big, cc.test_pages, replace=False).tolist())
+    held = set(np.random.default_rng(cc.seed).choice(big, cc.test_pages, replace=False).tolist())
+    copies = copies_of_test(pages, held, cc.size)
+    if copies:
+        log(f"--data: {len(copies)} training image(s) copy a test image (RMSE < {TEST_COPY_RMSE} at {cc.size} px), "
+            f"left out of training, e.g. {next(iter(copies))} = {next(iter(copies.values()))}")
+    pages = {n: [p for p in ps if p not in copies] for n, ps in pages.items()}
+    return {n: ps for n, ps in pages.items() if ps}, held, copies
+
+
+def copies_of_test(pages, held, size, tol=TEST_COPY_RMSE):
+    """Training images (pages not in `held`) that copy a test image as the model sees it -> {path: test path}.
+    Both are loaded as train.py loads them (images.load_image: centre crop, resized to `size`, [-1, 1]); a
+    copy is an RMSE < `tol` to some test image (claims_setup.TEST_COPY_RMSE). A web crawl repeats images
+    across pages (the same picture on two pages, two toolchains' copies of one manual): without this the
+    "held-out" test images would be trained on. Memory: one training page against the test set at a time."""
+    test_paths = [p for n in sorted(held) for p in pages[n]]
+    test = torch.stack([images.load_image(p, size) for p in test_paths]).flatten(1)
+    copies = {}
+    for n in sorted(pages):
+        if n in held:
+            continue
+        x = torch.stack([images.load_image(p, size) for p in pages[n]]).flatten(1)
+        rmse, j = (torch.cdist(x.double(), test.double()) / x.shape[1] ** 0.5).min(1)
+        copies.update({pages[n][i]: test_paths[j[i]] for i in (rmse < tol).nonzero().flatten().tolist()})
+    return copies
 
 
 def prepare_pages(cc, out, data_arg, scanned=None):
@@ -134,7 +159,7 @@ def prepare_pages(cc, out, data_arg, scanned=None):
             synthetic_test_pages(cc).write(test + ".tmp")
             os.replace(test + ".tmp", test)
         return "synthetic", test
-    pages, held = scanned or scan_pages(cc, data_arg)
+    pages, held, _ = scanned or scan_pages(cc, data_arg)
     names = sorted(pages)
     paths = {}
     for split, keep in (("train", lambda n: n not in held), ("test", lambda n: n in held)):
@@ -483,6 +508,7 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
                   feature_net=feat_net.name, encoder=enc_path, guidances=ws,
                   classifier=classifier_report if classifier is not None else None, fid_vs_n=fid_n,
                   machine=machine.describe(), invocation=invocation, other_seeds=list(others),
+                  train_copies_of_test=None if scanned is None else scanned[2],
                   command=command or default_command(cc, data_arg))
     claims = judge(result, SWEEP, W_ABLATION)
     result["claims"] = claims

@@ -23,8 +23,8 @@ import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import synthetic  # noqa: E402
 import uvit  # noqa: E402
-from claims_setup import (COPY_RATIO, NOISE_SIGMAS, RECALL_DROP, SETTINGS, SWEEP, TEST_PAGES_SEED,  # noqa: E402
-                          PRESETS, W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)
+from claims_setup import (COPY_RATIO, NOISE_SIGMAS, PRESETS, RECALL_DROP, SETTINGS, SWEEP,  # noqa: E402
+                          TEST_COPY_RMSE, TEST_PAGES_SEED, W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -118,6 +118,15 @@ def jsonable(x):
     return x
 
 
+def _copies_note(r):
+    """--data: ' and the K training images that copy a test image (...)' (claims.copies_of_test)."""
+    copies = r.get("train_copies_of_test")
+    if copies is None:                                   # a results.json from before the check
+        return ""
+    return (f" and the {len(copies)} training image(s) that copy a test image as the model sees it (RMSE < "
+            f"{TEST_COPY_RMSE} at {r['config']['size']} px, claims_setup.TEST_COPY_RMSE; listed in results.json)")
+
+
 def _grids(r, folder, real_img, page, sweep, w_abl, rows=6):
     """Sample grids (save_grid layout) -> {caption: file name}."""
     os.makedirs(folder, exist_ok=True)
@@ -204,7 +213,7 @@ def write_results(r, path, real_img, page):
     L += ["", "## Setup", "",
           f"- Denoiser: U-ViT `{cc.model}` (uvit.py), trained by `train.py` for {cc.steps} steps at batch "
           f"{cc.batch}, lr {cc.lr}, EMA decay {cc.ema_decay}; training pages: "
-          f"{str(cc.train_pages) + ' synthetic (synthetic.SyntheticPages, seed ' + str(cc.train_seed) + ')' if r['data'] == 'synthetic' else r['data'] + ' minus the test pages'}. "
+          f"{str(cc.train_pages) + ' synthetic (synthetic.SyntheticPages, seed ' + str(cc.train_seed) + ')' if r['data'] == 'synthetic' else r['data'] + ' minus the test pages' + _copies_note(r)}. "
           "The four settings share pages, seed and initialisation.",
           f"- Sampling: sample.py's K-shot evaluation, DDPM with {cc.sample_steps} steps (gamma 0.2), EMA weights. "
           f"Test set: {cc.test_pages} pages x {cc.per_page} images = N = {n} "

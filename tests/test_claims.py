@@ -312,6 +312,56 @@ def test_results_path_that_cannot_be_written_is_refused_before_any_work(tmp_path
     assert calls == []
 
 
+def test_training_images_that_copy_a_test_image_are_left_out_of_training(tmp_path):
+    """--data: a web crawl repeats images across pages. A training image equal to a held-out test image as the
+    model sees it (a byte copy, a lossless re-encoding, a light JPEG re-save, the same picture at twice the
+    size) is left out of training; a distinct picture, a visibly brighter copy, and repeats among training
+    pages stay. Expected copies are built here from the held pages, not read from the code."""
+    import claims
+    from PIL import Image
+    from claims_setup import PRESETS
+    cc = PRESETS["quick"]
+    rng = np.random.default_rng(1)
+    root = tmp_path / "pages"
+    yy, xx = np.mgrid[0:48, 0:48] / 47.0
+
+    def picture():                                        # smooth: a JPEG re-save stays close
+        a, b, c = rng.uniform(0, 255, 3)
+        return np.stack([a * xx + (255 - a) * yy, b * yy, c * xx], -1).clip(0, 255).astype(np.uint8)
+    for p in range(cc.test_pages + 1):
+        (root / f"p{p}").mkdir(parents=True)
+        for i in range(cc.per_page):
+            Image.fromarray(picture()).save(root / f"p{p}" / f"{i}.png")
+    repeats = root / "repeats"                           # fewer than per_page images: never a test page
+    repeats.mkdir()
+    expected, kept = {}, []
+    for p in range(cc.test_pages + 1):
+        src = root / f"p{p}" / "0.png"
+        img = Image.open(src).convert("RGB")
+        (repeats / f"bytes{p}.png").write_bytes(src.read_bytes())
+        img.save(repeats / f"bmp{p}.bmp")
+        img.save(repeats / f"jpeg{p}.jpg", quality=95)
+        img.resize((96, 96), Image.BICUBIC).save(repeats / f"big{p}.png")
+        Image.fromarray((np.asarray(img).astype(int) + 12).clip(0, 255).astype(np.uint8)).save(repeats / f"bright{p}.png")
+        group = [repeats / f"{k}{p}.{e}" for k, e in (("bytes", "png"), ("bmp", "bmp"), ("jpeg", "jpg"), ("big", "png"))]
+        expected[p] = group
+        kept.append(repeats / f"bright{p}.png")
+    Image.fromarray(picture()).save(repeats / "distinct.png")
+    pages, held, copies = claims.scan_pages(cc, str(root))
+    assert len(held) == cc.test_pages
+    want = {str(f): str(root / f"p{p}" / "0.png") for p in range(cc.test_pages + 1) if f"p{p}" in held
+            for f in expected[p]}
+    assert copies == want
+    train_files = {f for n, ps in pages.items() if n not in held for f in ps}
+    assert not train_files & set(want)
+    the_other = next(p for p in range(cc.test_pages + 1) if f"p{p}" not in held)   # a training page's repeats stay
+    assert {str(f) for f in expected[the_other] + kept + [repeats / "distinct.png"]} <= train_files
+    assert {n: len(ps) for n, ps in pages.items() if n in held} == {n: cc.per_page for n in held}
+    (tmp_path / "out").mkdir()
+    train, test = claims.prepare_pages(cc, str(tmp_path / "out"), str(root), (pages, held, copies))
+    assert not any(f in open(train).read() for f in want) and all(v in open(test).read() for v in want.values())
+
+
 def test_data_pages_leave_undecodable_files_out_of_both_manifests(tmp_path):
     """--data: a truncated JPEG passes the header check but not a decode; sample.py decodes, so the test set
     claims.py scores against must leave it out too (else samples are scored against other test images)."""
