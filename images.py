@@ -5,7 +5,8 @@ from web pages): `find_images` is THE folder walk (recursive, follows symlinked 
 once, sorted); `load_image` turns any decodable file into float (3, S, S) in [-1, 1] (EXIF orientation,
 alpha on white, 16-bit grayscale, CMYK, palette -> RGB; shorter side to S and centre crop); files are
 refused before decoding when empty or over the decompression-bomb limit; `check_image` gives a skip
-reason instead of raising, and `iter_images` logs and skips unreadable files.
+reason instead of raising, and `iter_images` logs and skips unreadable files. Writing: PNGs and grids
+(atomic), and `folder_error`, the scripts' up-front check that an output folder can be made.
 Left out: video/animation frames (the first frame of a GIF/TIFF is used), colour management (ICC
 profiles are ignored), remote URLs (download first; see img2dataset).
 """
@@ -155,3 +156,28 @@ def save_grid(rows, path):
     Image.fromarray(canvas).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
     return canvas
+
+
+def folder_error(folder):
+    """Why `folder` cannot be created (or written, when it exists) -> a reason, or None when it can. The missing
+    folders are made to prove it (a path under /proc, a read-only mount, a file on the way all fail here, before
+    any work) and removed again: a run refused later, for its data say, leaves no empty folder behind. Callers
+    create the folder when they first write into it."""
+    folder, made = os.path.abspath(folder), []
+    parent = folder
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"cannot write under {parent}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {folder} ({e.strerror})"
+    finally:
+        for d in made:                                   # deepest first; another process may have filled one
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+    return None

@@ -95,7 +95,7 @@ def _guidance(text):  # "0,0.5" -> [0.0, 0.5]; each a finite number (nan/inf giv
 
 
 TYPES = {"n": _number(int, 1), "steps": _number(int, 1), "gamma": _number(float, 0.0, 1.0), "batch": _number(int, 1),
-         "few_shot": _number(int, 0), "per_group": _number(int, 0), "seed": _number(int, 0), "guidance": _guidance}
+         "few_shot": _number(int, 1), "per_group": _number(int, 0), "seed": _number(int, 0), "guidance": _guidance}
 
 
 def check_out(out, folder):
@@ -110,17 +110,10 @@ def check_out(out, folder):
         stem = os.path.splitext(out)[0]
         if os.path.exists(stem) and not os.path.isdir(stem):
             return f"--out {out}: its samples go to the folder {stem}, which is a file"
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        return f"--out {out}: cannot write under {parent}"
-    target = os.path.abspath(out) if folder else os.path.dirname(os.path.abspath(out))
-    try:  # made now, not after sampling: a folder that cannot be created (e.g. under /proc) fails here
-        os.makedirs(target, exist_ok=True)
-    except OSError as e:
-        return f"--out {out}: cannot create {target} ({e.strerror})"
-    return None
+    # before sampling: the folder the samples go to (the grid's stem) must be one that can be made (not under
+    # /proc, a file or a read-only folder); it is made when the first sample is written
+    why = images.folder_error(out if folder else os.path.splitext(out)[0])
+    return f"--out {out}: {why}" if why else None
 
 
 def parse_args(argv=None):

@@ -196,8 +196,8 @@ def check_numbers(cfg):
                             ("filter_low", -1, 1), ("filter_high", -1, 1)):
         v = getattr(cfg, name)
         if v is not None and not (math.isfinite(v) and low <= v <= high and (name != "lr" or v > 0)):
-            span = "> 0" if name == "lr" else f"in [{low}, {high}]"
-            return f"--{name.replace('_', '-')} must be a finite number {span}, got {v}"
+            span = " > 0" if name == "lr" else "" if math.isinf(low) and math.isinf(high) else f" in [{low}, {high}]"
+            return f"--{name.replace('_', '-')} must be a finite number{span}, got {v}"
     if cfg.max_pixels < -1:
         return f"--max-pixels must be -1 (Pillow's limit), 0 (none) or a pixel count, got {cfg.max_pixels}"
     if cfg.filter_low is not None and cfg.filter_high is not None and cfg.filter_low >= cfg.filter_high:
@@ -261,9 +261,9 @@ def check_paths(cfg):
             raise UserError(f"--data {cfg.data}: shards not filtered with {band} (found "
                             f"{[f['low'], f['high']] if f else 'no filter'}): run python data.py filter with that band, "
                             f"pass the shards' band, or train unfiltered with --filter-low -1 --filter-high 1")
-    os.makedirs(cfg.out, exist_ok=True)
-    if not os.access(cfg.out, os.W_OK):
-        raise UserError(f"--out {cfg.out} is not writable")
+    why = images.folder_error(cfg.out)                  # made once the inputs are known good (main)
+    if why:
+        raise UserError(f"--out {cfg.out}: {why}")
 
 
 def max_pixels(flag):
@@ -513,15 +513,17 @@ def variation_grid(ema, grid, cfg, d, step, autocast, logger):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_state(cfg, d, header, model, ema, opt, step, data_position):
-    """The PLAN.md checkpoint (semantica-ckpt/2) of the unwrapped model + train-only keys.
+def checkpoint_state(cfg, d, header, model, ema, opt, step, data_position, log_window=None):
+    """The PLAN.md checkpoint (semantica-ckpt/2) of the unwrapped model + train-only keys. log_window: (loss sum,
+    steps) of a log window a stop cut short, so that --resume logs the row an uninterrupted run would.
 
     Every rank must call this: under FSDP gathering the full state is a collective.
     """
     msd, esd, osd = backends.full_states(model, ema, opt, d)
     return {**header, "model": msd, "ema": esd, "step": step, "ema_decay": cfg.ema_decay, "train_config": asdict(cfg),
             # train-only: the optimiser, the world size, this rank's data position, global samples consumed
-            "optimizer": osd, "world": d.world, "data_position": data_position, "samples": step * cfg.batch}
+            "optimizer": osd, "world": d.world, "data_position": data_position, "samples": step * cfg.batch,
+            "log_window": log_window}
 
 
 def check_resume_pages(ckpt, cfg, dataset, tell):
@@ -582,18 +584,20 @@ class Logger:
     """log.jsonl (timestamped; truncated to the checkpoint's step on resume), stdout lines with a smoothed
     ETA, optional TensorBoard, and loss.png at the end. Only rank 0 writes."""
 
-    def __init__(self, cfg, d, start_step):
+    def __init__(self, cfg, d, start_step, cut_window=False):
+        """cut_window: the checkpoint carries the log window its stop cut short; that row is replaced."""
         self.cfg, self.on, self.start_step, self.t_start = cfg, d.is_main, start_step, time.time()
         self.path, self.tb, self.losses = os.path.join(cfg.out, "log.jsonl"), None, []
         if not self.on:
             return
-        kept = [json.dumps(r) + "\n" for r in read_log(self.path) if r["step"] <= start_step]
+        last = start_step - 1 if cut_window else start_step
+        kept = [json.dumps(r) + "\n" for r in read_log(self.path) if r["step"] <= last]
         with open(self.path + ".tmp", "w") as f:  # --resume: drop the records of steps that will be replayed
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional extra, checked in check_paths
-            self.tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=start_step + 1)
+            self.tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=last + 1)
 
     def step(self, step, loss, gnorm, n_steps, seconds):
         """One log record: the mean loss of the last n_steps steps (host values)."""
@@ -707,8 +711,10 @@ def main(cfg):
         raw = build_model(cfg, encoder).to(d.device)
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)  # filtering runs on d.device
     pages_id = check_resume_pages(ckpt, cfg, dataset, tell)
-    # Inputs known good: only now does OUT get the run's files (a refused run leaves no config or log behind).
-    logger = Logger(cfg, d, start_step)
+    # Inputs known good: only now does OUT get the run's files (a refused run leaves no folder, config or log).
+    os.makedirs(cfg.out, exist_ok=True)
+    window = ckpt.get("log_window") if ckpt is not None else None   # a log window cut short by a stop
+    logger = Logger(cfg, d, start_step, cut_window=window is not None)
     if d.is_main:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
@@ -745,6 +751,8 @@ def main(cfg):
     gen = torch.Generator(d.device) if d.kind != "xla" else None  # XLA: the device RNG, seeded per step
     stop, old_handlers = install_stop_handlers()
     running, n_running, t_last, step = torch.zeros((), device=d.device), 0, time.time(), start_step
+    if window is not None:                                # the log rows of an uninterrupted run, after a stop
+        running, n_running = torch.tensor(window[0], device=d.device), window[1]
     # progress between log lines (stderr; rank 0): steps, rate and ETA; redrawn every 60 s into a log file
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not d.is_main,
                mininterval=1 if sys.stderr.isatty() else 60, dynamic_ncols=True)
@@ -769,12 +777,16 @@ def main(cfg):
             gnorm = backends.grad_norm(raw) if log_now else None  # of the averaged gradients, every backend
             backends.optimizer_step(opt, d)
             semantica.update_ema(ema, raw, cfg.ema_decay)  # every optimiser step, from the unwrapped model
+            # a stop between log steps logs its partial window (the user sees the last loss) and keeps it in the
+            # checkpoint: --resume replaces that row by the full window's, as an uninterrupted run logs it
+            cut = stop_now and not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps)
+            window = (backends.mean_over_ranks(running.clone(), d).item(), n_running) if cut else None
             if log_now:
                 report(logger, d, step, running, n_running, gnorm, time.time() - t_last)
                 running, n_running, t_last = torch.zeros((), device=d.device), 0, time.time()
             if save_now:  # before the grid: nothing the grid does can cost the checkpoint
                 position = stream_position(loader, d) if streaming else data_position
-                backends.save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, position), d)
+                backends.save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, position, window), d)
                 tell(f"saved {path} at step {step}" + (f"; {stream.summary(position['ranks'])}" if streaming else ""))
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 variation_grid(ema, grid, cfg, d, step, autocast, logger)

@@ -645,9 +645,12 @@ def main(argv=None):
         clash = earlier_run_clash(dataclasses.replace(cc, train_seed=k), outs[k], args.data)
         if clash:
             ap.error(clash)
-    # --data's images are decoded once, here, before output_error creates --results' folder (OUT/ for --data):
+    # --data's images are decoded once, here, before anything is written (output_error makes no folder either):
     # a refused --data leaves no folder behind
-    scanned = None if args.report or args.data == "synthetic" else scan_pages(cc, args.data)
+    try:
+        scanned = None if args.report or args.data == "synthetic" else scan_pages(cc, args.data)
+    except SystemExit as e:                             # too few usable pages: a usage error, as --data's others
+        ap.error(str(e))
     bad = outputs.output_error("--results", results)
     if bad:
         ap.error(bad)

@@ -469,7 +469,7 @@ def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
     assert "these flags ask for" not in str(e.value) and "needs more than" in str(e.value)
 
 
-def test_data_with_too_few_pages_is_refused_before_out_is_created(tmp_path, monkeypatch):
+def test_data_with_too_few_pages_is_refused_before_out_is_created(tmp_path, monkeypatch, capsys):
     """A --data folder with fewer usable pages than the test set needs: one-line error, and no --out folder
     (with its pages_style.json) left behind for the next run to trip over."""
     import claims
@@ -481,8 +481,11 @@ def test_data_with_too_few_pages_is_refused_before_out_is_created(tmp_path, monk
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "pages" / f"p{p}" / f"{i}.png")
     monkeypatch.setattr(claims.features, "pretrained", lambda *a, **k: pytest.fail("started work"))
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"needs more than 4 pages with >= 5 images \(found 3; no file skipped\)"):
+    with pytest.raises(SystemExit) as e:
         claims.main(["--quick", "--data", str(tmp_path / "pages"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and ": error: " in err[-1] and err[-1].endswith(
+        "needs more than 4 pages with >= 5 images (found 3; no file skipped)"), err
     assert not out.exists()
 
 
@@ -672,6 +675,10 @@ def test_results_quote_the_study_with_its_first_length_beyond_chance(tmp_path):
 
 def test_report_without_a_usable_run_is_a_one_line_error(tmp_path):
     import claims
+    for out in (tmp_path / "nothere", tmp_path / "nothere2" / "sub"):     # and no empty --out left behind
+        with pytest.raises(SystemExit, match="no earlier run to report"):
+            claims.main(["--quick", "--report", "--out", str(out)])
+        assert not (tmp_path / out.relative_to(tmp_path).parts[0]).exists()
     with pytest.raises(SystemExit, match="no earlier run to report"):
         claims.main(["--report", "--out", str(tmp_path)])
     (tmp_path / "results.json").write_text('{"config": {"preset": "full"}}')

@@ -97,7 +97,8 @@ def user_error(proc, text):
 @pytest.mark.parametrize("flags, text", [
     (["--steps", "0"], "--steps"), (["--n", "0"], "--n"), (["--guidance", "nan"], "--guidance"),
     (["--guidance", "0.5,inf"], "--guidance"), (["--gamma", "1.5"], "--gamma"), (["--gamma", "nan"], "--gamma"),
-    (["--batch", "0"], "--batch"), (["--steps", "2.5"], "--steps"), (["--guidance", "half"], "--guidance")])
+    (["--batch", "0"], "--batch"), (["--steps", "2.5"], "--steps"), (["--guidance", "half"], "--guidance"),
+    (["--few-shot", "0"], "--few-shot")])
 def test_bad_numbers_are_parse_errors(flags, text, capsys):
     with pytest.raises(SystemExit) as e:      # the checkpoint does not exist: the error must come first
         sample.parse_args(["--ckpt", "missing.pt", "--images", "a.png", *flags])
@@ -108,8 +109,9 @@ def test_bad_out_is_refused_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "f.txt"
     a_file.write_text("x")
     for out, text in [(tmp_path, "is a folder"), (tmp_path / "grid.pdfx", "unknown image extension"),
-                      (a_file / "grid.png", "cannot write"),
-                      ("/proc/no-such-dir/grid.png", "cannot create")]:   # writable-looking, cannot mkdir
+                      (a_file / "grid.png", "is a file, not a folder"),
+                      ("/proc/no-such-dir/grid.png", "cannot create"),   # writable-looking, cannot mkdir
+                      ("/proc/grid.png", "cannot create")]:              # its samples' folder /proc/grid cannot be made
         with pytest.raises(SystemExit) as e:
             sample.parse_args(["--ckpt", "missing.pt", "--images", "a.png", "--out", str(out)])
         assert e.value.code == 2 and text in capsys.readouterr().err
@@ -122,6 +124,10 @@ def test_bad_out_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):           # --few-shot writes a folder: a file is refused
         sample.parse_args(["--ckpt", "m.pt", "--few-shot", "1", "--data", "d", "--out", str(a_file)])
     assert "is a file" in capsys.readouterr().err
+    for out in (tmp_path / "new" / "grid.png", tmp_path / "new2" / "eval"):   # checked, not made: nothing left behind
+        sample.parse_args(["--ckpt", "m.pt", "--images", "a.png", "--out", str(out)] if out.suffix else
+                          ["--ckpt", "m.pt", "--few-shot", "1", "--data", "d", "--out", str(out)])
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
 
 
 def test_help_comes_from_the_config_comments(capsys):
@@ -149,6 +155,7 @@ def test_unknown_data_source_and_unreadable_image_are_user_errors(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         run(["--few-shot", "1", "--data", "no-such-source", "--out", str(tmp_path / "o")], StubModel())
     assert e.value.code == 2 and "no-such-source" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()                # refused: no empty --out folder left behind
     with pytest.raises(SystemExit) as e:
         run(["--images", str(tmp_path / "missing.png"), "--out", str(tmp_path / "g.png")], StubModel())
     assert e.value.code == 2 and "cannot read conditioning image" in capsys.readouterr().err

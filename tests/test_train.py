@@ -135,6 +135,24 @@ def test_resume_continues_the_uninterrupted_loss_sequence_and_truncates_the_log(
     assert [r["step"] for r in log] == [1, 2, 3, 4] and 123.0 not in [r["loss"] for r in log]
 
 
+def test_a_stop_between_log_steps_resumes_to_the_uninterrupted_log(tmp_path, monkeypatch):
+    """SIGTERM at step 3 of a run logging every 2 steps: the stop logs its partial window (step 3); --resume
+    replaces that row, and log.jsonl then holds the rows of an uninterrupted run (steps 2 and 4, the loss of
+    step 4 the mean of steps 3 and 4), not a row at 3 and a one-step mean at 4."""
+    flags = ("--steps", "4", "--log-every", "2", "--ckpt-every", "100", "--sample-every", "100")
+    full = run(tmp_path / "a", *flags)
+    stop_at_3 = lambda stop, d, step, cfg: step == 3   # noqa: E731  (a signal arriving during step 3)
+    monkeypatch.setattr(train.backends, "poll_stop", stop_at_3)
+    stopped = run(tmp_path / "b", *flags)
+    assert stopped["step"] == 3 and [s for s, _ in stopped["losses"]] == [2, 3]
+    monkeypatch.undo()
+    resumed = run(tmp_path / "b", *flags, "--resume")
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log] == [2, 4] == [s for s, _ in full["losses"]]
+    assert [r["loss"] for r in log] == losses(full)                  # same steps, same sums: bit-identical
+    assert losses(resumed) == losses(full)[1:]
+
+
 def test_micro_step_seeds_are_distinct_for_any_accumulation_world_and_step():
     accum, world, steps = 130, 3, 4  # accumulation > 64: the old (... + step) * 64 + k collided here
     seeds = [train.micro_step_seed(0, r, s, k) for r in range(world) for s in range(steps) for k in range(accum)]
@@ -223,13 +241,17 @@ def test_filter_band_defaults_to_the_encoders_appendix_c_values(encoder, low, hi
     (["--data", "/no/such/folder"], "--data /no/such/folder"),
     (["--res", "256"], "--encoder-weights"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--resume"], "CUDA is not available|--resume"),
+    (["--resume"], "no checkpoint"),
+    (["--data", "EMPTY"], "no images under"),                       # found once the data is read, after --out's check
+    (["--num-pages", "0"], "no training items"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, flags, message):
-    r = cli("--out", str(tmp_path / "run"), *flags)
+    (tmp_path / "empty").mkdir()
+    r = cli("--out", str(tmp_path / "new" / "run"), *[str(tmp_path / "empty") if f == "EMPTY" else f for f in flags])
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("train.py: error:"), r.stderr
     assert any(m in r.stderr for m in message.split("|")), r.stderr
-    assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before any work
+    assert not (tmp_path / "new").exists()  # refused before any work: no folder left behind, not even an empty one
 
 
 def test_existing_run_needs_resume_or_a_new_folder(tiny_run, tmp_path):
