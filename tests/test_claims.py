@@ -7,6 +7,7 @@ copy-model claim (a property of the metrics, not of training) holds exactly: one
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,17 +18,28 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_quick_run_writes_every_claim(tmp_path):
-    out = tmp_path / "claims"
+@pytest.fixture(scope="module")
+def quick_claims(tmp_path_factory):
+    """One `claims.py --quick` run -> (its folder, whether experiments/RESULTS.md was left alone). Shared: the
+    two-seed test starts from a copy of it (seed 0 cached), so CI pays for the seed-0 pipeline once."""
+    tmp = tmp_path_factory.mktemp("quick")
+    out = tmp / "claims"
     committed = os.path.join(ROOT, "experiments", "RESULTS.md")
     before = os.path.getmtime(committed) if os.path.exists(committed) else None
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)  # 2 min idle; slack for a busy machine
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)  # 2 min idle; slack for a busy machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, (os.path.getmtime(committed) if os.path.exists(committed) else None) == before
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_claim(quick_claims):
+    out, left_alone = quick_claims
+    tmp_path = out.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
     results = (out / "RESULTS.md").read_text()
-    assert (os.path.getmtime(committed) if os.path.exists(committed) else None) == before  # quick never overwrites it
+    assert left_alone                                    # quick never overwrites experiments/RESULTS.md
     res = json.loads((out / "results.json").read_text())
     ids = [c["id"] for c in res["claims"]]
     assert ids == ["1", "2", "3", "4a", "4b", "4c"]
@@ -92,8 +104,8 @@ def test_quick_run_writes_every_claim(tmp_path):
     assert f"in {rerun['timing']['total'] / 60:.1f} min" in header and f"reused {len(phases)} phase(s)" in header
     # a moved (renamed) work folder reports and reruns from its own files: samples, manifests and encoder are
     # found under the new name, never read from (or refused for) the old one
-    moved = tmp_path / "moved claims"
-    os.rename(out, moved)
+    moved = tmp_path / "moved claims"                   # a copy: the two-seed test starts from the original
+    shutil.copytree(out, moved)
     for extra in (["--report"], []):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out",
                                str(moved)] + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -103,10 +115,12 @@ def test_quick_run_writes_every_claim(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_over_two_training_seeds(tmp_path):
+def test_quick_run_over_two_training_seeds(tmp_path, quick_claims):
     """--train-seeds 0,1 end to end: seed 1 trains its own denoisers (train.py --seed 1) in OUT-train-seed1 with
-    seed 0's networks, and the main RESULTS.md (and its --report rewrite) lists both seeds' verdicts."""
+    seed 0's networks, and the main RESULTS.md (and its --report rewrite) lists both seeds' verdicts. Seed 0 is
+    a copy of the shared quick run (its phases reused), seed 1 runs from scratch."""
     out = tmp_path / "claims"
+    shutil.copytree(quick_claims[0], out)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out), "--train-seeds", "0,1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
