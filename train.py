@@ -771,22 +771,24 @@ def main(cfg):
             step, n_running, data_position = step + 1, n_running + 1, data_position + accum
             bar.update()
             stop_now = backends.poll_stop(stop, d, step, cfg)
+            scheduled = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps  # logged anyway
             save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now
-            log_now = step % cfg.log_every == 0 or save_now
+            log_now = scheduled or stop_now
             backends.reduce_gradients(opt, d)
             gnorm = backends.grad_norm(raw) if log_now else None  # of the averaged gradients, every backend
             backends.optimizer_step(opt, d)
             semantica.update_ema(ema, raw, cfg.ema_decay)  # every optimiser step, from the unwrapped model
             # a stop between log steps logs its partial window (the user sees the last loss) and keeps it in the
             # checkpoint: --resume replaces that row by the full window's, as an uninterrupted run logs it
-            cut = stop_now and not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps)
-            window = (backends.mean_over_ranks(running.clone(), d).item(), n_running) if cut else None
+            cut_window = (backends.mean_over_ranks(running.clone(), d).item(), n_running) \
+                if stop_now and not scheduled else None
             if log_now:
                 report(logger, d, step, running, n_running, gnorm, time.time() - t_last)
                 running, n_running, t_last = torch.zeros((), device=d.device), 0, time.time()
             if save_now:  # before the grid: nothing the grid does can cost the checkpoint
                 position = stream_position(loader, d) if streaming else data_position
-                backends.save_checkpoint(path, checkpoint_state(cfg, d, header, model, ema, opt, step, position, window), d)
+                state = checkpoint_state(cfg, d, header, model, ema, opt, step, position, cut_window)
+                backends.save_checkpoint(path, state, d)
                 tell(f"saved {path} at step {step}" + (f"; {stream.summary(position['ranks'])}" if streaming else ""))
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 variation_grid(ema, grid, cfg, d, step, autocast, logger)

@@ -24,7 +24,8 @@ import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import synthetic  # noqa: E402
 import uvit  # noqa: E402
 from claims_setup import (COPY_RATIO, NOISE_SIGMAS, PRESETS, RECALL_DROP, SETTINGS, SWEEP,  # noqa: E402
-                          TEST_COPY_RMSE, TEST_PAGES_SEED, W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)
+                          TEST_COPY_RMSE, TEST_PAGES_SEED, W_ABLATION, ClaimsConfig, default_command, load_samples,
+                          steps_suffix)
 
 
 # ----------------------------------------------------------------------------- verdicts
