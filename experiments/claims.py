@@ -111,19 +111,30 @@ def check_style(out):
 
 def scan_pages(cc, data_arg):
     """--data DIR or manifest -> (pages {name: [paths]}, held-out test page names, copies {training image: the
-    test image it copies}), every image decoded; `pages` no longer holds the copies (copies_of_test), so the
-    test pages are never trained on. One-line SystemExit when it has too few pages for the test set; run()
-    calls it before OUT is created, so a refused --data leaves nothing behind."""
-    try:   # decode=True: a truncated file would pass the header check here and be skipped by sample.py only,
-        pages, skipped = data.scan(data_arg, decode=True)      # scoring samples against other test images
+    test image it copies}); `pages` no longer holds the copies (copies_of_test), so the test pages are never
+    trained on. Every image is decoded once, as the model sees it (images.load_image at cc.size), and kept as
+    float16 for the copy check: 6 KB an image at 32 px, 24 KB at 64 px. A file that does not decode (a
+    truncated JPEG passes the header check) is skipped and logged: sample.py would skip it too, scoring the
+    samples against other test images. ValueError (one line) for an unreadable source or too few pages for
+    the test set; main() turns it into a usage error before OUT is created."""
+    try:
+        pages, skipped = data.scan(data_arg)             # listed, headers checked; decoded below
     except (ValueError, OSError) as e:
-        raise SystemExit(f"--data {data_arg}: {e}") from None
+        raise ValueError(f"--data {data_arg}: {e}") from None
+    views = {}
+    for p in [p for n in sorted(pages) for p in pages[n]]:
+        try:
+            views[p] = images.load_image(p, cc.size).flatten().half()
+        except Exception as e:                           # noqa: BLE001 (any decoder error: a logged skip)
+            skipped[p] = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            log(f"skipping {p}: {skipped[p]}")
+    pages = {n: ps for n, ps in ((n, [p for p in ps if p in views]) for n, ps in pages.items()) if ps}
     big = [n for n in sorted(pages) if len(pages[n]) >= cc.per_page]
     if len(big) < cc.test_pages + 1:
-        raise SystemExit(f"{data_arg}: needs more than {cc.test_pages} pages with >= {cc.per_page} images "
+        raise ValueError(f"{data_arg}: needs more than {cc.test_pages} pages with >= {cc.per_page} images "
                          f"(found {len(big)}; {skip_summary(skipped)})")
     held = set(np.random.default_rng(cc.seed).choice(big, cc.test_pages, replace=False).tolist())
-    copies = copies_of_test(pages, held, cc.size)
+    copies = copies_of_test(pages, held, views)
     if copies:
         log(f"--data: {len(copies)} training image(s) copy a test image (RMSE < {TEST_COPY_RMSE} at {cc.size} px), "
             f"left out of training, e.g. {next(iter(copies))} = {next(iter(copies.values()))}")
@@ -131,20 +142,20 @@ def scan_pages(cc, data_arg):
     return {n: ps for n, ps in pages.items() if ps}, held, copies
 
 
-def copies_of_test(pages, held, size, tol=TEST_COPY_RMSE):
+def copies_of_test(pages, held, views, tol=TEST_COPY_RMSE):
     """Training images (pages not in `held`) that copy a test image as the model sees it -> {path: test path}.
-    Both are loaded as train.py loads them (images.load_image: centre crop, resized to `size`, [-1, 1]); a
-    copy is an RMSE < `tol` to some test image (claims_setup.TEST_COPY_RMSE). A web crawl repeats images
+    views: {path: the image as train.py loads it (images.load_image: centre crop, resized, [-1, 1]), flattened};
+    a copy is an RMSE < `tol` to some test image (claims_setup.TEST_COPY_RMSE). A web crawl repeats images
     across pages (the same picture on two pages, two toolchains' copies of one manual): without this the
-    "held-out" test images would be trained on. Memory: one training page against the test set at a time."""
+    "held-out" test images would be trained on. Distances: one training page against the test set at a time."""
     test_paths = [p for n in sorted(held) for p in pages[n]]
-    test = torch.stack([images.load_image(p, size) for p in test_paths]).flatten(1)
+    test = torch.stack([views[p] for p in test_paths]).double()
     copies = {}
     for n in sorted(pages):
         if n in held:
             continue
-        x = torch.stack([images.load_image(p, size) for p in pages[n]]).flatten(1)
-        rmse, j = (torch.cdist(x.double(), test.double()) / x.shape[1] ** 0.5).min(1)
+        x = torch.stack([views[p] for p in pages[n]]).double()
+        rmse, j = (torch.cdist(x, test) / x.shape[1] ** 0.5).min(1)
         copies.update({pages[n][i]: test_paths[j[i]] for i in (rmse < tol).nonzero().flatten().tolist()})
     return copies
 
@@ -172,8 +183,8 @@ def prepare_pages(cc, out, data_arg, scanned=None):
 
 
 def skip_summary(skipped):
-    """{path: reason} of data.scan -> '3 files skipped: 1 not inside a page folder, 2 unreadable' (each file's
-    reason is in data.scan's log)."""
+    """{path: reason} of scan_pages -> '3 files skipped: 1 not inside a page folder, 2 unreadable' (each file's
+    reason is in the log)."""
     if not skipped:
         return "no file skipped"
     reasons = {}
@@ -224,7 +235,12 @@ def train_setting(cfg):
         def here(v):   # a path inside the work folder it was trained in (its manifest, encoder): the same file now
             return os.path.join(new, os.path.relpath(v, old)) if isinstance(v, str) and old and \
                 v.startswith(old + os.sep) else v
-        diff = {k: (stored.get(k), v) for k, v in cfg.items() if k not in ("out", "steps") and here(stored.get(k)) != v}
+        def same(k, then, now):   # the encoder's file name is the hash of its recipe (features.pretrained): the same
+            # name is the same encoder wherever its folder is now (--train-seeds: seed k's lives in seed 0's OUT)
+            if k == "encoder_weights" and isinstance(then, str) and isinstance(now, str):
+                return os.path.basename(then) == os.path.basename(now)
+            return here(then) == now
+        diff = {k: (stored.get(k), v) for k, v in cfg.items() if k not in ("out", "steps") and not same(k, stored.get(k), v)}
         if diff:
             raise SystemExit(f"{path} was trained with another config ({diff}); delete {new}/runs to retrain "
                              "every setting, or choose another --out")
@@ -417,7 +433,10 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
     earlier = earlier_timing(out, cc, data_arg)
     torch.manual_seed(cc.seed)
     if scanned is None and data_arg != "synthetic":
-        scanned = scan_pages(cc, data_arg)               # refused before OUT exists
+        try:
+            scanned = scan_pages(cc, data_arg)           # refused before OUT exists
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     os.makedirs(out, exist_ok=True)
     check_style(out)
     train_source, test_source = prepare_pages(cc, out, data_arg, scanned)
@@ -561,7 +580,12 @@ def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=Non
     missing = sorted({e["samples_dir"] for e in r["evals"].values() if not os.path.isdir(e["samples_dir"])})
     if missing:
         raise SystemExit(f"{path}: the run's samples are gone ({missing[0]}); rerun python experiments/claims.py")
-    _, test_source = prepare_pages(cc, out, r["data"])
+    if r["data"] == "synthetic":
+        _, test_source = prepare_pages(cc, out, r["data"])
+    else:   # the run's own test set (a rescan of --data would hold out other pages if the folder has changed)
+        test_source = os.path.join(out, "test_manifest.csv")
+        if not os.path.isfile(test_source):
+            raise SystemExit(f"{path}: the run's test manifest is gone ({test_source}); rerun python experiments/claims.py")
     real_img, page = test_images(cc, test_source)
     r["other_seeds"] = [seed_summary(load_result(o)[0], o) for o in other_outs]
     r["command"], r["reported"] = command, f"`{command} --report`"
@@ -576,7 +600,7 @@ def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=Non
 
 def data_error(data_arg):
     """Why --data is no pages source, in one line (None when it may be one); checked before anything is written.
-    Folders are listed (no image decoded), manifests parsed; prepare_pages scans the images later."""
+    Folders are listed (no image decoded), manifests parsed; scan_pages decodes the images later."""
     if data_arg == "synthetic":
         return None
     try:
@@ -649,7 +673,7 @@ def main(argv=None):
     # a refused --data leaves no folder behind
     try:
         scanned = None if args.report or args.data == "synthetic" else scan_pages(cc, args.data)
-    except SystemExit as e:                             # too few usable pages: a usage error, as --data's others
+    except ValueError as e:                             # too few usable pages: a usage error, as --data's others
         ap.error(str(e))
     bad = outputs.output_error("--results", results)
     if bad:

@@ -140,6 +140,17 @@ def test_quick_run_over_two_training_seeds(tmp_path, quick_claims):
     again = (out / "RESULTS.md").read_text()
     section = lambda t: t[t.index("## Across training seeds"):t.index("## Sample grids")]
     assert section(again) == section(md)
+    # both folders moved together: seed 1's denoisers name seed 0's encoder at its old place; found by its
+    # name (the hash of its recipe) under the new one, every phase reused, nothing refused or retrained
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    out.rename(moved / "claims")
+    other.rename(moved / "claims-train-seed1")
+    proc = subprocess.run(cmd[:-4] + ["--out", str(moved / "claims"), "--train-seeds", "0,1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seed1 = json.loads((moved / "claims-train-seed1" / "results.json").read_text())
+    assert seed1["invocation"]["reused"] == [k for k in seed1["timing"] if k != "total"]
 
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -480,7 +491,16 @@ def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text(json.dumps(r))
     with pytest.raises(SystemExit) as e:                # past the flags check: on to its (unusable) pages
         claims.main(["--report", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "pages") + "/"])
-    assert "these flags ask for" not in str(e.value) and "needs more than" in str(e.value)
+    assert "these flags ask for" not in str(e.value) and "the run's test manifest is gone" in str(e.value)
+    # the samples are scored against the run's own test set (OUT/test_manifest.csv), never a rescan of --data
+    # (a folder that has gained or lost pages since would hold out other pages)
+    (tmp_path / "test_manifest.csv").write_text("page,path\n")
+    monkeypatch.setattr(claims, "scan_pages", lambda *a: pytest.fail("rescanned --data"))
+    seen = []
+    monkeypatch.setattr(claims, "test_images", lambda cc, src: seen.append(src) or (None, None))
+    monkeypatch.setattr(claims, "write_results", lambda *a: None)
+    claims.main(["--report", "--quick", "--out", str(tmp_path), "--data", str(tmp_path / "pages")])
+    assert seen == [str(tmp_path / "test_manifest.csv")]
 
 
 def test_data_with_too_few_pages_is_refused_before_out_is_created(tmp_path, monkeypatch, capsys):
