@@ -160,6 +160,41 @@ def copies_of_test(pages, held, views, tol=TEST_COPY_RMSE):
     return copies
 
 
+def split_record(data_arg, scanned):
+    """The --data split a run trains and tests on -> {"test": [[page, file], ...], "train": [...]} (what
+    OUT/data_split.json keeps), files relative to a --data folder (a moved folder is the same split), absolute
+    for a manifest's. scanned: scan_pages's answer."""
+    pages, held, _ = scanned
+    root = os.path.abspath(data_arg) if os.path.isdir(data_arg) else None
+    name = lambda p: os.path.relpath(os.path.abspath(p), root) if root else os.path.abspath(p)  # noqa: E731
+    return {split: sorted([n, name(p)] for n in pages if (n in held) == (split == "test") for p in pages[n])
+            for split in ("test", "train")}
+
+
+def split_error(out, data_arg, scanned):
+    """One line when OUT holds runs on another split of --data, else None. A --data folder that gained, lost or
+    renamed pages or images since the run holds out other test pages: OUT's checkpoints (trained on the old
+    training pages, perhaps on today's test pages) and cached samples (of the old test conditions) would be
+    reused and scored against the new test set."""
+    path = os.path.join(out, "data_split.json")
+    if not os.path.isfile(path):
+        if any(os.path.exists(os.path.join(out, d)) for d in ("runs", "eval")):
+            return f"{out} holds runs of an earlier version (no data_split.json): delete it or pass --out"
+        return None
+    try:
+        with open(path) as f:
+            have = json.load(f)
+        have = {s: {tuple(x) for x in have[s]} for s in ("test", "train")}
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{path} is unreadable ({type(e).__name__}): delete {out} or pass --out"
+    want = {s: {tuple(x) for x in v} for s, v in split_record(data_arg, scanned).items()}
+    if have != want:
+        n = {s: len(have[s] ^ want[s]) for s in have}
+        return (f"{out} holds runs on another split of --data ({n['test']} test and {n['train']} training images "
+                f"differ: its pages changed since that run): delete it or pass --out")
+    return None
+
+
 def prepare_pages(cc, out, data_arg, scanned=None):
     """-> (train source for train.py, test source for sample.py). Synthetic: write the test pages as
     PNG folders. --data DIR: hold out `test_pages` pages with >= per_page images, manifests for both
@@ -439,7 +474,15 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
             raise SystemExit(str(e)) from None
     os.makedirs(out, exist_ok=True)
     check_style(out)
+    if scanned is not None:
+        bad = split_error(out, data_arg, scanned)
+        if bad:
+            raise SystemExit(bad)
     train_source, test_source = prepare_pages(cc, out, data_arg, scanned)
+    if scanned is not None and not os.path.exists(os.path.join(out, "data_split.json")):
+        with open(os.path.join(out, "data_split.json.tmp"), "w") as f:
+            json.dump(split_record(data_arg, scanned), f)
+        os.replace(os.path.join(out, "data_split.json.tmp"), os.path.join(out, "data_split.json"))
 
     log("== 1/4 pretrained networks (held-out synthetic pages)")
     enc_path, feat_path = features.pretrained(net_dir, cc.encoder_steps, cc.feature_steps,
@@ -675,6 +718,10 @@ def main(argv=None):
         scanned = None if args.report or args.data == "synthetic" else scan_pages(cc, args.data)
     except ValueError as e:                             # too few usable pages: a usage error, as --data's others
         ap.error(str(e))
+    for k in ([] if scanned is None else seeds):         # OUT's runs were made on another split of --data
+        bad = split_error(outs[k], args.data, scanned)
+        if bad:
+            ap.error(bad)
     bad = outputs.output_error("--results", results)
     if bad:
         ap.error(bad)

@@ -546,6 +546,47 @@ def test_data_with_too_few_pages_is_refused_before_out_is_created(tmp_path, monk
     assert not out.exists()
 
 
+def test_an_out_folder_of_another_split_of_the_data_is_refused(tmp_path, monkeypatch, capsys):
+    """--data that gained a page since the run in OUT holds out other test pages: OUT's checkpoints and samples
+    must not be reused against them (refused in one line, before any work); the same pages in a moved folder are
+    the same split; a --data OUT with runs but no split record (an earlier version) is refused too."""
+    import claims
+    from PIL import Image
+    from claims_setup import PRESETS
+    cc = PRESETS["quick"]
+    rng = np.random.default_rng(0)
+
+    def page(root, p, n=cc.per_page):
+        (root / p).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / p / f"{i}.png")
+    root = tmp_path / "pages"
+    for p in range(cc.test_pages + 2):
+        page(root, f"p{p}")
+    out = tmp_path / "out"
+    out.mkdir()
+    scanned = claims.scan_pages(cc, str(root))
+    assert claims.split_error(str(out), str(root), scanned) is None              # a new OUT
+    (out / "data_split.json").write_text(json.dumps(claims.split_record(str(root), scanned)))
+    (out / "runs").mkdir()
+    assert claims.split_error(str(out), str(root), claims.scan_pages(cc, str(root))) is None
+    root.rename(tmp_path / "moved")                                               # same pages, other place
+    assert claims.split_error(str(out), str(tmp_path / "moved"), claims.scan_pages(cc, str(tmp_path / "moved"))) is None
+    (tmp_path / "moved").rename(root)
+    page(root, "p_new")                                                          # one more page: another split
+    held_before = scanned[1]
+    assert claims.scan_pages(cc, str(root))[1] != held_before                   # (this draw holds out others)
+    monkeypatch.setattr(claims.features, "pretrained", lambda *a, **k: pytest.fail("started work"))
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--quick", "--data", str(root), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "holds runs on another split of --data (" in err and "delete it or pass --out" in err
+    (out / "data_split.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        claims.main(["--quick", "--data", str(root), "--out", str(out)])
+    assert e.value.code == 2 and "earlier version (no data_split.json)" in capsys.readouterr().err
+
+
 def test_manifests_keep_page_names_with_quotes_and_commas(tmp_path):
     """--data DIR: the train/test manifests claims.py writes are read back by data.read_manifest with every
     page name intact (a name with a quote mark was split and its images dropped as missing files)."""
