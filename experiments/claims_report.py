@@ -407,6 +407,24 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
               "condition. The oracle condition is the most favourable case, a condition that states the kind outright: "
               "the first length at which its agreement leaves chance is a lower bound on the training these claims "
               f"need at this model size, against the {cc.steps * cc.batch} images the claims' models see.", ""]
+    copy = study.get("copy", {})
+    if copy.get("rows"):
+        bar = COPY_RATIO * copy["real_pair"]
+        L += [f"When does the reconstruction model copy? Claim 1 against training length: the default job's flags with "
+              f"`--pairs same` (condition = target), guidance 0, `{copy['command']}`, {copy['seconds'] / 60:.1f} min, "
+              f"{copy['machine']}. Pixel RMSE of a sample to its condition; two real images of one page differ by "
+              f"{copy['real_pair']:.3f}.", "",
+              "| steps x batch 32 | images seen | RMSE to condition | RMSE between samples | kind agreement |",
+              "| --- | --- | --- | --- | --- |"]
+        rows = sorted(copy["rows"].items(), key=lambda kv: int(kv[0]))
+        L += [f"| {s} | {int(s) * 32} | {r['reconstruction']['to_cond']:.3f} | {r['reconstruction']['between']:.3f} | "
+              f"{r['reconstruction']['agreement']:.3f} |" for s, r in rows]
+        below = [int(s) for s, r in rows if r["reconstruction"]["to_cond"] < bar]
+        L += ["", f"First length whose RMSE to the condition is under {COPY_RATIO:g} x that of two real images of one page "
+              f"({bar:.3f}; claim 1 compares with the page-pair model's samples, which lie at least about as far from "
+              "their condition as another image of its page does): " + (f"**{below[0]} steps ({below[0] * 32} images)**." if below
+                                                             else f"**none up to {rows[-1][0]} steps "
+                                                                  f"({int(rows[-1][0]) * 32} images)**."), ""]
     return L[:-1]
 
 

@@ -3,7 +3,7 @@
 Not part of the paper (Semantica trains 300K steps of batch 2048 on TPUs, §6.1). The CPU default job
 (`python train.py`: tiny-32, 600 steps of batch 32, a random tiny encoder, synthetic pages) and the claims
 run have drawn colour-true blobs rather than shapes (README "Measured results"); this script measures
-why, in six parts:
+why, in seven parts:
 
   phases  images/s of each phase of the default job's step on this machine: rendering synthetic pages, the
           DataLoader (0 and 2 workers), the frozen encoder, the denoiser step (eager fp32, channels-last,
@@ -17,6 +17,9 @@ why, in six parts:
           condition's true object kind (experiments/oracle.py), trained to each of --lengths steps and scored
           like the length part; with the use part's loss measure of the kind (its own kind's vector against
           another kind's on the same tokens).
+  copy    claim 1 against training length: the default job with --pairs same (§4's reconstruction model)
+          trained to each of --lengths steps; at guidance 0 its samples' pixel RMSE to their condition and to
+          each other, against two real images of one page and the length part's page-pair model.
   ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
   use     does the denoiser read its condition? Each length's diffusion loss (Eq. 1, eps space) at fixed noise
           levels t on held-out page pairs with the true condition, another page's condition, and the null:
@@ -26,7 +29,7 @@ why, in six parts:
     python experiments/sweep.py --parts phases,probe          # some parts (the others are kept from sweep.json)
 
 Each part is stored in OUT/sweep.json with its command, wall time and machine; checkpoints are kept per
-length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
+length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt, OUT/copy/ckpt_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
 """
 import argparse
 import json
@@ -54,6 +57,7 @@ import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in o
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
 import uvit  # noqa: E402
+from claims_setup import COPY_RATIO  # noqa: E402  (claim 1's criterion, experiments/claims_setup.py)
 
 PROBE_PAGES_SEED = 606     # DESIGN: held-out pages of their own seed for the token probe
 EVAL = dict(pages=48, n=2, guidance=0.5, steps=64)   # kind agreement: 96 samples (binomial std <= 0.05)
@@ -169,11 +173,13 @@ def probe(encoder_weights=None, n_train=1500, n_test=500):
 
 # ----------------------------------------------------------------------------- length and DDPM steps
 
-def train_to(out, steps):
-    """train.py with the default job's flags to `steps` (resuming the folder's checkpoint) -> seconds.
-    Its end-of-run grid is cut to one sample (a resumable flag): the length part draws its own grids."""
+def train_to(out, steps, flags=()):
+    """train.py with the default job's flags (plus `flags`, e.g. ("--pairs", "same")) to `steps` (resuming the
+    folder's checkpoint) -> seconds. Its end-of-run grid is cut to one sample (a resumable flag): the parts
+    draw their own grids."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--steps", str(steps),
-           "--sample-every", str(10 ** 9), "--grid-images", "1", "--grid-n", "1"] + (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else [])
+           "--sample-every", str(10 ** 9), "--grid-images", "1", "--grid-n", "1", *flags] + \
+        (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else [])
     log("$ " + " ".join(cmd))
     t = time.time()
     if subprocess.run(cmd).returncode:
@@ -195,6 +201,21 @@ def save_grid(cond, samples, path, rows=8):
     images.save_png(torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0], path)
 
 
+def train_kept(run, steps, flags=()):
+    """Train the run in `run` on to `steps` (train_to) and keep its checkpoint and log at that length
+    (run/ckpt_<steps>.pt, run/log_<steps>.jsonl; the run goes on from run/ckpt.pt) -> seconds."""
+    ckpt = os.path.join(run, "ckpt.pt")
+    done = semantica.read_checkpoint(ckpt)["step"] if os.path.exists(ckpt) else 0
+    if done > steps:
+        raise SystemExit(f"{run} is at step {done} > {steps}: delete it to measure shorter runs")
+    seconds = train_to(run, steps, flags)
+    for name, kept in (("log.jsonl", os.path.join(run, f"log_{steps}.jsonl")),
+                       ("ckpt.pt", os.path.join(run, f"ckpt_{steps}.pt"))):
+        shutil.copyfile(os.path.join(run, name), kept + ".tmp")
+        os.replace(kept + ".tmp", kept)
+    return round(seconds)
+
+
 def length(out, lengths, classifier, state):
     """Train the default job to each length and score its variations; cached per length."""
     run = os.path.join(out, "length")
@@ -210,19 +231,64 @@ def length(out, lengths, classifier, state):
         if str(steps) in rows and os.path.exists(keep):
             continue
         if not os.path.exists(keep):
-            ckpt = os.path.join(run, "ckpt.pt")
-            done = semantica.read_checkpoint(ckpt)["step"] if os.path.exists(ckpt) else 0
-            if done > steps:
-                raise SystemExit(f"{run} is at step {done} > {steps}: delete it to measure shorter runs")
-            seconds = train_to(run, steps)
-            for name, kept in (("log.jsonl", os.path.join(run, f"log_{steps}.jsonl")), ("ckpt.pt", keep)):
-                shutil.copyfile(os.path.join(run, name), kept + ".tmp")   # the run goes on from ckpt.pt
-                os.replace(kept + ".tmp", kept)
-            state.setdefault("train_seconds", {})[str(steps)] = round(seconds)
+            state.setdefault("train_seconds", {})[str(steps)] = train_kept(run, steps)
         scores, cond, samples = kinds.evaluate_checkpoint(keep, classifier, **EVAL)
         save_grid(cond, samples, os.path.join(out, f"kinds_{steps}.png"))
         rows[str(steps)] = dict(loss=final_loss(os.path.join(run, f"log_{steps}.jsonl"), steps), **scores)
         log(f"length {steps}: {rows[str(steps)]}")
+    return state
+
+
+COPY_EVAL = dict(pages=48, n=2, guidance=0.0, steps=64)   # claim 1 is judged at guidance 0 (claims_setup)
+
+
+def copy_scores(model, classifier, ev=COPY_EVAL, seed=0):
+    """Claim 1's numbers for one model: `ev["n"]` samples at guidance ev["guidance"] of one condition per
+    held-out test page (kinds.test_conditions) -> (dict(to_cond = mean pixel RMSE sample-to-condition,
+    between = mean RMSE between two samples of one condition, agreement = kind agreement), cond, samples).
+    Pixel RMSE per image on the [-1, 1] scale, as claims.score."""
+    cond, kind = kinds.test_conditions(ev["pages"], model.net.config.image_size)
+    samples = model.sample(cond, num_samples=ev["n"], guidance=ev["guidance"], steps=ev["steps"], seed=seed)
+    rms = lambda a, b: (a - b).flatten(1).square().mean(1).sqrt()              # noqa: E731
+    index = torch.arange(len(cond)).repeat_interleave(ev["n"])
+    flat = samples.flatten(0, 1)
+    return dict(to_cond=rms(flat, cond[index]).mean().item(), between=rms(samples[:, 0], samples[:, 1]).mean().item(),
+                agreement=kinds.kind_scores(classifier, cond, kind, flat, index)["agreement"]), cond, samples
+
+
+def real_pair_rmse(pages=COPY_EVAL["pages"], size=32):
+    """Mean pixel RMSE between images 0 and 1 of each held-out test page (kinds.test_conditions' pages):
+    what a sample that is another image of the condition's page differs by."""
+    src = synthetic.SyntheticPages(pages, size, seed=kinds.TEST_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0)
+    a, b = (torch.stack([src.image(p, i) for p in range(pages)]) for i in (0, 1))
+    return (a - b).flatten(1).square().mean(1).sqrt().mean().item()
+
+
+def copy_part(out, lengths, classifier, state):
+    """Claim 1 against training length (§4: a model trained on (x, x) pairs copies its condition). The default
+    job's flags with --pairs same (the reconstruction model) trained on to each length (OUT/copy, kept per
+    length); at guidance 0 its samples' RMSE to their condition and to each other, against two real images of
+    one page and, where the length part kept its run of that length, the page-pair model's."""
+    run = os.path.join(out, "copy")
+    rows = state.setdefault("rows", {})
+    state["real_pair"] = real_pair_rmse()
+    for steps in sorted(lengths):
+        keep = os.path.join(run, f"ckpt_{steps}.pt")
+        page_ckpt = os.path.join(out, "length", f"ckpt_{steps}.pt")
+        row = rows.get(str(steps), {})
+        if row and os.path.exists(keep) and (row.get("pages") or not os.path.exists(page_ckpt)):
+            continue
+        if not os.path.exists(keep):
+            row["train_seconds"] = train_kept(run, steps, ("--pairs", "same"))
+        elif "train_seconds" not in row:                 # kept by an earlier, interrupted invocation: its log's time
+            with open(os.path.join(run, f"log_{steps}.jsonl")) as f:
+                row["train_seconds"] = round([json.loads(x) for x in f if x.strip()][-1].get("elapsed_s", 0))
+        row["reconstruction"], cond, samples = copy_scores(semantica.Semantica.from_checkpoint(keep), classifier)
+        save_grid(cond, samples, os.path.join(out, f"copy_{steps}.png"))
+        if os.path.exists(page_ckpt):
+            row["pages"] = copy_scores(semantica.Semantica.from_checkpoint(page_ckpt), classifier)[0]
+        rows[str(steps)] = row
+        log(f"copy {steps}: {row}")
     return state
 
 
@@ -396,6 +462,26 @@ def write_markdown(res, path):
                       f"Gap = another kind - true, ± its standard error over {USE_CHUNKS} chunks.", "",
                       "| run (steps) | t | true kind | another kind | null | gap (another - true) | relative |",
                       "| --- | --- | --- | --- | --- | --- | --- |"] + use_rows(use) + [""]
+    if "copy" in res:
+        p, ev = res["copy"], COPY_EVAL
+        lines += ["## When does the reconstruction model copy? (claim 1 against training length)", "", meta(p), "",
+                  f"The default job's flags with `--pairs same` (the §4 reconstruction model: condition = target), "
+                  f"resumed to each length. Guidance {ev['guidance']} (claim 1's), {ev['pages']} held-out conditions x "
+                  f"{ev['n']} samples, {ev['steps']} DDPM steps; pixel RMSE per image on the [-1, 1] scale. Claim 1 "
+                  f"(claims_setup.COPY_RATIO) asks for a reconstruction RMSE to the condition under "
+                  f"{COPY_RATIO} x the page-pair model's; two real images of one page differ by "
+                  f"{p['real_pair']:.3f}. Page-pair columns: the length part's run of that length, where kept. "
+                  "Grids: `copy_<steps>.png` in the work folder.", "",
+                  "| steps x batch 32 | images seen | training seconds (since the previous length) | RMSE to condition: "
+                  "reconstruction | page pairs | ratio | RMSE between samples: reconstruction | page pairs | kind "
+                  "agreement: reconstruction | page pairs |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for s, r in sorted(p["rows"].items(), key=lambda kv: int(kv[0])):
+            rec, pag = r["reconstruction"], r.get("pages")
+            f = lambda key, d: "-" if d is None else f"{d[key]:.3f}"          # noqa: E731
+            ratio = "-" if pag is None else f"{rec['to_cond'] / pag['to_cond']:.2f}"
+            lines += [f"| {s} | {int(s) * 32} | {r.get('train_seconds', '-')} | {rec['to_cond']:.3f} | {f('to_cond', pag)} | {ratio} | "
+                      f"{rec['between']:.3f} | {f('between', pag)} | {rec['agreement']:.3f} | {f('agreement', pag)} |"]
+        lines += [""]
     if "ddpm" in res:
         p = res["ddpm"]
         lines += ["## Kind agreement against DDPM steps at evaluation", "", meta(p), "",
@@ -423,11 +509,11 @@ def write_markdown(res, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="phases,probe,length,oracle,ddpm,use",
-                    help="comma list of phases, probe, length, oracle, ddpm, use (default: all six, hours on a CPU; "
+    ap.add_argument("--parts", default="phases,probe,length,oracle,copy,ddpm,use",
+                    help="comma list of phases, probe, length, oracle, copy, ddpm, use (default: all seven, hours on a CPU; "
                          "each part rewrites its section of --results)")
     ap.add_argument("--lengths", default="600,2000",
-                    help="training lengths (steps of batch 32) of the length and oracle parts (default 600,2000; the "
+                    help="training lengths (steps of batch 32) of the length, oracle and copy parts (default 600,2000; the "
                          "committed SWEEP.md: 600,2000,4000,6000,8000)")
     ap.add_argument("--ddpm-steps", default="16,64,256", help="ddpm: the DDPM step counts compared (default 16,64,256)")
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
@@ -437,7 +523,7 @@ def main(argv=None):
                     help="the markdown file written; results/sweep.json beside it is rewritten too (default: the "
                          "committed experiments/SWEEP.md and experiments/results/sweep.json)")
     a = ap.parse_args(argv)
-    order = ("phases", "probe", "length", "oracle", "ddpm", "use")                  # length before the parts that read its runs
+    order = ("phases", "probe", "length", "oracle", "copy", "ddpm", "use")          # length before the parts that read its runs
     given = {p for p in a.parts.split(",") if p}
     parts = [p for p in order if p in given]
     bad = given - set(order)
@@ -480,13 +566,13 @@ def main(argv=None):
             with open(p) as f:
                 res.update(json.load(f))
     classifier = None
-    if {"length", "oracle", "ddpm"} & set(parts):
+    if {"length", "oracle", "copy", "ddpm"} & set(parts):
         classifier, rep = kinds.train_classifier(os.path.join(a.out, "networks"), log=log)
         log(f"kind classifier: held-out accuracy {rep['held_out_accuracy']:.3f}")
     for part in parts:
         t0 = time.time()
         command = "python experiments/sweep.py --parts " + part + \
-            {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
+            {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "copy": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
              "use": f" --lengths {a.lengths}",
              "phases": " --compile" if a.compile else "",
              "probe": f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else ""}[part]
@@ -500,11 +586,13 @@ def main(argv=None):
             out = length(a.out, lengths, classifier, res.get("length", {}))
         elif part == "oracle":
             out = oracle_part(a.out, lengths, classifier, res.get("oracle", {}))
+        elif part == "copy":
+            out = copy_part(a.out, lengths, classifier, res.get("copy", {}))
         elif part == "ddpm":
             out = ddpm(a.out, lengths, classifier, ddpm_steps)
         else:
             out = use(a.out, lengths)
-        prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle") else 0
+        prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle", "copy") else 0
         res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine.describe())
         for p in (path, committed):
             os.makedirs(os.path.dirname(p), exist_ok=True)       # the second copy sits beside SWEEP.md

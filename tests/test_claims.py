@@ -771,6 +771,29 @@ def test_results_quote_the_study_with_its_first_length_beyond_chance(tmp_path):
     assert claims_report.study_section(cc, str(tmp_path / "missing.json")) == []
 
 
+def test_results_quote_the_copy_study_with_its_first_length_that_copies(tmp_path):
+    """The copy part (claim 1 against training length) in RESULTS.md: its table in training order and the first
+    length whose reconstruction RMSE to the condition is under COPY_RATIO (0.5) x two real images' of one page
+    (0.4 -> 0.2, by hand); none when no length gets there."""
+    import claims
+    import claims_report
+    path = _study(tmp_path, {"600": 0.1})
+    study = json.loads(open(path).read())
+    rec = lambda d: dict(reconstruction=dict(to_cond=d, between=d / 2, agreement=0.3))   # noqa: E731
+    study["copy"] = dict(command="python experiments/sweep.py --parts copy", seconds=60.0, machine="m", real_pair=0.4,
+                         rows={"8000": rec(0.1), "600": rec(0.35), "4000": rec(0.199), "2000": rec(0.201)})
+    open(path, "w").write(json.dumps(study))
+    md = "\n".join(claims_report.study_section(claims.PRESETS["full"], path))
+    part = md[md.index("When does the reconstruction model copy?"):]
+    assert part.index("| 600 | 19200 | 0.350 | 0.175 | 0.300 |") < part.index("| 2000 |") < part.index("| 4000 |") \
+        < part.index("| 8000 |")
+    assert "(0.200; claim 1" in part and "**4000 steps (128000 images)**" in part
+    study["copy"]["rows"] = {"600": rec(0.35), "2000": rec(0.3)}
+    open(path, "w").write(json.dumps(study))
+    md = "\n".join(claims_report.study_section(claims.PRESETS["full"], path))
+    assert "**none up to 2000 steps (64000 images)**" in md[md.index("When does the reconstruction"):]
+
+
 def test_report_without_a_usable_run_is_a_one_line_error(tmp_path):
     import claims
     for out in (tmp_path / "nothere", tmp_path / "nothere2" / "sub"):     # and no empty --out left behind

@@ -372,3 +372,54 @@ def test_machine_line_names_cpu_simd_and_threads(monkeypatch):
         want = "Test CPU 9000, " if kind == "avx512" else "Old CPU, "
         assert want in line and line.endswith(f"torch {torch.__version__}, 3 thread(s)")
         assert ("AVX-512 + bf16" in line) == (kind == "avx512") and ("no AVX-512" in line) == (kind == "avx2")
+
+
+class _CopyStub:
+    """What copy_scores needs of a Semantica: net.config.image_size and sample(); sample 0 of each condition is
+    the condition itself, sample 1 the condition plus 0.1 on every pixel (a known copy and a known offset)."""
+
+    def __init__(self):
+        self.net = type("N", (), {"config": type("C", (), {"image_size": 8})()})()
+        self.calls = []
+
+    def sample(self, cond, num_samples, guidance, steps, seed):
+        self.calls.append((num_samples, guidance, steps))
+        return torch.stack([cond, cond + 0.1], 1)
+
+
+class _FirstPixelKind(torch.nn.Module):
+    """A 'classifier' naming kind 0 when the first pixel's red value is below 0 and kind 1 otherwise."""
+
+    def forward(self, x):
+        r = x[:, 0, 0, 0]
+        return torch.stack([-r, r], 1)
+
+
+def test_copy_scores_by_hand():
+    """Claim 1's numbers of the copy part at guidance 0: RMSE to the condition is the mean over samples (0 for
+    the copy, 0.1 for the offset one), RMSE between the two samples 0.1, kind agreement the share of samples
+    whose first pixel stays on its condition's side of 0 (counted here by hand)."""
+    stub = _CopyStub()
+    ev = dict(pages=6, n=2, guidance=0.0, steps=7)
+    got, cond, samples = sweep.copy_scores(stub, _FirstPixelKind(), ev)
+    assert stub.calls == [(2, 0.0, 7)] and samples.shape == (6, 2, 3, 8, 8)
+    assert got["to_cond"] == pytest.approx(0.05, abs=1e-6) and got["between"] == pytest.approx(0.1, abs=1e-6)
+    r = cond[:, 0, 0, 0]
+    moved = ((r < 0) != (r + 0.1 < 0)).sum().item()                  # the offset sample crossed 0
+    assert got["agreement"] == pytest.approx(1 - moved / 12)
+    assert sweep.COPY_EVAL["guidance"] == 0.0                         # claim 1 is judged at w = 0
+
+
+def test_copy_section_quotes_the_stored_numbers(tmp_path):
+    part = dict(command="python experiments/sweep.py --parts copy --lengths 600,2000", seconds=60.0, machine="m")
+    rec = dict(to_cond=0.3, between=0.2, agreement=0.25)
+    res = {"copy": dict(part, real_pair=0.4, rows={
+        "2000": dict(train_seconds=420, reconstruction=dict(to_cond=0.12, between=0.05, agreement=0.5),
+                     pages=dict(to_cond=0.4, between=0.35, agreement=0.125)),
+        "600": dict(reconstruction=rec)})}
+    path = tmp_path / "SWEEP.md"
+    sweep.write_markdown(json.loads(json.dumps(res)), str(path))
+    md = path.read_text()
+    assert "| 600 | 19200 | - | 0.300 | - | - | 0.200 | - | 0.250 | - |" in md
+    assert "| 2000 | 64000 | 420 | 0.120 | 0.400 | 0.30 | 0.050 | 0.350 | 0.500 | 0.125 |" in md
+    assert md.index("| 600 |") < md.index("| 2000 |") and "differ by 0.400" in md
