@@ -35,6 +35,7 @@ run from scratch). Left out: the paper's scale (256/512 px, 300K steps,
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -59,7 +60,7 @@ import metrics  # noqa: E402
 import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
-from claims_report import jsonable, judge, seed_summary, write_results  # noqa: E402  (RESULTS.md)
+from claims_report import grids_folder, jsonable, judge, seed_summary, write_results  # noqa: E402  (RESULTS.md)
 from claims_setup import (FILTER, PRESETS, SETTINGS, SWEEP, TEST_COPY_RMSE, TEST_PAGES_SEED,  # noqa: E402
                           W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)
 
@@ -111,7 +112,7 @@ def check_style(out):
 
 def scan_pages(cc, data_arg):
     """--data DIR or manifest -> (pages {name: [paths]}, held-out test page names, copies {training image: the
-    test image it copies}); `pages` no longer holds the copies (copies_of_test), so the test pages are never
+    test image it copies}, views {path: the image as the model sees it, flattened}); `pages` no longer holds the copies (copies_of_test), so the test pages are never
     trained on. Every image is decoded once, as the model sees it (images.load_image at cc.size), and kept as
     float16 for the copy check: 6 KB an image at 32 px, 24 KB at 64 px. A file that does not decode (a
     truncated JPEG passes the header check) is skipped and logged: sample.py would skip it too, scoring the
@@ -122,7 +123,7 @@ def scan_pages(cc, data_arg):
     except (ValueError, OSError) as e:
         raise ValueError(f"--data {data_arg}: {e}") from None
     views = {}
-    for p in [p for n in sorted(pages) for p in pages[n]]:
+    for p in dict.fromkeys(p for n in sorted(pages) for p in pages[n]):   # a file listed twice: decoded once
         try:
             views[p] = images.load_image(p, cc.size).flatten().half()
         except Exception as e:                           # noqa: BLE001 (any decoder error: a logged skip)
@@ -139,7 +140,7 @@ def scan_pages(cc, data_arg):
         log(f"--data: {len(copies)} training image(s) copy a test image (RMSE < {TEST_COPY_RMSE} at {cc.size} px), "
             f"left out of training, e.g. {next(iter(copies))} = {next(iter(copies.values()))}")
     pages = {n: [p for p in ps if p not in copies] for n, ps in pages.items()}
-    return {n: ps for n, ps in pages.items() if ps}, held, copies
+    return {n: ps for n, ps in pages.items() if ps}, held, copies, views
 
 
 def copies_of_test(pages, held, views, tol=TEST_COPY_RMSE):
@@ -161,14 +162,15 @@ def copies_of_test(pages, held, views, tol=TEST_COPY_RMSE):
 
 
 def split_record(data_arg, scanned):
-    """The --data split a run trains and tests on -> {"test": [[page, file], ...], "train": [...]} (what
-    OUT/data_split.json keeps), files relative to a --data folder (a moved folder is the same split), absolute
-    for a manifest's. scanned: scan_pages's answer."""
-    pages, held, _ = scanned
-    root = os.path.abspath(data_arg) if os.path.isdir(data_arg) else None
-    name = lambda p: os.path.relpath(os.path.abspath(p), root) if root else os.path.abspath(p)  # noqa: E731
-    return {split: sorted([n, name(p)] for n in pages if (n in held) == (split == "test") for p in pages[n])
-            for split in ("test", "train")}
+    """The --data split a run trains and tests on -> {"test": [[page, file, digest], ...], "train": [...]} (what
+    OUT/data_split.json keeps). Files relative to the --data folder, or to a manifest's folder (a moved tree is the
+    same split); digest: SHA-1 of the image as the model sees it (scan_pages decodes each once), so an image
+    changed in place is another split. scanned: scan_pages's answer."""
+    pages, held, _, views = scanned
+    root = os.path.abspath(data_arg) if os.path.isdir(data_arg) else os.path.dirname(os.path.abspath(data_arg))
+    digest = lambda p: hashlib.sha1(views[p].numpy().tobytes()).hexdigest()[:16]     # noqa: E731
+    return {split: sorted([n, os.path.relpath(os.path.abspath(p), root), digest(p)] for n in pages
+                          if (n in held) == (split == "test") for p in pages[n]) for split in ("test", "train")}
 
 
 def split_error(out, data_arg, scanned):
@@ -189,9 +191,10 @@ def split_error(out, data_arg, scanned):
         return f"{path} is unreadable ({type(e).__name__}): delete {out} or pass --out"
     want = {s: {tuple(x) for x in v} for s, v in split_record(data_arg, scanned).items()}
     if have != want:
-        n = {s: len(have[s] ^ want[s]) for s in have}
-        return (f"{out} holds runs on another split of --data ({n['test']} test and {n['train']} training images "
-                f"differ: its pages changed since that run): delete it or pass --out")
+        n = {s: (len(want[s] - have[s]), len(have[s] - want[s])) for s in have}
+        return (f"{out} holds runs on another split of --data (test images: {n['test'][0]} new or changed, "
+                f"{n['test'][1]} gone or changed; training images: {n['train'][0]} new or changed, "
+                f"{n['train'][1]} gone or changed since that run): delete it or pass another --out")
     return None
 
 
@@ -205,7 +208,7 @@ def prepare_pages(cc, out, data_arg, scanned=None):
             synthetic_test_pages(cc).write(test + ".tmp")
             os.replace(test + ".tmp", test)
         return "synthetic", test
-    pages, held, _ = scanned or scan_pages(cc, data_arg)
+    pages, held = (scanned or scan_pages(cc, data_arg))[:2]
     names = sorted(pages)
     paths = {}
     for split, keep in (("train", lambda n: n not in held), ("test", lambda n: n in held)):
@@ -449,7 +452,7 @@ def earlier_timing(out, cc, data_arg):
             r = json.load(f)
         now = json.loads(json.dumps(dataclasses.asdict(cc)))       # a field added since: its default then
         same = {**json.loads(json.dumps(dataclasses.asdict(ClaimsConfig()))), **r["config"]} == now and \
-            r["data"] == data_arg
+            (r["data"] == data_arg or "synthetic" not in (r["data"], data_arg))  # --data: split_error checked it
         return {k: v for k, v in r["timing"].items() if k not in r.get("invocation", {}).get("unrecorded", [])} if same else {}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
@@ -722,7 +725,8 @@ def main(argv=None):
         bad = split_error(outs[k], args.data, scanned)
         if bad:
             ap.error(bad)
-    bad = outputs.output_error("--results", results)
+    grids = os.path.join(os.path.dirname(os.path.abspath(results)), grids_folder(results))   # written beside it
+    bad = outputs.output_error("--results", results) or outputs.output_error("--results", grids, folder=True)
     if bad:
         ap.error(bad)
     command = default_command(cc, args.data, seeds, args.out, args.results)

@@ -332,7 +332,9 @@ def test_results_path_that_cannot_be_written_is_refused_before_any_work(tmp_path
     calls = []
     monkeypatch.setattr(claims, "run", lambda *a, **k: calls.append(a))
     (tmp_path / "afile").write_text("x")
-    for results, words in ((tmp_path, "is a folder"), (tmp_path / "afile" / "R.md", "is a file, not a folder")):
+    (tmp_path / "results-R").write_text("x")            # where the report's grids go (R.md's results-R/): a file
+    for results, words in ((tmp_path, "is a folder"), (tmp_path / "afile" / "R.md", "is a file, not a folder"),
+                           (tmp_path / "R.md", "results-R exists and is not a folder")):
         with pytest.raises(SystemExit) as e:
             claims.main(["--quick", "--out", str(tmp_path / "q"), "--results", str(results)])
         err = capsys.readouterr().err.strip().splitlines()
@@ -375,7 +377,7 @@ def test_training_images_that_copy_a_test_image_are_left_out_of_training(tmp_pat
         expected[p] = group
         kept.append(repeats / f"bright{p}.png")
     Image.fromarray(picture()).save(repeats / "distinct.png")
-    pages, held, copies = claims.scan_pages(cc, str(root))
+    pages, held, copies, views = claims.scan_pages(cc, str(root))
     assert len(held) == cc.test_pages
     want = {str(f): str(root / f"p{p}" / "0.png") for p in range(cc.test_pages + 1) if f"p{p}" in held
             for f in expected[p]}
@@ -386,7 +388,7 @@ def test_training_images_that_copy_a_test_image_are_left_out_of_training(tmp_pat
     assert {str(f) for f in expected[the_other] + kept + [repeats / "distinct.png"]} <= train_files
     assert {n: len(ps) for n, ps in pages.items() if n in held} == {n: cc.per_page for n in held}
     (tmp_path / "out").mkdir()
-    train, test = claims.prepare_pages(cc, str(tmp_path / "out"), str(root), (pages, held, copies))
+    train, test = claims.prepare_pages(cc, str(tmp_path / "out"), str(root), (pages, held, copies, views))
     assert not any(f in open(train).read() for f in want) and all(v in open(test).read() for v in want.values())
 
 
@@ -576,6 +578,25 @@ def test_an_out_folder_of_another_split_of_the_data_is_refused(tmp_path, monkeyp
     root.rename(tmp_path / "moved")                                               # same pages, other place
     assert claims.split_error(str(out), str(tmp_path / "moved"), claims.scan_pages(cc, str(tmp_path / "moved"))) is None
     (tmp_path / "moved").rename(root)
+    test_img = root / sorted(scanned[1])[0] / "0.png"                            # a test image changed in place
+    keep = test_img.read_bytes()
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(test_img)
+    assert ("test images: 1 new or changed, 1 gone or changed; training images: 0 new or changed, 0 gone or changed"
+            in claims.split_error(str(out), str(root), claims.scan_pages(cc, str(root))))
+    test_img.write_bytes(keep)
+    # a manifest's files are kept relative to its folder: the manifest and its images moved together are the same
+    (tmp_path / "tree").mkdir()
+    root.rename(tmp_path / "tree" / "pages")
+    lines = ["page,path"] + [f"{d.name},pages/{d.name}/{f.name}" for d in sorted((tmp_path / "tree" / "pages").iterdir())
+                             for f in sorted(d.iterdir())]
+    (tmp_path / "tree" / "m.csv").write_text("\n".join(lines) + "\n")
+    man = claims.scan_pages(cc, str(tmp_path / "tree" / "m.csv"))
+    (tmp_path / "m_out").mkdir()
+    (tmp_path / "m_out" / "data_split.json").write_text(json.dumps(claims.split_record(str(tmp_path / "tree" / "m.csv"), man)))
+    (tmp_path / "tree").rename(tmp_path / "tree2")
+    assert claims.split_error(str(tmp_path / "m_out"), str(tmp_path / "tree2" / "m.csv"),
+                              claims.scan_pages(cc, str(tmp_path / "tree2" / "m.csv"))) is None
+    (tmp_path / "tree2" / "pages").rename(root)
     page(root, "p_new")                                                          # one more page: another split
     held_before = scanned[1]
     assert claims.scan_pages(cc, str(root))[1] != held_before                   # (this draw holds out others)
@@ -583,7 +604,7 @@ def test_an_out_folder_of_another_split_of_the_data_is_refused(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         claims.main(["--quick", "--data", str(root), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and "holds runs on another split of --data (" in err and "delete it or pass --out" in err
+    assert e.value.code == 2 and "holds runs on another split of --data (" in err and "pass another --out" in err
     (out / "data_split.json").unlink()
     with pytest.raises(SystemExit) as e:
         claims.main(["--quick", "--data", str(root), "--out", str(out)])
@@ -836,6 +857,10 @@ def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(rec))
     assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {"networks": 40.0, "total": 341.0}
     assert claims.earlier_timing(str(tmp_path), cc, "/other/pages") == {}           # other data: not its cache
+    (tmp_path / "results.json").write_text(json.dumps(dict(rec, data="/old/pages")))
+    assert claims.earlier_timing(str(tmp_path), cc, "/moved/pages") == {"networks": 40.0, "total": 341.0}  # split_error
+    assert claims.earlier_timing(str(tmp_path), cc, "synthetic") == {}            # checked a --data folder's identity
+    (tmp_path / "results.json").write_text(json.dumps(rec))
     assert claims.earlier_timing(str(tmp_path), claims.PRESETS["full"], "synthetic") == {}
     old = dict(rec, config={k: v for k, v in rec["config"].items() if k != "train_seed"})
     (tmp_path / "results.json").write_text(json.dumps(old))       # written before train_seed existed: its default
