@@ -112,9 +112,10 @@ def check_style(out):
 
 def scan_pages(cc, data_arg):
     """--data DIR or manifest -> (pages {name: [paths]}, held-out test page names, copies {training image: the
-    test image it copies}, views {path: the image as the model sees it, flattened}); `pages` no longer holds the copies (copies_of_test), so the test pages are never
-    trained on. Every image is decoded once, as the model sees it (images.load_image at cc.size), and kept as
-    float16 for the copy check: 6 KB an image at 32 px, 24 KB at 64 px. A file that does not decode (a
+    test image it copies}, digests {path: SHA-1 of the image as the model sees it}); `pages` no longer holds the
+    copies (copies_of_test), so the test pages are never trained on. Every image is decoded once, as the model
+    sees it (images.load_image at cc.size), and kept as float16 for the copy check and its digest (6 KB an image
+    at 32 px, 24 KB at 64 px, freed on return). A file that does not decode (a
     truncated JPEG passes the header check) is skipped and logged: sample.py would skip it too, scoring the
     samples against other test images. ValueError (one line) for an unreadable source or too few pages for
     the test set; main() turns it into a usage error before OUT is created."""
@@ -140,7 +141,8 @@ def scan_pages(cc, data_arg):
         log(f"--data: {len(copies)} training image(s) copy a test image (RMSE < {TEST_COPY_RMSE} at {cc.size} px), "
             f"left out of training, e.g. {next(iter(copies))} = {next(iter(copies.values()))}")
     pages = {n: [p for p in ps if p not in copies] for n, ps in pages.items()}
-    return {n: ps for n, ps in pages.items() if ps}, held, copies, views
+    digests = {p: hashlib.sha1(views[p].numpy().tobytes()).hexdigest()[:16] for ps in pages.values() for p in ps}
+    return {n: ps for n, ps in pages.items() if ps}, held, copies, digests
 
 
 def copies_of_test(pages, held, views, tol=TEST_COPY_RMSE):
@@ -164,12 +166,11 @@ def copies_of_test(pages, held, views, tol=TEST_COPY_RMSE):
 def split_record(data_arg, scanned):
     """The --data split a run trains and tests on -> {"test": [[page, file, digest], ...], "train": [...]} (what
     OUT/data_split.json keeps). Files relative to the --data folder, or to a manifest's folder (a moved tree is the
-    same split); digest: SHA-1 of the image as the model sees it (scan_pages decodes each once), so an image
-    changed in place is another split. scanned: scan_pages's answer."""
-    pages, held, _, views = scanned
+    same split); digest: scan_pages's SHA-1 of the image as the model sees it, so an image changed in place is
+    another split. scanned: scan_pages's answer."""
+    pages, held, _, digests = scanned
     root = os.path.abspath(data_arg) if os.path.isdir(data_arg) else os.path.dirname(os.path.abspath(data_arg))
-    digest = lambda p: hashlib.sha1(views[p].numpy().tobytes()).hexdigest()[:16]     # noqa: E731
-    return {split: sorted([n, os.path.relpath(os.path.abspath(p), root), digest(p)] for n in pages
+    return {split: sorted([n, os.path.relpath(os.path.abspath(p), root), digests[p]] for n in pages
                           if (n in held) == (split == "test") for p in pages[n]) for split in ("test", "train")}
 
 

@@ -242,6 +242,11 @@ def length(out, lengths, classifier, state):
 COPY_EVAL = dict(pages=48, n=2, guidance=0.0, steps=64)   # claim 1 is judged at guidance 0 (claims_setup)
 
 
+def pixel_rmse(a, b):
+    """Per-image pixel RMSE of (N, 3, S, S) images on the [-1, 1] scale -> (N,), as claims.score."""
+    return (a - b).flatten(1).square().mean(1).sqrt()
+
+
 def copy_scores(model, classifier, ev=COPY_EVAL, seed=0):
     """Claim 1's numbers for one model: `ev["n"]` samples at guidance ev["guidance"] of one condition per
     held-out test page (kinds.test_conditions) -> (dict(to_cond = mean pixel RMSE sample-to-condition,
@@ -249,10 +254,10 @@ def copy_scores(model, classifier, ev=COPY_EVAL, seed=0):
     Pixel RMSE per image on the [-1, 1] scale, as claims.score."""
     cond, kind = kinds.test_conditions(ev["pages"], model.net.config.image_size)
     samples = model.sample(cond, num_samples=ev["n"], guidance=ev["guidance"], steps=ev["steps"], seed=seed)
-    rms = lambda a, b: (a - b).flatten(1).square().mean(1).sqrt()              # noqa: E731
     index = torch.arange(len(cond)).repeat_interleave(ev["n"])
     flat = samples.flatten(0, 1)
-    return dict(to_cond=rms(flat, cond[index]).mean().item(), between=rms(samples[:, 0], samples[:, 1]).mean().item(),
+    return dict(to_cond=pixel_rmse(flat, cond[index]).mean().item(),
+                between=pixel_rmse(samples[:, 0], samples[:, 1]).mean().item(),
                 agreement=kinds.kind_scores(classifier, cond, kind, flat, index)["agreement"]), cond, samples
 
 
@@ -261,7 +266,7 @@ def real_pair_rmse(pages=COPY_EVAL["pages"], size=32):
     what a sample that is another image of the condition's page differs by."""
     src = synthetic.SyntheticPages(pages, size, seed=kinds.TEST_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0)
     a, b = (torch.stack([src.image(p, i) for p in range(pages)]) for i in (0, 1))
-    return (a - b).flatten(1).square().mean(1).sqrt().mean().item()
+    return pixel_rmse(a, b).mean().item()
 
 
 def copy_part(out, lengths, classifier, state):

@@ -377,7 +377,7 @@ def test_training_images_that_copy_a_test_image_are_left_out_of_training(tmp_pat
         expected[p] = group
         kept.append(repeats / f"bright{p}.png")
     Image.fromarray(picture()).save(repeats / "distinct.png")
-    pages, held, copies, views = claims.scan_pages(cc, str(root))
+    pages, held, copies, digests = claims.scan_pages(cc, str(root))
     assert len(held) == cc.test_pages
     want = {str(f): str(root / f"p{p}" / "0.png") for p in range(cc.test_pages + 1) if f"p{p}" in held
             for f in expected[p]}
@@ -388,7 +388,7 @@ def test_training_images_that_copy_a_test_image_are_left_out_of_training(tmp_pat
     assert {str(f) for f in expected[the_other] + kept + [repeats / "distinct.png"]} <= train_files
     assert {n: len(ps) for n, ps in pages.items() if n in held} == {n: cc.per_page for n in held}
     (tmp_path / "out").mkdir()
-    train, test = claims.prepare_pages(cc, str(tmp_path / "out"), str(root), (pages, held, copies, views))
+    train, test = claims.prepare_pages(cc, str(tmp_path / "out"), str(root), (pages, held, copies, digests))
     assert not any(f in open(train).read() for f in want) and all(v in open(test).read() for v in want.values())
 
 
