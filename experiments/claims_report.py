@@ -425,6 +425,15 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
               "their condition as another image of its page does): " + (f"**{below[0]} steps ({below[0] * 32} images)**." if below
                                                              else f"**none up to {rows[-1][0]} steps "
                                                                   f"({int(rows[-1][0]) * 32} images)**."), ""]
+        variants = study.get("copy-variants", {}).get("variants", {})
+        if variants:
+            def said(r):
+                return f"RMSE {r['to_cond']:.3f} ({'a copy' if r['to_cond'] < bar else 'not a copy'})"
+            L += ["The claims run's reconstruction model differs in two ways; one at a time "
+                  f"(`{study['copy-variants']['command']}`): " + "; ".join(
+                      f"{v['what']}: " + ", ".join(f"{said(r['reconstruction'])} at {s} steps"
+                                                   for s, r in sorted(v["rows"].items(), key=lambda kv: int(kv[0])))
+                      for v in variants.values()) + ".", ""]
     return L[:-1]
 
 

@@ -3,7 +3,7 @@
 Not part of the paper (Semantica trains 300K steps of batch 2048 on TPUs, §6.1). The CPU default job
 (`python train.py`: tiny-32, 600 steps of batch 32, a random tiny encoder, synthetic pages) and the claims
 run have drawn colour-true blobs rather than shapes (README "Measured results"); this script measures
-why, in seven parts:
+why, in eight parts:
 
   phases  images/s of each phase of the default job's step on this machine: rendering synthetic pages, the
           DataLoader (0 and 2 workers), the frozen encoder, the denoiser step (eager fp32, channels-last,
@@ -20,6 +20,9 @@ why, in seven parts:
   copy    claim 1 against training length: the default job with --pairs same (§4's reconstruction model)
           trained to each of --lengths steps; at guidance 0 its samples' pixel RMSE to their condition and to
           each other, against two real images of one page and the length part's page-pair model.
+  copy-variants  which difference keeps the claims run's reconstruction model from copying: the copy part's
+          model with the claims run's trained encoder (--encoder-weights), or with its 2048 training pages, one
+          at a time (--variants), trained to each of --lengths steps and scored like the copy part.
   ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
   use     does the denoiser read its condition? Each length's diffusion loss (Eq. 1, eps space) at fixed noise
           levels t on held-out page pairs with the true condition, another page's condition, and the null:
@@ -29,7 +32,7 @@ why, in seven parts:
     python experiments/sweep.py --parts phases,probe          # some parts (the others are kept from sweep.json)
 
 Each part is stored in OUT/sweep.json with its command, wall time and machine; checkpoints are kept per
-length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt, OUT/copy/ckpt_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
+length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt, OUT/copy/ckpt_<L>.pt, OUT/copy-<variant>/ckpt_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
 """
 import argparse
 import json
@@ -57,7 +60,7 @@ import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in o
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
 import uvit  # noqa: E402
-from claims_setup import COPY_RATIO  # noqa: E402  (claim 1's criterion, experiments/claims_setup.py)
+from claims_setup import COPY_RATIO, ClaimsConfig  # noqa: E402  (claim 1's criterion; the claims run's setup)
 
 PROBE_PAGES_SEED = 606     # DESIGN: held-out pages of their own seed for the token probe
 EVAL = dict(pages=48, n=2, guidance=0.5, steps=64)   # kind agreement: 96 samples (binomial std <= 0.05)
@@ -269,6 +272,68 @@ def real_pair_rmse(pages=COPY_EVAL["pages"], size=32):
     return pixel_rmse(a, b).mean().item()
 
 
+# The claims run's reconstruction model differs from the copy part's in two ways; each variant makes one of
+# them (DESIGN: which one keeps the claims run's model from copying at 4000 steps, README finding 7).
+COPY_VARIANTS = {"encoder": "the claims run's trained encoder",
+                 "pages": f"the claims run's {ClaimsConfig().train_pages} training pages"}
+
+
+def copy_variant_flags(name, encoder_weights=None):
+    """train.py flags that a copy variant adds to the reconstruction model's (`--pairs same`)."""
+    if name == "encoder":
+        return ("--encoder-weights", encoder_weights)
+    return ("--num-pages", str(ClaimsConfig().train_pages))
+
+
+def copy_variants(out, lengths, classifier, state, names, encoder_weights=None):
+    """The copy part's reconstruction model with one difference of the claims run's (COPY_VARIANTS) each, trained
+    on to each length in OUT/copy-<name> and scored by copy_scores -> state["variants"][name] = {what, setting,
+    rows: {steps: {train_seconds, reconstruction}}}. A variant stored with another setting (another encoder
+    file: its name is the hash of its recipe) is refused in one line."""
+    variants = state.setdefault("variants", {})
+    for name in names:
+        flags = copy_variant_flags(name, encoder_weights)
+        setting = os.path.basename(flags[1]) if name == "encoder" else flags[1]
+        v = variants.setdefault(name, dict(setting=setting, rows={}))
+        v["what"] = COPY_VARIANTS[name] + (f" ({setting})" if name == "encoder" else "")
+        if name == "encoder":
+            v["weights"] = encoder_weights                     # the path of this invocation (its command line)
+        run = os.path.join(out, f"copy-{name}")
+        if v["setting"] != setting:
+            raise SystemExit(f"{out}: the copy variant {name!r} was measured with {v['setting']}, now {setting}: "
+                             f"delete {run} and its rows in {out}/sweep.json (or pass another --out)")
+        for steps in sorted(lengths):
+            keep = os.path.join(run, f"ckpt_{steps}.pt")
+            if str(steps) in v["rows"] and os.path.exists(keep):
+                continue
+            v["rows"][str(steps)] = row = dict(train_seconds=kept_run(run, steps, ("--pairs", "same", *flags)))
+            row["reconstruction"], cond, samples = copy_scores(semantica.Semantica.from_checkpoint(keep), classifier)
+            save_grid(cond, samples, os.path.join(out, f"copy-{name}_{steps}.png"))
+            log(f"copy variant {name} {steps}: {row}")
+    return state
+
+
+def copy_variants_command(state, command):
+    """The one command that measures every stored variant at every stored length (several invocations, e.g.
+    --variants encoder then --variants pages, fill one table): `command` (--parts copy-variants plus --out /
+    --results) with --lengths, --variants and --encoder-weights."""
+    v = state["variants"]
+    lengths = sorted({int(s) for x in v.values() for s in x["rows"]})
+    extra = f" --lengths {','.join(map(str, lengths))} --variants {','.join(v)}"
+    if "encoder" in v:
+        extra += f" --encoder-weights {shlex.quote(v['encoder'].get('weights') or v['encoder']['setting'])}"
+    head, _, tail = command.partition(" --parts copy-variants")
+    return head + " --parts copy-variants" + extra + tail
+
+
+def kept_run(run, steps, flags):
+    """train_kept, or the seconds of a checkpoint kept by an earlier, interrupted invocation (its log's time)."""
+    if not os.path.exists(os.path.join(run, f"ckpt_{steps}.pt")):
+        return train_kept(run, steps, flags)
+    with open(os.path.join(run, f"log_{steps}.jsonl")) as f:
+        return round([json.loads(x) for x in f if x.strip()][-1].get("elapsed_s", 0))
+
+
 def copy_part(out, lengths, classifier, state):
     """Claim 1 against training length (§4: a model trained on (x, x) pairs copies its condition). The default
     job's flags with --pairs same (the reconstruction model) trained on to each length (OUT/copy, kept per
@@ -283,11 +348,8 @@ def copy_part(out, lengths, classifier, state):
         row = rows.get(str(steps), {})
         if row and os.path.exists(keep) and (row.get("pages") or not os.path.exists(page_ckpt)):
             continue
-        if not os.path.exists(keep):
-            row["train_seconds"] = train_kept(run, steps, ("--pairs", "same"))
-        elif "train_seconds" not in row:                 # kept by an earlier, interrupted invocation: its log's time
-            with open(os.path.join(run, f"log_{steps}.jsonl")) as f:
-                row["train_seconds"] = round([json.loads(x) for x in f if x.strip()][-1].get("elapsed_s", 0))
+        if not os.path.exists(keep) or "train_seconds" not in row:
+            row["train_seconds"] = kept_run(run, steps, ("--pairs", "same"))
         row["reconstruction"], cond, samples = copy_scores(semantica.Semantica.from_checkpoint(keep), classifier)
         save_grid(cond, samples, os.path.join(out, f"copy_{steps}.png"))
         if os.path.exists(page_ckpt):
@@ -487,6 +549,26 @@ def write_markdown(res, path):
             lines += [f"| {s} | {int(s) * 32} | {r.get('train_seconds', '-')} | {rec['to_cond']:.3f} | {f('to_cond', pag)} | {ratio} | "
                       f"{rec['between']:.3f} | {f('between', pag)} | {rec['agreement']:.3f} | {f('agreement', pag)} |"]
         lines += [""]
+    if "copy-variants" in res:
+        p, base = res["copy-variants"], res.get("copy", {}).get("rows", {})
+        lines += ["## What keeps the claims run's reconstruction model from copying?", "", meta(p), "",
+                  "The copy part's reconstruction model (the default job's flags with `--pairs same`: a random tiny encoder, "
+                  f"{oracle.JOB['num_pages']} training pages) with one difference of the claims run's reconstruction model "
+                  "at a time, scored as in the copy part (guidance 0). Training seconds: since the previous kept length of "
+                  "that run, on the machine of its part's line (the copy part's: its section above). Grids: "
+                  "`copy-<variant>_<steps>.png` in the work folder.", "",
+                  "| steps x batch 32 | run | training seconds | RMSE to condition | RMSE between samples | kind agreement |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        runs = [("copy part (random encoder)", base)] + [
+            (f"{name}: {v['what']}", v["rows"]) for name, v in p["variants"].items()]
+        for s in sorted({int(k) for _, rows in runs[1:] for k in rows}):
+            for label, rows in runs:
+                if str(s) in rows:
+                    r = rows[str(s)]
+                    rec = r["reconstruction"]
+                    lines += [f"| {s} | {label} | {r.get('train_seconds', '-')} | {rec['to_cond']:.3f} | "
+                              f"{rec['between']:.3f} | {rec['agreement']:.3f} |"]
+        lines += [""]
     if "ddpm" in res:
         p = res["ddpm"]
         lines += ["## Kind agreement against DDPM steps at evaluation", "", meta(p), "",
@@ -514,21 +596,27 @@ def write_markdown(res, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="phases,probe,length,oracle,copy,ddpm,use",
-                    help="comma list of phases, probe, length, oracle, copy, ddpm, use (default: all seven, hours on a CPU; "
+    ap.add_argument("--parts", default="phases,probe,length,oracle,copy,copy-variants,ddpm,use",
+                    help="comma list of phases, probe, length, oracle, copy, copy-variants, ddpm, use (default: all eight, "
+                         "hours on a CPU; "
                          "each part rewrites its section of --results)")
     ap.add_argument("--lengths", default="600,2000",
-                    help="training lengths (steps of batch 32) of the length, oracle and copy parts (default 600,2000; the "
+                    help="training lengths (steps of batch 32) of the length, oracle, copy and copy-variants parts (default 600,2000; the "
                          "committed SWEEP.md: 600,2000,4000,6000,8000)")
     ap.add_argument("--ddpm-steps", default="16,64,256", help="ddpm: the DDPM step counts compared (default 16,64,256)")
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
-    ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth)")
+    ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth); "
+                    "copy-variants: the encoder of its 'encoder' variant (runs/claims/networks/tiny_dinov2_encoder_*.pth)")
+    ap.add_argument("--variants",
+                    help="copy-variants: comma list of the reconstruction model's variants, each with one difference of "
+                         "the claims run's: " + "; ".join(f"{k}: {v}" for k, v in COPY_VARIANTS.items()) +
+                         " (default: both with --encoder-weights, else pages)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"), help="work folder of cached runs (default runs/sweep)")
     ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"),
                     help="the markdown file written; results/sweep.json beside it is rewritten too (default: the "
                          "committed experiments/SWEEP.md and experiments/results/sweep.json)")
     a = ap.parse_args(argv)
-    order = ("phases", "probe", "length", "oracle", "copy", "ddpm", "use")          # length before the parts that read its runs
+    order = ("phases", "probe", "length", "oracle", "copy", "copy-variants", "ddpm", "use")          # length before the parts that read its runs
     given = {p for p in a.parts.split(",") if p}
     parts = [p for p in order if p in given]
     bad = given - set(order)
@@ -541,6 +629,14 @@ def main(argv=None):
         ap.error(f"--lengths and --ddpm-steps must be comma lists of integers, got {a.lengths!r}, {a.ddpm_steps!r}")
     if min(lengths + ddpm_steps) < 1:
         ap.error("--lengths and --ddpm-steps must be positive")
+    variants = [v for v in dict.fromkeys((a.variants or ("encoder,pages" if a.encoder_weights else "pages")).split(","))
+                if v]
+    if "copy-variants" in parts:
+        if not variants or set(variants) - set(COPY_VARIANTS):
+            ap.error(f"--variants must be a comma list of {', '.join(COPY_VARIANTS)}, got {a.variants!r}")
+        if "encoder" in variants and not a.encoder_weights:
+            ap.error("--variants encoder needs --encoder-weights (the claims run's trained encoder, "
+                     "runs/claims/networks/tiny_dinov2_encoder_*.pth)")
     if a.encoder_weights:
         if not os.path.isfile(a.encoder_weights):
             ap.error(f"no encoder file at {a.encoder_weights}")
@@ -571,13 +667,15 @@ def main(argv=None):
             with open(p) as f:
                 res.update(json.load(f))
     classifier = None
-    if {"length", "oracle", "copy", "ddpm"} & set(parts):
+    if {"length", "oracle", "copy", "copy-variants", "ddpm"} & set(parts):
         classifier, rep = kinds.train_classifier(os.path.join(a.out, "networks"), log=log)
         log(f"kind classifier: held-out accuracy {rep['held_out_accuracy']:.3f}")
     for part in parts:
         t0 = time.time()
         command = "python experiments/sweep.py --parts " + part + \
-            {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "copy": f" --lengths {a.lengths}", "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
+            {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "copy": f" --lengths {a.lengths}",
+             "copy-variants": "",                          # copy_variants_command: every stored variant's
+             "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
              "use": f" --lengths {a.lengths}",
              "phases": " --compile" if a.compile else "",
              "probe": f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else ""}[part]
@@ -593,11 +691,14 @@ def main(argv=None):
             out = oracle_part(a.out, lengths, classifier, res.get("oracle", {}))
         elif part == "copy":
             out = copy_part(a.out, lengths, classifier, res.get("copy", {}))
+        elif part == "copy-variants":
+            out = copy_variants(a.out, lengths, classifier, res.get(part, {}), variants, a.encoder_weights)
+            command = copy_variants_command(out, command)
         elif part == "ddpm":
             out = ddpm(a.out, lengths, classifier, ddpm_steps)
         else:
             out = use(a.out, lengths)
-        prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle", "copy") else 0
+        prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle", "copy", "copy-variants") else 0
         res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine.describe())
         for p in (path, committed):
             os.makedirs(os.path.dirname(p), exist_ok=True)       # the second copy sits beside SWEEP.md

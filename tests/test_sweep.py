@@ -423,3 +423,67 @@ def test_copy_section_quotes_the_stored_numbers(tmp_path):
     assert "| 600 | 19200 | - | 0.300 | - | - | 0.200 | - | 0.250 | - |" in md
     assert "| 2000 | 64000 | 420 | 0.120 | 0.400 | 0.30 | 0.050 | 0.350 | 0.500 | 0.125 |" in md
     assert md.index("| 600 |") < md.index("| 2000 |") and "differ by 0.400" in md
+
+
+def test_copy_variants_train_one_difference_each_and_keep_their_rows(monkeypatch, tmp_path):
+    """copy-variants: the reconstruction model's flags plus the claims run's encoder (or its 2048 pages), one
+    run folder each; a kept length is not redone; a variant stored with another encoder file is refused."""
+    trained, scored = [], []
+
+    def fake_kept(run, steps, flags):
+        trained.append((os.path.basename(run), steps, flags))
+        os.makedirs(run, exist_ok=True)
+        open(os.path.join(run, f"ckpt_{steps}.pt"), "wb").close()
+        return 7
+    monkeypatch.setattr(sweep, "kept_run", fake_kept)
+    monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(lambda p: p))
+    monkeypatch.setattr(sweep, "save_grid", lambda *a: None)
+
+    def fake_scores(model, classifier):
+        scored.append(model)
+        return dict(to_cond=0.1, between=0.2, agreement=0.3), None, None
+    monkeypatch.setattr(sweep, "copy_scores", fake_scores)
+    enc = "/x/networks/tiny_dinov2_encoder_abc.pth"
+    state = sweep.copy_variants(str(tmp_path), [4000, 600], None, {}, ["encoder", "pages"], enc)
+    assert trained == [("copy-encoder", 600, ("--pairs", "same", "--encoder-weights", enc)),
+                       ("copy-encoder", 4000, ("--pairs", "same", "--encoder-weights", enc)),
+                       ("copy-pages", 600, ("--pairs", "same", "--num-pages", "2048")),
+                       ("copy-pages", 4000, ("--pairs", "same", "--num-pages", "2048"))]
+    assert scored[0] == str(tmp_path / "copy-encoder" / "ckpt_600.pt")
+    v = state["variants"]
+    assert v["encoder"]["setting"] == "tiny_dinov2_encoder_abc.pth" and v["pages"]["setting"] == "2048"
+    assert v["encoder"]["what"] == "the claims run's trained encoder (tiny_dinov2_encoder_abc.pth)"
+    assert v["pages"]["rows"]["4000"] == dict(train_seconds=7, reconstruction=dict(to_cond=0.1, between=0.2, agreement=0.3))
+    trained.clear()
+    moved = "/elsewhere/tiny_dinov2_encoder_abc.pth"                  # the same recipe's file in another folder
+    assert sweep.copy_variants(str(tmp_path), [600, 4000], None, state, ["encoder"], moved) is state and trained == []
+    assert sweep.copy_variants_command(state, "python experiments/sweep.py --parts copy-variants --out '/o p'") == (
+        "python experiments/sweep.py --parts copy-variants --lengths 600,4000 --variants encoder,pages "
+        "--encoder-weights /elsewhere/tiny_dinov2_encoder_abc.pth --out '/o p'")    # every stored row, one command
+    with pytest.raises(SystemExit, match="measured with tiny_dinov2_encoder_abc.pth, now tiny_dinov2_encoder_def.pth"):
+        sweep.copy_variants(str(tmp_path), [600], None, state, ["encoder"], "/x/tiny_dinov2_encoder_def.pth")
+
+
+def test_copy_variants_section_puts_each_length_beside_the_copy_part(tmp_path):
+    part = dict(command="python experiments/sweep.py --parts copy-variants --lengths 4000", seconds=60.0, machine="m")
+    res = {"copy": dict(part, real_pair=0.4, rows={"4000": dict(train_seconds=600, reconstruction=dict(
+               to_cond=0.056, between=0.04, agreement=1.0)), "600": dict(reconstruction=dict(
+               to_cond=0.3, between=0.3, agreement=0.1))}),
+           "copy-variants": dict(part, variants={"encoder": dict(what="E", setting="enc.pth", rows={"4000": dict(
+               train_seconds=900, reconstruction=dict(to_cond=0.33, between=0.3, agreement=0.135))})})}
+    path = tmp_path / "SWEEP.md"
+    sweep.write_markdown(json.loads(json.dumps(res)), str(path))
+    md = path.read_text()
+    table = md[md.index("## What keeps"):]
+    assert "| 4000 | copy part (random encoder) | 600 | 0.056 | 0.040 | 1.000 |" in table
+    assert "| 4000 | encoder: E | 900 | 0.330 | 0.300 | 0.135 |" in table
+    assert "\n| 600 |" not in table and "512 training pages" in table     # lengths no variant has stay in the copy table
+
+
+def test_copy_variants_arguments(capsys):
+    for argv, msg in ((["--parts", "copy-variants", "--variants", "encoder"], "needs --encoder-weights"),
+                      (["--parts", "copy-variants", "--variants", "pages,colour"], "--variants must be"),
+                      (["--parts", "copy-variants", "--variants", ","], "--variants must be")):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
