@@ -306,24 +306,21 @@ def copy_variants(out, lengths, classifier, state, names, encoder_weights=None):
             keep = os.path.join(run, f"ckpt_{steps}.pt")
             if str(steps) in v["rows"] and os.path.exists(keep):
                 continue
-            v["rows"][str(steps)] = row = dict(train_seconds=kept_run(run, steps, ("--pairs", "same", *flags)))
-            row["reconstruction"], cond, samples = copy_scores(semantica.Semantica.from_checkpoint(keep), classifier)
-            save_grid(cond, samples, os.path.join(out, f"copy-{name}_{steps}.png"))
+            v["rows"][str(steps)] = row = copy_row({}, run, steps, flags, classifier,
+                                                   os.path.join(out, f"copy-{name}_{steps}.png"))
             log(f"copy variant {name} {steps}: {row}")
     return state
 
 
-def copy_variants_command(state, command):
-    """The one command that measures every stored variant at every stored length (several invocations, e.g.
-    --variants encoder then --variants pages, fill one table): `command` (--parts copy-variants plus --out /
-    --results) with --lengths, --variants and --encoder-weights."""
+def copy_variants_args(state):
+    """copy-variants' flags in the command that measures every stored variant at every stored length (several
+    invocations, e.g. --variants encoder then --variants pages, fill one table)."""
     v = state["variants"]
     lengths = sorted({int(s) for x in v.values() for s in x["rows"]})
-    extra = f" --lengths {','.join(map(str, lengths))} --variants {','.join(v)}"
+    args = f" --lengths {','.join(map(str, lengths))} --variants {','.join(v)}"
     if "encoder" in v:
-        extra += f" --encoder-weights {shlex.quote(v['encoder'].get('weights') or v['encoder']['setting'])}"
-    head, _, tail = command.partition(" --parts copy-variants")
-    return head + " --parts copy-variants" + extra + tail
+        args += f" --encoder-weights {shlex.quote(v['encoder'].get('weights') or v['encoder']['setting'])}"
+    return args
 
 
 def kept_run(run, steps, flags):
@@ -332,6 +329,17 @@ def kept_run(run, steps, flags):
         return train_kept(run, steps, flags)
     with open(os.path.join(run, f"log_{steps}.jsonl")) as f:
         return round([json.loads(x) for x in f if x.strip()][-1].get("elapsed_s", 0))
+
+
+def copy_row(row, run, steps, flags, classifier, grid):
+    """A reconstruction model (`--pairs same` plus `flags`) in `run` at `steps`: trained or kept (kept_run; the
+    row's train_seconds kept when its checkpoint is), scored by copy_scores, its grid saved -> row (updated)."""
+    if not os.path.exists(os.path.join(run, f"ckpt_{steps}.pt")) or "train_seconds" not in row:
+        row["train_seconds"] = kept_run(run, steps, ("--pairs", "same", *flags))
+    row["reconstruction"], cond, samples = copy_scores(
+        semantica.Semantica.from_checkpoint(os.path.join(run, f"ckpt_{steps}.pt")), classifier)
+    save_grid(cond, samples, grid)
+    return row
 
 
 def copy_part(out, lengths, classifier, state):
@@ -348,10 +356,7 @@ def copy_part(out, lengths, classifier, state):
         row = rows.get(str(steps), {})
         if row and os.path.exists(keep) and (row.get("pages") or not os.path.exists(page_ckpt)):
             continue
-        if not os.path.exists(keep) or "train_seconds" not in row:
-            row["train_seconds"] = kept_run(run, steps, ("--pairs", "same"))
-        row["reconstruction"], cond, samples = copy_scores(semantica.Semantica.from_checkpoint(keep), classifier)
-        save_grid(cond, samples, os.path.join(out, f"copy_{steps}.png"))
+        copy_row(row, run, steps, (), classifier, os.path.join(out, f"copy_{steps}.png"))
         if os.path.exists(page_ckpt):
             row["pages"] = copy_scores(semantica.Semantica.from_checkpoint(page_ckpt), classifier)[0]
         rows[str(steps)] = row
@@ -672,15 +677,6 @@ def main(argv=None):
         log(f"kind classifier: held-out accuracy {rep['held_out_accuracy']:.3f}")
     for part in parts:
         t0 = time.time()
-        command = "python experiments/sweep.py --parts " + part + \
-            {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "copy": f" --lengths {a.lengths}",
-             "copy-variants": "",                          # copy_variants_command: every stored variant's
-             "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
-             "use": f" --lengths {a.lengths}",
-             "phases": " --compile" if a.compile else "",
-             "probe": f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else ""}[part]
-        command += "".join(f" --{k} {shlex.quote(v)}" for k, v, d in (("out", a.out, ap.get_default("out")),
-                                                         ("results", a.results, ap.get_default("results"))) if v != d)
         if part == "phases":
             out = dict(results=phases(a.compile))
         elif part == "probe":
@@ -693,11 +689,19 @@ def main(argv=None):
             out = copy_part(a.out, lengths, classifier, res.get("copy", {}))
         elif part == "copy-variants":
             out = copy_variants(a.out, lengths, classifier, res.get(part, {}), variants, a.encoder_weights)
-            command = copy_variants_command(out, command)
         elif part == "ddpm":
             out = ddpm(a.out, lengths, classifier, ddpm_steps)
         else:
             out = use(a.out, lengths)
+        command = "python experiments/sweep.py --parts " + part + \
+            {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "copy": f" --lengths {a.lengths}",
+             "copy-variants": copy_variants_args(out) if part == "copy-variants" else "",   # every stored variant
+             "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
+             "use": f" --lengths {a.lengths}",
+             "phases": " --compile" if a.compile else "",
+             "probe": f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else ""}[part]
+        command += "".join(f" --{k} {shlex.quote(v)}" for k, v, d in (("out", a.out, ap.get_default("out")),
+                                                         ("results", a.results, ap.get_default("results"))) if v != d)
         prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle", "copy", "copy-variants") else 0
         res[part] = dict(out, command=command, seconds=prev + time.time() - t0, machine=machine.describe())
         for p in (path, committed):

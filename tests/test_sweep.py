@@ -457,9 +457,8 @@ def test_copy_variants_train_one_difference_each_and_keep_their_rows(monkeypatch
     trained.clear()
     moved = "/elsewhere/tiny_dinov2_encoder_abc.pth"                  # the same recipe's file in another folder
     assert sweep.copy_variants(str(tmp_path), [600, 4000], None, state, ["encoder"], moved) is state and trained == []
-    assert sweep.copy_variants_command(state, "python experiments/sweep.py --parts copy-variants --out '/o p'") == (
-        "python experiments/sweep.py --parts copy-variants --lengths 600,4000 --variants encoder,pages "
-        "--encoder-weights /elsewhere/tiny_dinov2_encoder_abc.pth --out '/o p'")    # every stored row, one command
+    assert sweep.copy_variants_args(state) == (" --lengths 600,4000 --variants encoder,pages "
+                                               "--encoder-weights /elsewhere/tiny_dinov2_encoder_abc.pth")  # every stored row
     with pytest.raises(SystemExit, match="measured with tiny_dinov2_encoder_abc.pth, now tiny_dinov2_encoder_def.pth"):
         sweep.copy_variants(str(tmp_path), [600], None, state, ["encoder"], "/x/tiny_dinov2_encoder_def.pth")
 
