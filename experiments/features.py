@@ -160,34 +160,37 @@ def space_report(feats, page, kind):
             "chance_kind": 1 / len(synthetic.KINDS)}
 
 
-def pretrained(out_dir, encoder_steps, feature_steps, bank_pages, seed=0, log=print):
-    """Train (or reuse from `out_dir`) both networks -> (encoder .pth path, feature net .pth path).
+def pretrained_network(out_dir, name, steps, bank_pages, seed=0, log=print):
+    """Train (or reuse from `out_dir`) one network, name "encoder" or "features" -> its .pth / .pt path.
 
-    Files are named by a hash of their training recipe, so a changed recipe retrains; the recipe is
-    seeded, so a rerun from scratch writes the same weights."""
+    The file is named by a hash of its training recipe, so a changed recipe retrains; the recipe is seeded,
+    so a rerun from scratch writes the same weights (up to the machine's float reductions)."""
+    if name not in ("encoder", "features"):
+        raise ValueError(f"name must be 'encoder' or 'features', got {name!r}")
     os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for name, steps, pseed in (("encoder", encoder_steps, ENCODER_PAGES_SEED),
-                               ("features", feature_steps, FEATURE_PAGES_SEED)):
-        recipe = dict(name=name, steps=steps, bank_pages=bank_pages, pages_seed=pseed, seed=seed,
-                      lr=ENCODER_LR if name == "encoder" else FEATURE_LR, temperature=TEMPERATURE, v=1,
-                      **synthetic.SyntheticPages(1).style())       # what the held-out pages draw
-        key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-        path = os.path.join(out_dir, f"tiny_dinov2_encoder_{key}.pth" if name == "encoder"  # DINOv2 layout
-                            else f"feature_cnn_{key}.pt")
-        if not os.path.exists(path):
-            log(f"training the {name} network ({steps} steps on {bank_pages} held-out pages, seed {pseed})")
-            images, page, kind = page_bank(bank_pages, pseed, clean=name == "features")
-            if name == "encoder":
-                net = train_encoder(images, page, steps, seed=seed, log=log)
-            else:
-                net = train_feature_net(images, page, kind, steps, seed=seed + 1, log=log)
-            if name == "encoder":
-                encoders.save_dinov2(net, path + ".tmp")     # read back by encoders.from_checkpoint
-            else:
-                torch.save(net.state_dict(), path + ".tmp")
-            os.replace(path + ".tmp", path)
-            with open(path + ".json", "w") as f:
-                json.dump(recipe, f, indent=1)
-        paths[name] = path
-    return paths["encoder"], paths["features"]
+    pseed = ENCODER_PAGES_SEED if name == "encoder" else FEATURE_PAGES_SEED
+    recipe = dict(name=name, steps=steps, bank_pages=bank_pages, pages_seed=pseed, seed=seed,
+                  lr=ENCODER_LR if name == "encoder" else FEATURE_LR, temperature=TEMPERATURE, v=1,
+                  **synthetic.SyntheticPages(1).style())       # what the held-out pages draw
+    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(out_dir, f"tiny_dinov2_encoder_{key}.pth" if name == "encoder"  # DINOv2 layout
+                        else f"feature_cnn_{key}.pt")
+    if not os.path.exists(path):
+        log(f"training the {name} network ({steps} steps on {bank_pages} held-out pages, seed {pseed})")
+        images, page, kind = page_bank(bank_pages, pseed, clean=name == "features")
+        if name == "encoder":
+            net = train_encoder(images, page, steps, seed=seed, log=log)
+            encoders.save_dinov2(net, path + ".tmp")         # read back by encoders.from_checkpoint
+        else:
+            net = train_feature_net(images, page, kind, steps, seed=seed + 1, log=log)
+            torch.save(net.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        with open(path + ".json", "w") as f:
+            json.dump(recipe, f, indent=1)
+    return path
+
+
+def pretrained(out_dir, encoder_steps, feature_steps, bank_pages, seed=0, log=print):
+    """Both networks (pretrained_network) -> (encoder .pth path, feature net .pth path)."""
+    return (pretrained_network(out_dir, "encoder", encoder_steps, bank_pages, seed, log),
+            pretrained_network(out_dir, "features", feature_steps, bank_pages, seed, log))

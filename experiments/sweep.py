@@ -10,7 +10,10 @@ why, in eight parts:
           bf16 autocast; torch.compile with --compile) and one guided DDPM sampling step.
   probe   do the conditioning tokens carry the condition? A ridge regression from the encoder's output to the
           condition's pixels and to its object kind, on held-out pages (random tiny encoder; the trained
-          claims encoder too when --encoder-weights names it).
+          claims encoder too when --encoder-weights names it, and the claims' encoder recipe trained each of
+          --encoder-steps); and is it prominent there? The same pixel regression from only the tokens' top
+          principal components (the low-rank probe), and how much of their variance every position shares
+          (experiments/token_probe.py).
   length  the default job's flags trained on (train.py, resumed) to each of --lengths steps; at each length
           the kind agreement of its variations (experiments/kinds.py) and a grid of them.
   oracle  the encoder or the denoiser? The default job with an oracle condition whose tokens carry the
@@ -19,10 +22,12 @@ why, in eight parts:
           another kind's on the same tokens).
   copy    claim 1 against training length: the default job with --pairs same (§4's reconstruction model)
           trained to each of --lengths steps; at guidance 0 its samples' pixel RMSE to their condition and to
-          each other, against two real images of one page and the length part's page-pair model.
+          each other, against two real images of one page and the length part's page-pair model
+          (experiments/copying.py, with copy-variants).
   copy-variants  which difference keeps the claims run's reconstruction model from copying: the copy part's
-          model with the claims run's trained encoder (--encoder-weights), or with its 2048 training pages, one
-          at a time (--variants), trained to each of --lengths steps and scored like the copy part.
+          model with the claims run's trained encoder (--encoder-weights), or with its 2048 training pages, or
+          with that encoder's recipe stopped after N steps (encoder<N>), one at a time (--variants), trained to
+          each of --lengths steps and scored like the copy part.
   ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
   use     does the denoiser read its condition? Each length's diffusion loss (Eq. 1, eps space) at fixed noise
           levels t on held-out page pairs with the true condition, another page's condition, and the null:
@@ -32,14 +37,15 @@ why, in eight parts:
     python experiments/sweep.py --parts phases,probe          # some parts (the others are kept from sweep.json)
 
 Each part is stored in OUT/sweep.json with its command, wall time and machine; checkpoints are kept per
-length (OUT/length/ckpt_<L>.pt, OUT/oracle/state_<L>.pt, OUT/copy/ckpt_<L>.pt, OUT/copy-<variant>/ckpt_<L>.pt), so a rerun measures only what is missing. Everything is DESIGN.
+length (experiments/kept_runs.py: OUT/length/ckpt_<L>.pt, OUT/copy/ckpt_<L>.pt, OUT/copy-<variant>/ckpt_<L>.pt;
+OUT/oracle/state_<L>.pt; encoders in OUT/networks), so a rerun measures only what is missing. Everything is
+DESIGN.
 """
 import argparse
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 
@@ -49,25 +55,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+import copying  # noqa: E402  (experiments/copying.py: the copy and copy-variants parts)
 import data  # noqa: E402
 import diffusion  # noqa: E402
 import encoders  # noqa: E402
-import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import oracle  # noqa: E402  (experiments/oracle.py: the oracle-condition run)
 import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
 import synthetic  # noqa: E402
+import token_probe  # noqa: E402  (experiments/token_probe.py: the probe part)
 import uvit  # noqa: E402
 from claims_setup import COPY_RATIO, ClaimsConfig  # noqa: E402  (claim 1's criterion; the claims run's setup)
+from kept_runs import final_loss, log, save_grid, train_kept  # noqa: E402  (experiments/kept_runs.py)
 
-PROBE_PAGES_SEED = 606     # DESIGN: held-out pages of their own seed for the token probe
 EVAL = dict(pages=48, n=2, guidance=0.5, steps=64)   # kind agreement: 96 samples (binomial std <= 0.05)
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def rate(fn, items, repeat=3):
@@ -136,88 +139,7 @@ def phases(compile_step=False, batch=32):
     return {k: round(v, 1) for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- probe
-
-def _ridge_fit_eval(f_tr, y_tr, f_te, y_te, lam=1e-2):
-    """Ridge regression (dual form, features standardised) -> predictions on the test features."""
-    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
-    a, b = (f_tr - mu) / sd, (f_te - mu) / sd
-    ym = y_tr.mean(0)
-    k = a @ a.T
-    alpha = torch.linalg.solve(k + lam * k.diagonal().mean() * torch.eye(len(a), dtype=a.dtype), y_tr - ym)
-    return (b @ a.T) @ alpha + ym
-
-
-@torch.no_grad()
-def probe(encoder_weights=None, n_train=1500, n_test=500):
-    """What a ridge regression recovers from the encoder's output on held-out clean pages: pixel RMSE of
-    the condition ([-1, 1] scale) from the tokens and from the global feature, and object-kind accuracy."""
-    pages = synthetic.SyntheticPages(800, 32, seed=PROBE_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0)
-    items = [(p, i) for p in range(len(pages)) for i in range(pages.count(p))][:n_train + n_test]
-    x = torch.stack([pages.image(p, i) for p, i in items]).double()
-    kind = torch.tensor([pages.label(p) for p, _ in items])
-    y_pix, y_kind = x.flatten(1), torch.nn.functional.one_hot(kind, len(synthetic.KINDS)).double()
-    encs = {"random tiny encoder (default job)": encoders.load_encoder("tiny", seed=0)}
-    if encoder_weights:
-        encs["trained tiny encoder (claims run)"] = encoders.from_checkpoint(encoder_weights)
-    tr, te = slice(0, n_train), slice(n_train, None)
-    res = {"baseline (mean image)": dict(pixel_rmse=(y_pix[te] - y_pix[tr].mean(0)).square().mean().sqrt().item())}
-    kd = _ridge_fit_eval(y_pix[tr], y_kind[tr], y_pix[te], y_kind[te])       # what a linear probe gets from pixels
-    res["raw pixels (reference for kind)"] = dict(pixel_rmse=0.0, kind_accuracy=(kd.argmax(1) == kind[te]).double().mean().item())
-    for name, enc in encs.items():
-        g, tok = enc(enc.preprocess(x.float()))
-        for part, f in (("tokens", tok.flatten(1).double()), ("global", g.double())):
-            pix = _ridge_fit_eval(f[tr], y_pix[tr], f[te], y_pix[te])
-            kd = _ridge_fit_eval(f[tr], y_kind[tr], f[te], y_kind[te])
-            res[f"{name}, {part}"] = dict(pixel_rmse=(pix - y_pix[te]).square().mean().sqrt().item(),
-                                          kind_accuracy=(kd.argmax(1) == kind[te]).double().mean().item())
-    return dict(train_images=n_train, test_images=len(items) - n_train, results=res)
-
-
 # ----------------------------------------------------------------------------- length and DDPM steps
-
-def train_to(out, steps, flags=()):
-    """train.py with the default job's flags (plus `flags`, e.g. ("--pairs", "same")) to `steps` (resuming the
-    folder's checkpoint) -> seconds. Its end-of-run grid is cut to one sample (a resumable flag): the parts
-    draw their own grids."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--steps", str(steps),
-           "--sample-every", str(10 ** 9), "--grid-images", "1", "--grid-n", "1", *flags] + \
-        (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else [])
-    log("$ " + " ".join(cmd))
-    t = time.time()
-    if subprocess.run(cmd).returncode:
-        raise SystemExit("train.py failed (command above)")
-    return time.time() - t
-
-
-def final_loss(path, step):
-    """The last logged mean loss at or before `step` in a train.py log.jsonl."""
-    with open(path) as f:
-        recs = [r for r in map(json.loads, f) if r.get("step", 0) <= step and "loss" in r]
-    return recs[-1]["loss"]
-
-
-def save_grid(cond, samples, path, rows=8):
-    """Condition then its samples, one row per condition (3x nearest upscale) -> PNG."""
-    rows = torch.cat([cond[:rows, None], samples[:rows]], 1)
-    grid = torch.cat([torch.cat(list(r), 2) for r in rows], 1)
-    images.save_png(torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0], path)
-
-
-def train_kept(run, steps, flags=()):
-    """Train the run in `run` on to `steps` (train_to) and keep its checkpoint and log at that length
-    (run/ckpt_<steps>.pt, run/log_<steps>.jsonl; the run goes on from run/ckpt.pt) -> seconds."""
-    ckpt = os.path.join(run, "ckpt.pt")
-    done = semantica.read_checkpoint(ckpt)["step"] if os.path.exists(ckpt) else 0
-    if done > steps:
-        raise SystemExit(f"{run} is at step {done} > {steps}: delete it to measure shorter runs")
-    seconds = train_to(run, steps, flags)
-    for name, kept in (("log.jsonl", os.path.join(run, f"log_{steps}.jsonl")),
-                       ("ckpt.pt", os.path.join(run, f"ckpt_{steps}.pt"))):
-        shutil.copyfile(os.path.join(run, name), kept + ".tmp")
-        os.replace(kept + ".tmp", kept)
-    return round(seconds)
-
 
 def length(out, lengths, classifier, state):
     """Train the default job to each length and score its variations; cached per length."""
@@ -239,128 +161,6 @@ def length(out, lengths, classifier, state):
         save_grid(cond, samples, os.path.join(out, f"kinds_{steps}.png"))
         rows[str(steps)] = dict(loss=final_loss(os.path.join(run, f"log_{steps}.jsonl"), steps), **scores)
         log(f"length {steps}: {rows[str(steps)]}")
-    return state
-
-
-COPY_EVAL = dict(pages=48, n=2, guidance=0.0, steps=64)   # claim 1 is judged at guidance 0 (claims_setup)
-
-
-def pixel_rmse(a, b):
-    """Per-image pixel RMSE of (N, 3, S, S) images on the [-1, 1] scale -> (N,), as claims.score."""
-    return (a - b).flatten(1).square().mean(1).sqrt()
-
-
-def copy_scores(model, classifier, ev=COPY_EVAL, seed=0):
-    """Claim 1's numbers for one model: `ev["n"]` samples at guidance ev["guidance"] of one condition per
-    held-out test page (kinds.test_conditions) -> (dict(to_cond = mean pixel RMSE sample-to-condition,
-    between = mean RMSE between two samples of one condition, agreement = kind agreement), cond, samples).
-    Pixel RMSE per image on the [-1, 1] scale, as claims.score."""
-    cond, kind = kinds.test_conditions(ev["pages"], model.net.config.image_size)
-    samples = model.sample(cond, num_samples=ev["n"], guidance=ev["guidance"], steps=ev["steps"], seed=seed)
-    index = torch.arange(len(cond)).repeat_interleave(ev["n"])
-    flat = samples.flatten(0, 1)
-    return dict(to_cond=pixel_rmse(flat, cond[index]).mean().item(),
-                between=pixel_rmse(samples[:, 0], samples[:, 1]).mean().item(),
-                agreement=kinds.kind_scores(classifier, cond, kind, flat, index)["agreement"]), cond, samples
-
-
-def real_pair_rmse(pages=COPY_EVAL["pages"], size=32):
-    """Mean pixel RMSE between images 0 and 1 of each held-out test page (kinds.test_conditions' pages):
-    what a sample that is another image of the condition's page differs by."""
-    src = synthetic.SyntheticPages(pages, size, seed=kinds.TEST_PAGES_SEED, p_outlier=0.0, p_duplicate=0.0)
-    a, b = (torch.stack([src.image(p, i) for p in range(pages)]) for i in (0, 1))
-    return pixel_rmse(a, b).mean().item()
-
-
-# The claims run's reconstruction model differs from the copy part's in two ways; each variant makes one of
-# them (DESIGN: which one keeps the claims run's model from copying at 4000 steps, README finding 7).
-COPY_VARIANTS = {"encoder": "the claims run's trained encoder",
-                 "pages": f"the claims run's {ClaimsConfig().train_pages} training pages"}
-
-
-def copy_variant_flags(name, encoder_weights=None):
-    """train.py flags that a copy variant adds to the reconstruction model's (`--pairs same`)."""
-    if name == "encoder":
-        return ("--encoder-weights", encoder_weights)
-    return ("--num-pages", str(ClaimsConfig().train_pages))
-
-
-def copy_variants(out, lengths, classifier, state, names, encoder_weights=None):
-    """The copy part's reconstruction model with one difference of the claims run's (COPY_VARIANTS) each, trained
-    on to each length in OUT/copy-<name> and scored by copy_scores -> state["variants"][name] = {what, setting,
-    rows: {steps: {train_seconds, reconstruction}}}. A variant stored with another setting (another encoder
-    file: its name is the hash of its recipe) is refused in one line."""
-    variants = state.setdefault("variants", {})
-    for name in names:
-        flags = copy_variant_flags(name, encoder_weights)
-        setting = os.path.basename(flags[1]) if name == "encoder" else flags[1]
-        v = variants.setdefault(name, dict(setting=setting, rows={}))
-        v["what"] = COPY_VARIANTS[name] + (f" ({setting})" if name == "encoder" else "")
-        if name == "encoder":
-            v["weights"] = encoder_weights                     # the path of this invocation (its command line)
-        run = os.path.join(out, f"copy-{name}")
-        if v["setting"] != setting:
-            raise SystemExit(f"{out}: the copy variant {name!r} was measured with {v['setting']}, now {setting}: "
-                             f"delete {run} and its rows in {out}/sweep.json (or pass another --out)")
-        for steps in sorted(lengths):
-            keep = os.path.join(run, f"ckpt_{steps}.pt")
-            if str(steps) in v["rows"] and os.path.exists(keep):
-                continue
-            v["rows"][str(steps)] = row = copy_row({}, run, steps, flags, classifier,
-                                                   os.path.join(out, f"copy-{name}_{steps}.png"))
-            log(f"copy variant {name} {steps}: {row}")
-    return state
-
-
-def copy_variants_args(state):
-    """copy-variants' flags in the command that measures every stored variant at every stored length (several
-    invocations, e.g. --variants encoder then --variants pages, fill one table)."""
-    v = state["variants"]
-    lengths = sorted({int(s) for x in v.values() for s in x["rows"]})
-    args = f" --lengths {','.join(map(str, lengths))} --variants {','.join(v)}"
-    if "encoder" in v:
-        args += f" --encoder-weights {shlex.quote(v['encoder'].get('weights') or v['encoder']['setting'])}"
-    return args
-
-
-def kept_run(run, steps, flags):
-    """train_kept, or the seconds of a checkpoint kept by an earlier, interrupted invocation (its log's time)."""
-    if not os.path.exists(os.path.join(run, f"ckpt_{steps}.pt")):
-        return train_kept(run, steps, flags)
-    with open(os.path.join(run, f"log_{steps}.jsonl")) as f:
-        return round([json.loads(x) for x in f if x.strip()][-1].get("elapsed_s", 0))
-
-
-def copy_row(row, run, steps, flags, classifier, grid):
-    """A reconstruction model (`--pairs same` plus `flags`) in `run` at `steps`: trained or kept (kept_run; the
-    row's train_seconds kept when its checkpoint is), scored by copy_scores, its grid saved -> row (updated)."""
-    if not os.path.exists(os.path.join(run, f"ckpt_{steps}.pt")) or "train_seconds" not in row:
-        row["train_seconds"] = kept_run(run, steps, ("--pairs", "same", *flags))
-    row["reconstruction"], cond, samples = copy_scores(
-        semantica.Semantica.from_checkpoint(os.path.join(run, f"ckpt_{steps}.pt")), classifier)
-    save_grid(cond, samples, grid)
-    return row
-
-
-def copy_part(out, lengths, classifier, state):
-    """Claim 1 against training length (§4: a model trained on (x, x) pairs copies its condition). The default
-    job's flags with --pairs same (the reconstruction model) trained on to each length (OUT/copy, kept per
-    length); at guidance 0 its samples' RMSE to their condition and to each other, against two real images of
-    one page and, where the length part kept its run of that length, the page-pair model's."""
-    run = os.path.join(out, "copy")
-    rows = state.setdefault("rows", {})
-    state["real_pair"] = real_pair_rmse()
-    for steps in sorted(lengths):
-        keep = os.path.join(run, f"ckpt_{steps}.pt")
-        page_ckpt = os.path.join(out, "length", f"ckpt_{steps}.pt")
-        row = rows.get(str(steps), {})
-        if row and os.path.exists(keep) and (row.get("pages") or not os.path.exists(page_ckpt)):
-            continue
-        copy_row(row, run, steps, (), classifier, os.path.join(out, f"copy_{steps}.png"))
-        if os.path.exists(page_ckpt):
-            row["pages"] = copy_scores(semantica.Semantica.from_checkpoint(page_ckpt), classifier)[0]
-        rows[str(steps)] = row
-        log(f"copy {steps}: {row}")
     return state
 
 
@@ -421,7 +221,7 @@ USE_PAIRS = 128                            # DESIGN: held-out page pairs of the 
 @torch.no_grad()
 def condition_use(model, n=USE_PAIRS, ts=USE_T, seed=0, chunks=USE_CHUNKS, kind_vectors=None):
     """Mean eps-space loss (Eq. 1 with w = SNR, diffusion.diffusion_loss) at each noise level t of `n`
-    held-out page pairs (target image 1, condition image 0 of pages of seed PROBE_PAGES_SEED), with the same
+    held-out page pairs (target image 1, condition image 0 of pages of seed token_probe.PROBE_PAGES_SEED), with the same
     t and noise under three conditions -> {t: {"true", "shuffled" (the previous page's condition), "null",
     "gap" (shuffled - true), "gap_se" (its standard error over `chunks` equal chunks of the pairs)}}.
     kind_vectors (K, D): an oracle-condition model (experiments/oracle.py): "true" is the condition's tokens
@@ -429,7 +229,7 @@ def condition_use(model, n=USE_PAIRS, ts=USE_T, seed=0, chunks=USE_CHUNKS, kind_
     if n % chunks:
         raise ValueError(f"n ({n}) must be a multiple of chunks ({chunks})")
     size = model.config.image_size
-    pages = synthetic.SyntheticPages(n, size, seed=PROBE_PAGES_SEED)
+    pages = synthetic.SyntheticPages(n, size, seed=token_probe.PROBE_PAGES_SEED)
     x = torch.stack([pages.image(p, 1) for p in range(n)])
     cond = model.as_cond(torch.stack([pages.image(p, 0) for p in range(n)]))
     null = model.null_cond.to(cond.dtype).expand_as(cond)
@@ -504,6 +304,27 @@ def write_markdown(res, path):
         lines += ["", "A pixel RMSE far below the mean-image baseline means the tokens determine the condition (a "
                   "denoiser could copy it); kind accuracy is what a linear read-out gets (the raw-pixels row is "
                   "the same read-out on the pixels themselves).", ""]
+        if "lowrank" in p:
+            ranks = [k for k in next(iter(p["lowrank"].values())) if k.isdigit()]
+            lines += ["### Is the condition's layout prominent in the tokens? (low-rank probe)", "",
+                      "The same pixel regression from only the top-k principal components of the tokens (centred, "
+                      "not standardised: the directions of their largest variance, as the encoder emits them); in "
+                      "brackets the share of the tokens' variance those k components carry. A full-rank probe "
+                      "weighs every direction alike; this one asks whether the condition's pixels sit in the "
+                      "tokens' dominant directions, which a denoiser meets first. The all-dims column is the "
+                      "full probe (as above); on raw pixels it is the probe's own floor with this many training "
+                      "images, not 0. The mean-colour and pooled-image rows are references: what the condition's "
+                      "palette alone (3 numbers) and its coarse layout (48) determine. Last column: the share of the "
+                      "patch tokens' variance across images that is the same at every position (the image's mean "
+                      "token); the rest is position-specific, the layout (1/64 if positions were independent).", "",
+                      "| features (dims) | all dims | " + " | ".join(f"top {k}" for k in ranks) +
+                      " | variance shared by all positions |",
+                      "| --- | --- | " + " | ".join("---" for _ in ranks) + " | --- |"]
+            for k, v in p["lowrank"].items():
+                lines += [f"| {k} ({v['dims']}) | {v['full']:.3f} | " + " | ".join(
+                    f"{v[r]['pixel_rmse']:.3f} ({v[r]['variance_share']:.2f})" if r in v else "-" for r in ranks) +
+                    (f" | {v['position_shared']:.2f} |" if "position_shared" in v else " | - |")]
+            lines += [""]
     if "length" in res:
         p = res["length"]
         lines += ["## Sample quality against training length", "", meta(p), "",
@@ -535,7 +356,7 @@ def write_markdown(res, path):
                       "| run (steps) | t | true kind | another kind | null | gap (another - true) | relative |",
                       "| --- | --- | --- | --- | --- | --- | --- |"] + use_rows(use) + [""]
     if "copy" in res:
-        p, ev = res["copy"], COPY_EVAL
+        p, ev = res["copy"], copying.COPY_EVAL
         lines += ["## When does the reconstruction model copy? (claim 1 against training length)", "", meta(p), "",
                   f"The default job's flags with `--pairs same` (the §4 reconstruction model: condition = target), "
                   f"resumed to each length. Guidance {ev['guidance']} (claim 1's), {ev['pages']} held-out conditions x "
@@ -559,19 +380,24 @@ def write_markdown(res, path):
         lines += ["## What keeps the claims run's reconstruction model from copying?", "", meta(p), "",
                   "The copy part's reconstruction model (the default job's flags with `--pairs same`: a random tiny encoder, "
                   f"{oracle.JOB['num_pages']} training pages) with one difference of the claims run's reconstruction model "
-                  "at a time, scored as in the copy part (guidance 0). Training seconds: since the previous kept length of "
-                  "that run, on the machine of its part's line (the copy part's: its section above). Grids: "
-                  "`copy-<variant>_<steps>.png` in the work folder.", "",
-                  "| steps x batch 32 | run | training seconds | RMSE to condition | RMSE between samples | kind agreement |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        runs = [("copy part (random encoder)", base)] + [
-            (f"{name}: {v['what']}", v["rows"]) for name, v in p["variants"].items()]
+                  "at a time, scored as in the copy part (guidance 0); encoder<N> variants swap in the claims run's "
+                  "encoder recipe stopped after N of its steps (the claims run's is N = "
+                  f"{ClaimsConfig().encoder_steps}; the random encoder is N = 0). Training seconds: since the previous "
+                  "kept length of that run, on the machine named in the row (its CPU; the part's lines give the rest). "
+                  "Grids: `copy-<variant>_<steps>.png` in the work folder.", "",
+                  "| steps x batch 32 | run | training seconds (machine) | RMSE to condition | RMSE between samples | "
+                  "kind agreement |", "| --- | --- | --- | --- | --- | --- |"]
+        runs = [("copy part (random encoder)", {k: dict(r, machine=r.get("machine", res["copy"].get("machine", "?")))
+                                                for k, r in base.items()})] + [
+            (f"{name}: {p['variants'][name]['what']}", p["variants"][name]["rows"])
+            for name in sorted(p["variants"], key=copying.variant_order)]
         for s in sorted({int(k) for _, rows in runs[1:] for k in rows}):
             for label, rows in runs:
                 if str(s) in rows:
                     r = rows[str(s)]
                     rec = r["reconstruction"]
-                    lines += [f"| {s} | {label} | {r.get('train_seconds', '-')} | {rec['to_cond']:.3f} | "
+                    where = r.get("machine", p.get("machine", "?")).split(",")[0]
+                    lines += [f"| {s} | {label} | {r.get('train_seconds', '-')} ({where}) | {rec['to_cond']:.3f} | "
                               f"{rec['between']:.3f} | {rec['agreement']:.3f} |"]
         lines += [""]
     if "ddpm" in res:
@@ -612,9 +438,13 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="phases: also time a torch.compile'd step (minutes)")
     ap.add_argument("--encoder-weights", help="probe: also the trained claims encoder (a DINOv2-layout .pth); "
                     "copy-variants: the encoder of its 'encoder' variant (runs/claims/networks/tiny_dinov2_encoder_*.pth)")
+    ap.add_argument("--encoder-steps", default="",
+                    help="probe: also the claims run's encoder recipe (experiments/features.py) trained each of these "
+                         "comma-listed step counts, kept in OUT/networks (the claims run's: 250; 0 steps is the random "
+                         "encoder's row; default: none)")
     ap.add_argument("--variants",
                     help="copy-variants: comma list of the reconstruction model's variants, each with one difference of "
-                         "the claims run's: " + "; ".join(f"{k}: {v}" for k, v in COPY_VARIANTS.items()) +
+                         "the claims run's: " + "; ".join(f"{k}: {v}" for k, v in copying.COPY_VARIANTS.items()) +
                          " (default: both with --encoder-weights, else pages)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"), help="work folder of cached runs (default runs/sweep)")
     ap.add_argument("--results", default=os.path.join(HERE, "SWEEP.md"),
@@ -630,15 +460,18 @@ def main(argv=None):
     try:
         lengths = sorted({int(s) for s in a.lengths.split(",")})
         ddpm_steps = sorted({int(s) for s in a.ddpm_steps.split(",")})
+        encoder_steps = sorted({int(s) for s in a.encoder_steps.split(",") if s})
     except ValueError:
-        ap.error(f"--lengths and --ddpm-steps must be comma lists of integers, got {a.lengths!r}, {a.ddpm_steps!r}")
-    if min(lengths + ddpm_steps) < 1:
-        ap.error("--lengths and --ddpm-steps must be positive")
+        ap.error(f"--lengths, --ddpm-steps and --encoder-steps must be comma lists of integers, got "
+                 f"{a.lengths!r}, {a.ddpm_steps!r}, {a.encoder_steps!r}")
+    if min(lengths + ddpm_steps + [s + 1 for s in encoder_steps]) < 1:
+        ap.error("--lengths and --ddpm-steps must be positive, --encoder-steps not negative")
     variants = [v for v in dict.fromkeys((a.variants or ("encoder,pages" if a.encoder_weights else "pages")).split(","))
                 if v]
     if "copy-variants" in parts:
-        if not variants or set(variants) - set(COPY_VARIANTS):
-            ap.error(f"--variants must be a comma list of {', '.join(COPY_VARIANTS)}, got {a.variants!r}")
+        if not variants or any(v not in ("encoder", "pages") and copying.variant_steps(v) is None for v in variants):
+            ap.error(f"--variants must be a comma list of {', '.join(copying.COPY_VARIANTS)} (N a number of steps), "
+                     f"got {a.variants!r}")
         if "encoder" in variants and not a.encoder_weights:
             ap.error("--variants encoder needs --encoder-weights (the claims run's trained encoder, "
                      "runs/claims/networks/tiny_dinov2_encoder_*.pth)")
@@ -680,26 +513,27 @@ def main(argv=None):
         if part == "phases":
             out = dict(results=phases(a.compile))
         elif part == "probe":
-            out = probe(a.encoder_weights)
+            out = token_probe.probe(a.encoder_weights, encoder_steps, os.path.join(a.out, "networks"), log=log)
         elif part == "length":
             out = length(a.out, lengths, classifier, res.get("length", {}))
         elif part == "oracle":
             out = oracle_part(a.out, lengths, classifier, res.get("oracle", {}))
         elif part == "copy":
-            out = copy_part(a.out, lengths, classifier, res.get("copy", {}))
+            out = copying.copy_part(a.out, lengths, classifier, res.get("copy", {}))
         elif part == "copy-variants":
-            out = copy_variants(a.out, lengths, classifier, res.get(part, {}), variants, a.encoder_weights)
+            out = copying.copy_variants(a.out, lengths, classifier, res.get(part, {}), variants, a.encoder_weights)
         elif part == "ddpm":
             out = ddpm(a.out, lengths, classifier, ddpm_steps)
         else:
             out = use(a.out, lengths)
         command = "python experiments/sweep.py --parts " + part + \
             {"length": f" --lengths {a.lengths}", "oracle": f" --lengths {a.lengths}", "copy": f" --lengths {a.lengths}",
-             "copy-variants": copy_variants_args(out) if part == "copy-variants" else "",   # every stored variant
+             "copy-variants": copying.copy_variants_args(out) if part == "copy-variants" else "",   # every stored variant
              "ddpm": f" --lengths {a.lengths} --ddpm-steps {a.ddpm_steps}",
              "use": f" --lengths {a.lengths}",
              "phases": " --compile" if a.compile else "",
-             "probe": f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else ""}[part]
+             "probe": (f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else "") +
+                      (f" --encoder-steps {','.join(map(str, encoder_steps))}" if encoder_steps else "")}[part]
         command += "".join(f" --{k} {shlex.quote(v)}" for k, v, d in (("out", a.out, ap.get_default("out")),
                                                          ("results", a.results, ap.get_default("results"))) if v != d)
         prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle", "copy", "copy-variants") else 0

@@ -13,7 +13,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import copying  # noqa: E402
 import sweep  # noqa: E402
+import token_probe  # noqa: E402
 
 
 def test_probe_ridge_is_the_primal_ridge_solution():
@@ -21,7 +23,7 @@ def test_probe_ridge_is_the_primal_ridge_solution():
     rng = np.random.default_rng(0)
     f_tr, f_te = rng.normal(size=(40, 7)) * [1, 2, 3, 4, 5, 6, 7] + 3, rng.normal(size=(9, 7))
     y_tr = f_tr @ rng.normal(size=(7, 2)) + rng.normal(size=(40, 2)) * 0.1
-    got = sweep._ridge_fit_eval(*(torch.from_numpy(a) for a in (f_tr, y_tr, f_te, np.zeros((9, 2)))), lam=0.3)
+    got = token_probe.ridge_fit_eval(*(torch.from_numpy(a) for a in (f_tr, y_tr, f_te, np.zeros((9, 2)))), lam=0.3)
     mu, sd = f_tr.mean(0), f_tr.std(0, ddof=1) + 1e-6               # torch.std is the unbiased std
     a, b = (f_tr - mu) / sd, (f_te - mu) / sd
     lam = 0.3 * np.trace(a @ a.T) / len(a)                          # the ridge scales with the mean kernel diagonal
@@ -34,11 +36,56 @@ def test_probe_recovers_what_the_features_determine():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(300, 5, generator=g, dtype=torch.float64)
     f = y @ torch.randn(5, 12, generator=g, dtype=torch.float64)
-    pred = sweep._ridge_fit_eval(f[:200], y[:200], f[200:], y[200:], lam=1e-8)
+    pred = token_probe.ridge_fit_eval(f[:200], y[:200], f[200:], y[200:], lam=1e-8)
     assert (pred - y[200:]).abs().max() < 1e-3
     noise = torch.randn(300, 12, generator=g, dtype=torch.float64)
-    pred = sweep._ridge_fit_eval(noise[:200], y[:200], noise[200:], y[200:], lam=1e-2)
+    pred = token_probe.ridge_fit_eval(noise[:200], y[:200], noise[200:], y[200:], lam=1e-2)
     assert (pred - y[200:]).square().mean() > 0.5 * y[200:].var()
+
+
+def test_lowrank_probe_reads_only_the_dominant_directions():
+    """A target carried by a low-variance direction, under a high-variance nuisance: the top-1 component
+    misses it (error of the mean predictor), the top 2 recover it; the variance share is the top
+    eigenvalues' share of the sample covariance, computed here with numpy."""
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(400, 1))
+    nuisance = rng.normal(size=(400, 1)) * 10                      # the dominant direction carries no target
+    rot = np.linalg.qr(rng.normal(size=(5, 5)))[0]                 # mixed into every feature dimension
+    f = np.hstack([nuisance, y, rng.normal(size=(400, 3)) * 0.01]) @ rot.T + 2.0
+    t = lambda a: torch.from_numpy(a)                              # noqa: E731
+    pred1, share1 = token_probe.lowrank_fit_eval(t(f[:300]), t(y[:300]), t(f[300:]), 1, lam=1e-8)
+    pred2, share2 = token_probe.lowrank_fit_eval(t(f[:300]), t(y[:300]), t(f[300:]), 2, lam=1e-8)
+    assert ((pred1.numpy() - y[300:]) ** 2).mean() > 0.8 * y[300:].var()
+    assert np.abs(pred2.numpy() - y[300:]).max() < 0.05
+    ev = np.sort(np.linalg.eigvalsh(np.cov(f[:300].T)))[::-1]
+    assert share1 == pytest.approx(ev[0] / ev.sum(), rel=1e-9)
+    assert share2 == pytest.approx(ev[:2].sum() / ev.sum(), rel=1e-9)
+
+
+def test_position_shared_share_by_hand():
+    """Worked by hand: 2 images x 2 positions x 1 channel, tokens [1, 3] and [-1, -3]: centred over images they
+    stay; the image means 2 and -2 at both positions give 16 of the total 20. Tokens equal at every position:
+    1; independent positions: about 1/N."""
+    tok = torch.tensor([[[1.0], [3.0]], [[-1.0], [-3.0]]], dtype=torch.float64)
+    assert token_probe.position_shared_share(tok) == pytest.approx(0.8)
+    g = torch.Generator().manual_seed(0)
+    same = torch.randn(50, 1, 4, generator=g, dtype=torch.float64).expand(50, 16, 4)
+    assert token_probe.position_shared_share(same) == pytest.approx(1.0)
+    assert token_probe.position_shared_share(torch.randn(4000, 16, 4, generator=g, dtype=torch.float64)) == \
+        pytest.approx(1 / 16, abs=0.005)
+
+
+def test_zero_encoder_steps_is_the_random_encoder():
+    """The --encoder-steps help says 0 steps is the random encoder's row: the recipe's untrained network is the
+    default job's random tiny encoder (same seed, same weights)."""
+    import encoders
+    import features
+    images, page, _ = features.page_bank(4, features.ENCODER_PAGES_SEED)
+    got = features.train_encoder(images, page, 0, log=lambda *a: None).state_dict()
+    want = encoders.load_encoder("tiny", seed=0).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="'encoder' or 'features'"):
+        features.pretrained_network("/nonexistent", "encoders", 1, 4)
 
 
 def test_markdown_quotes_the_stored_numbers(tmp_path):
@@ -50,7 +97,11 @@ def test_markdown_quotes_the_stored_numbers(tmp_path):
            "ddpm": dict(part, ckpt_step=2000, rows={"16": dict(agreement=0.5, pages=32, n=2, sample_seconds=3.0)}),
            "probe": dict(part, train_images=10, test_images=5,
                          results={"baseline (mean image)": dict(pixel_rmse=0.5),
-                                  "x, tokens": dict(pixel_rmse=0.1, kind_accuracy=0.3)}),
+                                  "x, tokens": dict(pixel_rmse=0.1, kind_accuracy=0.3)},
+                         lowrank={"x, tokens": {"full": 0.1, "dims": 12, "4": dict(pixel_rmse=0.31, variance_share=0.864),
+                                                "16": dict(pixel_rmse=0.2, variance_share=0.951),
+                                                "position_shared": 0.873},
+                                  "mean colour": {"full": 0.3, "dims": 3}}),
            "phases": dict(part, results={"render synthetic images": 1000.0})}
     path = tmp_path / "SWEEP.md"
     sweep.write_markdown(json.loads(json.dumps(res)), str(path))
@@ -60,6 +111,9 @@ def test_markdown_quotes_the_stored_numbers(tmp_path):
     assert md.index("| 600 |") < md.index("| 2000 |")              # rows in training order, not string order
     assert f"| 16 | 0.500 ± {std(0.5, 64):.3f} | 3.0 |" in md
     assert "| x, tokens | 0.100 | 0.300 |" in md and "| baseline (mean image) | 0.500 | - |" in md
+    assert "| features (dims) | all dims | top 4 | top 16 | variance shared by all positions |" in md
+    assert "| x, tokens (12) | 0.100 | 0.310 (0.86) | 0.200 (0.95) | 0.87 |" in md
+    assert "| mean colour (3) | 0.300 | - | - | - |" in md
     assert "| render synthetic images | 1000.0 |" in md and "1.5 min" in md
 
 
@@ -74,6 +128,8 @@ def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
         else:
             torch.save(payload, tmp_path / name / "length" / "ckpt_5.pt")
     for argv, msg in ((["--parts", "phases,nope"], "unknown parts"), (["--lengths", "600,x"], "integers"),
+                      (["--parts", "probe", "--encoder-steps", "10,x"], "integers"),
+                      (["--parts", "probe", "--encoder-steps", "-1"], "not negative"),
                       (["--parts", ","], "names no part"), (["--lengths", "-5"], "positive"),
                       (["--parts", "probe", "--encoder-weights", "/nonexistent.pth"], "no encoder file"),
                       (["--parts", "probe", "--encoder-weights", str(bad)], "not a loadable encoder"),
@@ -124,7 +180,7 @@ def _expected_use(model, n, ts, seed, chunks, vectors=None):
     resolution at 8 px (+2 log(32 / 8)); eps_hat = sigma z + alpha v_hat; squared error per pair, the gap's
     standard error from the chunk means of the paired differences."""
     import synthetic
-    pages = synthetic.SyntheticPages(n, 8, seed=sweep.PROBE_PAGES_SEED)
+    pages = synthetic.SyntheticPages(n, 8, seed=token_probe.PROBE_PAGES_SEED)
     x = torch.stack([pages.image(p, 1) for p in range(n)]).double()
     c = torch.stack([pages.image(p, 0) for p in range(n)]).double()
     conds = dict(true=c, shuffled=torch.cat([c[-1:], c[:-1]]), null=torch.full_like(c, 0.25))
@@ -190,8 +246,8 @@ def test_length_part_leaves_kept_rows_alone(monkeypatch, tmp_path):
 
     def nothing(*a, **k):
         raise AssertionError("a kept length was redone")
-    for name in ("train_to", "oracle_use"):
-        monkeypatch.setattr(sweep, name, nothing)
+    monkeypatch.setattr(copying.kept_runs, "train_to", nothing)
+    monkeypatch.setattr(sweep, "oracle_use", nothing)
     monkeypatch.setattr(sweep.kinds, "evaluate_checkpoint", nothing)
     monkeypatch.setattr(sweep.oracle, "load", nothing)
     assert sweep.length(str(tmp_path), [600], None, state) == before
@@ -401,13 +457,13 @@ def test_copy_scores_by_hand():
     whose first pixel stays on its condition's side of 0 (counted here by hand)."""
     stub = _CopyStub()
     ev = dict(pages=6, n=2, guidance=0.0, steps=7)
-    got, cond, samples = sweep.copy_scores(stub, _FirstPixelKind(), ev)
+    got, cond, samples = copying.copy_scores(stub, _FirstPixelKind(), ev)
     assert stub.calls == [(2, 0.0, 7)] and samples.shape == (6, 2, 3, 8, 8)
     assert got["to_cond"] == pytest.approx(0.05, abs=1e-6) and got["between"] == pytest.approx(0.1, abs=1e-6)
     r = cond[:, 0, 0, 0]
     moved = ((r < 0) != (r + 0.1 < 0)).sum().item()                  # the offset sample crossed 0
     assert got["agreement"] == pytest.approx(1 - moved / 12)
-    assert sweep.COPY_EVAL["guidance"] == 0.0                         # claim 1 is judged at w = 0
+    assert copying.COPY_EVAL["guidance"] == 0.0                         # claim 1 is judged at w = 0
 
 
 def test_copy_section_quotes_the_stored_numbers(tmp_path):
@@ -435,16 +491,17 @@ def test_copy_variants_train_one_difference_each_and_keep_their_rows(monkeypatch
         os.makedirs(run, exist_ok=True)
         open(os.path.join(run, f"ckpt_{steps}.pt"), "wb").close()
         return 7
-    monkeypatch.setattr(sweep, "kept_run", fake_kept)
+    monkeypatch.setattr(copying.kept_runs, "kept_run", fake_kept)
     monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(lambda p: p))
-    monkeypatch.setattr(sweep, "save_grid", lambda *a: None)
+    monkeypatch.setattr(copying.kept_runs, "save_grid", lambda *a: None)
 
     def fake_scores(model, classifier):
         scored.append(model)
         return dict(to_cond=0.1, between=0.2, agreement=0.3), None, None
-    monkeypatch.setattr(sweep, "copy_scores", fake_scores)
+    monkeypatch.setattr(copying, "copy_scores", fake_scores)
+    monkeypatch.setattr(copying.machine, "describe", lambda: "CPU B, 2 cores")
     enc = "/x/networks/tiny_dinov2_encoder_abc.pth"
-    state = sweep.copy_variants(str(tmp_path), [4000, 600], None, {}, ["encoder", "pages"], enc)
+    state = copying.copy_variants(str(tmp_path), [4000, 600], None, {}, ["encoder", "pages"], enc)
     assert trained == [("copy-encoder", 600, ("--pairs", "same", "--encoder-weights", enc)),
                        ("copy-encoder", 4000, ("--pairs", "same", "--encoder-weights", enc)),
                        ("copy-pages", 600, ("--pairs", "same", "--num-pages", "2048")),
@@ -453,36 +510,80 @@ def test_copy_variants_train_one_difference_each_and_keep_their_rows(monkeypatch
     v = state["variants"]
     assert v["encoder"]["setting"] == "tiny_dinov2_encoder_abc.pth" and v["pages"]["setting"] == "2048"
     assert v["encoder"]["what"] == "the claims run's trained encoder (tiny_dinov2_encoder_abc.pth)"
-    assert v["pages"]["rows"]["4000"] == dict(train_seconds=7, reconstruction=dict(to_cond=0.1, between=0.2, agreement=0.3))
+    assert v["pages"]["rows"]["4000"] == dict(train_seconds=7, machine="CPU B, 2 cores",
+                                              reconstruction=dict(to_cond=0.1, between=0.2, agreement=0.3))
     trained.clear()
     moved = "/elsewhere/tiny_dinov2_encoder_abc.pth"                  # the same recipe's file in another folder
-    assert sweep.copy_variants(str(tmp_path), [600, 4000], None, state, ["encoder"], moved) is state and trained == []
-    assert sweep.copy_variants_args(state) == (" --lengths 600,4000 --variants encoder,pages "
+    assert copying.copy_variants(str(tmp_path), [600, 4000], None, state, ["encoder"], moved) is state and trained == []
+    assert copying.copy_variants_args(state) == (" --lengths 600,4000 --variants encoder,pages "
                                                "--encoder-weights /elsewhere/tiny_dinov2_encoder_abc.pth")  # every stored row
     with pytest.raises(SystemExit, match="measured with tiny_dinov2_encoder_abc.pth, now tiny_dinov2_encoder_def.pth"):
-        sweep.copy_variants(str(tmp_path), [600], None, state, ["encoder"], "/x/tiny_dinov2_encoder_def.pth")
+        copying.copy_variants(str(tmp_path), [600], None, state, ["encoder"], "/x/tiny_dinov2_encoder_def.pth")
+
+
+def test_copy_variant_of_encoder_training_length(monkeypatch, tmp_path):
+    """encoder<N>: the claims run's encoder recipe trained N steps (kept in OUT/networks) swapped in; rows stored
+    before rows named their machine take the machine of the invocation that stored them."""
+    trained, made = [], []
+    monkeypatch.setattr(copying.kept_runs, "kept_run", lambda run, steps, flags: trained.append((os.path.basename(run), flags)) or 5)
+    monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(lambda p: p))
+    monkeypatch.setattr(copying.kept_runs, "save_grid", lambda *a: None)
+    monkeypatch.setattr(copying, "copy_scores", lambda m, c: (dict(to_cond=0.2, between=0.2, agreement=0.5), None, None))
+    monkeypatch.setattr(copying.machine, "describe", lambda: "CPU B, 2 cores")
+
+    def fake_pretrained(out_dir, name, steps, bank_pages, seed=0, log=print):
+        made.append((out_dir, name, steps, bank_pages, seed))
+        return f"/n/tiny_dinov2_encoder_{steps}x.pth"
+    monkeypatch.setattr(copying.features, "pretrained_network", fake_pretrained)
+    old = dict(to_cond=0.3, between=0.3, agreement=0.1)
+    state = dict(machine="CPU A, 2 cores", variants={"encoder": dict(setting="e.pth", what="E", rows={
+        "4000": dict(train_seconds=9, reconstruction=old)})})
+    copying.copy_variants(str(tmp_path), [4000], None, state, ["encoder30"])
+    cc = copying.ClaimsConfig()
+    assert made == [(str(tmp_path / "networks"), "encoder", 30, cc.bank_pages, cc.seed)]
+    assert trained == [("copy-encoder30", ("--pairs", "same", "--encoder-weights", "/n/tiny_dinov2_encoder_30x.pth"))]
+    v = state["variants"]
+    assert v["encoder30"]["what"] == "the claims run's encoder recipe trained 30 steps (tiny_dinov2_encoder_30x.pth)"
+    assert v["encoder30"]["rows"]["4000"]["machine"] == "CPU B, 2 cores"
+    assert v["encoder"]["rows"]["4000"]["machine"] == "CPU A, 2 cores"      # stored by the earlier invocation
+    assert copying.copy_variants_args(state) == " --lengths 4000 --variants encoder,encoder30 --encoder-weights e.pth"
+    state["variants"]["encoder5"] = dict(rows={"600": {}})
+    assert copying.copy_variants_args(state) == (" --lengths 600,4000 --variants encoder,encoder5,encoder30 "
+                                                 "--encoder-weights e.pth")          # encoder<N> by N, not as stored
+    assert [copying.variant_steps(n) for n in ("encoder0", "encoder250", "encoder", "pages", "encoderx")] == \
+        [0, 250, None, None, None]
 
 
 def test_copy_variants_section_puts_each_length_beside_the_copy_part(tmp_path):
-    part = dict(command="python experiments/sweep.py --parts copy-variants --lengths 4000", seconds=60.0, machine="m")
+    part = dict(command="python experiments/sweep.py --parts copy-variants --lengths 4000", seconds=60.0,
+                machine="CPU A, 2 cores")
     res = {"copy": dict(part, real_pair=0.4, rows={"4000": dict(train_seconds=600, reconstruction=dict(
                to_cond=0.056, between=0.04, agreement=1.0)), "600": dict(reconstruction=dict(
                to_cond=0.3, between=0.3, agreement=0.1))}),
            "copy-variants": dict(part, variants={"encoder": dict(what="E", setting="enc.pth", rows={"4000": dict(
-               train_seconds=900, reconstruction=dict(to_cond=0.33, between=0.3, agreement=0.135))})})}
+               train_seconds=900, reconstruction=dict(to_cond=0.33, between=0.3, agreement=0.135))}),
+               "encoder30": dict(what="F", setting="f.pth", rows={"4000": dict(
+                   train_seconds=800, machine="CPU B, 2 cores", reconstruction=dict(
+                       to_cond=0.06, between=0.05, agreement=0.9))})})}
+    v = res["copy-variants"]["variants"]
+    res["copy-variants"]["variants"] = dict(reversed(list(v.items())))   # stored encoder30 first: the table sorts
     path = tmp_path / "SWEEP.md"
     sweep.write_markdown(json.loads(json.dumps(res)), str(path))
     md = path.read_text()
     table = md[md.index("## What keeps"):]
-    assert "| 4000 | copy part (random encoder) | 600 | 0.056 | 0.040 | 1.000 |" in table
-    assert "| 4000 | encoder: E | 900 | 0.330 | 0.300 | 0.135 |" in table
+    assert "| 4000 | copy part (random encoder) | 600 (CPU A) | 0.056 | 0.040 | 1.000 |" in table
+    assert "| 4000 | encoder: E | 900 (CPU A) | 0.330 | 0.300 | 0.135 |" in table
+    assert "| 4000 | encoder30: F | 800 (CPU B) | 0.060 | 0.050 | 0.900 |" in table
+    assert table.index("| encoder: E |") < table.index("| encoder30: F |")
     assert "\n| 600 |" not in table and "512 training pages" in table     # lengths no variant has stay in the copy table
 
 
 def test_copy_variants_arguments(capsys):
     for argv, msg in ((["--parts", "copy-variants", "--variants", "encoder"], "needs --encoder-weights"),
                       (["--parts", "copy-variants", "--variants", "pages,colour"], "--variants must be"),
-                      (["--parts", "copy-variants", "--variants", ","], "--variants must be")):
+                      (["--parts", "copy-variants", "--variants", ","], "--variants must be"),
+                      (["--parts", "copy-variants", "--variants", "encoderx"], "--variants must be"),
+                      (["--parts", "copy-variants", "--variants", "encoder-5"], "--variants must be")):
         with pytest.raises(SystemExit) as e:
             sweep.main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err, argv
