@@ -19,6 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import copying  # noqa: E402  (experiments/copying.py: the sweep's copy-variants, their order)
 import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import synthetic  # noqa: E402
@@ -434,7 +435,7 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
                   f"(`{study['copy-variants']['command']}`): " + "; ".join(
                       f"{v['what']}: " + ", ".join(f"{said(r['reconstruction'])} at {s} steps"
                                                    for s, r in sorted(v["rows"].items(), key=lambda kv: int(kv[0])))
-                      for v in variants.values()) + ".", ""]
+                      for _, v in sorted(variants.items(), key=lambda kv: copying.variant_order(kv[0]))) + ".", ""]
     return L[:-1]
 
 

@@ -818,12 +818,13 @@ def test_results_quote_the_copy_study_with_its_first_length_that_copies(tmp_path
     assert "**none up to 2000 steps (64000 images)**" in md[md.index("When does the reconstruction"):]
     study["copy-variants"] = dict(command="python experiments/sweep.py --parts copy-variants", variants={
         "encoder": dict(what="the trained encoder", rows={"4000": rec(0.33), "600": rec(0.35)}),
-        "pages": dict(what="2048 pages", rows={"4000": rec(0.05)})})
+        "pages": dict(what="2048 pages", rows={"4000": rec(0.05)}),
+        "encoder30": dict(what="30 steps", rows={"4000": rec(0.32)}), "encoder5": dict(what="5 steps", rows={"600": rec(0.31)})})
     open(path, "w").write(json.dumps(study))
     md = "\n".join(claims_report.study_section(claims.PRESETS["full"], path))
     assert ("one at a time (`python experiments/sweep.py --parts copy-variants`): the trained encoder: RMSE 0.350 "
             "(not a copy) at 600 steps, RMSE 0.330 (not a copy) at 4000 steps; 2048 pages: RMSE 0.050 (a copy) at "
-            "4000 steps.") in md
+            "4000 steps; 5 steps: RMSE 0.310 (not a copy) at 600 steps; 30 steps: RMSE 0.320 (not a copy) at 4000 steps.") in md    # encoder<N> by N
 
 
 def test_report_without_a_usable_run_is_a_one_line_error(tmp_path):
