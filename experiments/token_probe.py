@@ -102,15 +102,17 @@ def probe(encoder_weights=None, encoder_steps=(), net_dir=None, n_train=1500, n_
              "4x4 average-pooled image (coarse layout)": F.avg_pool2d(x, x.shape[-1] // 4).flatten(1)}
     for name, enc in encs.items():
         g, tok = enc(enc.preprocess(x.float()))
-        feats[f"{name}, tokens"] = tok.flatten(1).double()
-        shared[f"{name}, tokens"] = position_shared_share(tok[tr, -(enc.image_size // enc.patch_size) ** 2:].double())
-        for part, f in (("tokens", tok.flatten(1).double()), ("global", g.double())):
+        tok = tok.double()
+        feats[f"{name}, tokens"] = tok.flatten(1)
+        shared[f"{name}, tokens"] = position_shared_share(tok[tr, -(enc.image_size // enc.patch_size) ** 2:])
+        for part, f in (("tokens", tok.flatten(1)), ("global", g.double())):
             pix = ridge_fit_eval(f[tr], y_pix[tr], f[te], y_pix[te])
             kd = ridge_fit_eval(f[tr], y_kind[tr], f[te], y_kind[te])
             res[f"{name}, {part}"] = dict(pixel_rmse=rmse(pix),
                                           kind_accuracy=(kd.argmax(1) == kind[te]).double().mean().item())
     for name, f in feats.items():
-        row = lowrank[name] = {"full": rmse(ridge_fit_eval(f[tr], y_pix[tr], f[te], y_pix[te])), "dims": f.shape[1]}
+        full = res[name]["pixel_rmse"] if name in res else rmse(ridge_fit_eval(f[tr], y_pix[tr], f[te], y_pix[te]))
+        row = lowrank[name] = dict(full=full, dims=f.shape[1])   # (a token row's full probe is the table above's)
         if name in shared:
             row["position_shared"] = shared[name]
         for k in (r for r in ranks if r < f.shape[1]):

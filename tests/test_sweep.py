@@ -68,6 +68,8 @@ def test_position_shared_share_by_hand():
     1; independent positions: about 1/N."""
     tok = torch.tensor([[[1.0], [3.0]], [[-1.0], [-3.0]]], dtype=torch.float64)
     assert token_probe.position_shared_share(tok) == pytest.approx(0.8)
+    offset = torch.tensor([[[5.0], [-2.0]]], dtype=torch.float64)   # the same for every image: centred away
+    assert token_probe.position_shared_share(tok + offset) == pytest.approx(0.8)
     g = torch.Generator().manual_seed(0)
     same = torch.randn(50, 1, 4, generator=g, dtype=torch.float64).expand(50, 16, 4)
     assert token_probe.position_shared_share(same) == pytest.approx(1.0)
