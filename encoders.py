@@ -536,6 +536,15 @@ def from_checkpoint(path, heads=None):
     return _freeze(enc)
 
 
+def random_encoder(config, name, seed=0):
+    """A frozen encoder of `config` (EncoderConfig, a preset's or another) with random weights, deterministic in
+    `seed` (`.seed`) and independent of the global RNG: load_encoder's weight-less path; e.g. the tiny ViT at
+    another patch size (experiments/features.py), then written with save_dinov2."""
+    enc = _random_init(_build(config, name), seed)
+    enc.seed = seed
+    return _freeze(enc)
+
+
 def load_encoder(name, weights=None, seed=0):
     """Preset by name; with `weights` the file must hold that preset exactly (a file of another encoder
     family is a ValueError naming what was expected and found); without them the weights are random,
@@ -546,9 +555,7 @@ def load_encoder(name, weights=None, seed=0):
         raise KeyError(f"unknown encoder {name!r}; presets: {sorted(ENCODER_PRESETS)}")
     config = ENCODER_PRESETS[name]
     if weights is None:
-        enc = _random_init(_build(config, name), seed)
-        enc.seed = seed
-        return _freeze(enc)
+        return random_encoder(config, name, seed)
     sd, family, hf, file = _read(weights)
     if family != config.family:
         found = f"a {FAMILY_NAMES[family]} checkpoint" if family else "no known encoder"

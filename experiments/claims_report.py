@@ -431,7 +431,8 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
             def said(r):
                 return f"RMSE {r['to_cond']:.3f} ({'a copy' if r['to_cond'] < bar else 'not a copy'})"
             L += ["The claims run's reconstruction model differs from this one in its trained encoder and its pages "
-                  "(SWEEP.md's copy-variants, which also stop the encoder's training early); one at a time "
+                  "(SWEEP.md's copy-variants, which also stop the encoder's training early, change its patch size or centre "
+                  "its patch tokens); one at a time "
                   f"(`{study['copy-variants']['command']}`): " + "; ".join(
                       f"{v['what']}: " + ", ".join(f"{said(r['reconstruction'])} at {s} steps"
                                                    for s, r in sorted(v["rows"].items(), key=lambda kv: int(kv[0])))

@@ -11,7 +11,8 @@ why, in eight parts:
   probe   do the conditioning tokens carry the condition? A ridge regression from the encoder's output to the
           condition's pixels and to its object kind, on held-out pages (random tiny encoder; the trained
           claims encoder too when --encoder-weights names it, and the claims' encoder recipe trained each of
-          --encoder-steps); and is it prominent there? The same pixel regression from only the tokens' top
+          --encoder-steps, and the random encoder at each patch size of --encoder-patches); and is it
+          prominent there? The same pixel regression from only the tokens' top
           principal components (the low-rank probe), and how much of their variance every position shares
           (experiments/token_probe.py).
   length  the default job's flags trained on (train.py, resumed) to each of --lengths steps; at each length
@@ -26,8 +27,11 @@ why, in eight parts:
           (experiments/copying.py, with copy-variants).
   copy-variants  which difference keeps the claims run's reconstruction model from copying: the copy part's
           model with the claims run's trained encoder (--encoder-weights), or with its 2048 training pages, or
-          with that encoder's recipe stopped after N steps (encoder<N>), one at a time (--variants), trained to
-          each of --lengths steps and scored like the copy part.
+          with that encoder's recipe stopped after N steps (encoder<N>), or with the random encoder at another
+          patch size P, i.e. another token count (patch<P>; encoder<N>-patch<P> both), or any of those with its
+          patch tokens centred on the image's mean patch token (<recipe>-centred: the causal test of the
+          position-shared reading), one at a time (--variants), trained to each of --lengths steps and scored
+          like the copy part.
   ddpm    the longest run's kind agreement against the number of DDPM steps at evaluation.
   use     does the denoiser read its condition? Each length's diffusion loss (Eq. 1, eps space) at fixed noise
           levels t on held-out page pairs with the true condition, another page's condition, and the null:
@@ -59,6 +63,7 @@ import copying  # noqa: E402  (experiments/copying.py: the copy and copy-variant
 import data  # noqa: E402
 import diffusion  # noqa: E402
 import encoders  # noqa: E402
+import features  # noqa: E402  (experiments/features.py: the encoder recipe's patch sizes)
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import oracle  # noqa: E402  (experiments/oracle.py: the oracle-condition run)
@@ -316,14 +321,18 @@ def write_markdown(res, path):
                       "images, not 0. The mean-colour and pooled-image rows are references: what the condition's "
                       "palette alone (3 numbers) and its coarse layout (48) determine. Last column: the share of the "
                       "patch tokens' variance across images that is the same at every position (the image's mean "
-                      "token); the rest is position-specific, the layout (1/64 if positions were independent).", "",
+                      "token); the rest is position-specific, the layout (1/64 for the 64 patch positions at patch size 4 "
+                      "if positions were independent, 1/16 at patch size 8). Local probe: each patch's pixels from its "
+                      "own patch token alone, one linear map shared by all positions (token_probe.local_fit_eval): "
+                      "whether a token holds its own patch, the simplest thing a copying denoiser can read.", "",
                       "| features (dims) | all dims | " + " | ".join(f"top {k}" for k in ranks) +
-                      " | variance shared by all positions |",
-                      "| --- | --- | " + " | ".join("---" for _ in ranks) + " | --- |"]
+                      " | variance shared by all positions | local probe: own patch from own token |",
+                      "| --- | --- | " + " | ".join("---" for _ in ranks) + " | --- | --- |"]
             for k, v in p["lowrank"].items():
                 lines += [f"| {k} ({v['dims']}) | {v['full']:.3f} | " + " | ".join(
                     f"{v[r]['pixel_rmse']:.3f} ({v[r]['variance_share']:.2f})" if r in v else "-" for r in ranks) +
-                    (f" | {v['position_shared']:.2f} |" if "position_shared" in v else " | - |")]
+                    (f" | {v['position_shared']:.2f} |" if "position_shared" in v else " | - |") +
+                    (f" {v['local']:.3f} |" if "local" in v else " - |")]
             lines += [""]
     if "length" in res:
         p = res["length"]
@@ -382,7 +391,11 @@ def write_markdown(res, path):
                   f"{oracle.JOB['num_pages']} training pages) with one difference of the claims run's reconstruction model "
                   "at a time, scored as in the copy part (guidance 0); encoder<N> variants swap in the claims run's "
                   "encoder recipe stopped after N of its steps (the claims run's is N = "
-                  f"{ClaimsConfig().encoder_steps}; the random encoder is N = 0). Training seconds: since the previous "
+                  f"{ClaimsConfig().encoder_steps}; the random encoder is N = 0); patch<P> variants the random encoder at "
+                  "patch size P (the copy part's is 4: 8 x 8 patch tokens; P = 8 gives 4 x 4 tokens, each a 8 x 8 x 3 "
+                  "patch in 128 dims); -centred variants train and sample on the same encoder's tokens with the image's "
+                  "mean patch token subtracted from every patch token (copying.centre_patches: no patch-token variance "
+                  "is shared by all positions; the layout and the CLS token unchanged). Training seconds: since the previous "
                   "kept length of that run, on the machine named in the row (its CPU; the part's lines give the rest). "
                   "Grids: `copy-<variant>_<steps>.png` in the work folder.", "",
                   "| steps x batch 32 | run | training seconds (machine) | RMSE to condition | RMSE between samples | "
@@ -442,6 +455,10 @@ def main(argv=None):
                     help="probe: also the claims run's encoder recipe (experiments/features.py) trained each of these "
                          "comma-listed step counts, kept in OUT/networks (the claims run's: 250; 0 steps is the random "
                          "encoder's row; default: none)")
+    ap.add_argument("--encoder-patches", default="",
+                    help="probe: also the random tiny encoder at each of these comma-listed patch sizes P (dividing 32; "
+                         "4 is the default job's), i.e. other token counts: (32/P)^2 patch tokens, as the patch<P> "
+                         "copy variants (default: none)")
     ap.add_argument("--variants",
                     help="copy-variants: comma list of the reconstruction model's variants, each with one difference of "
                          "the claims run's: " + "; ".join(f"{k}: {v}" for k, v in copying.COPY_VARIANTS.items()) +
@@ -461,17 +478,29 @@ def main(argv=None):
         lengths = sorted({int(s) for s in a.lengths.split(",")})
         ddpm_steps = sorted({int(s) for s in a.ddpm_steps.split(",")})
         encoder_steps = sorted({int(s) for s in a.encoder_steps.split(",") if s})
+        patches = sorted({int(s) for s in a.encoder_patches.split(",") if s})
     except ValueError:
-        ap.error(f"--lengths, --ddpm-steps and --encoder-steps must be comma lists of integers, got "
-                 f"{a.lengths!r}, {a.ddpm_steps!r}, {a.encoder_steps!r}")
+        ap.error(f"--lengths, --ddpm-steps, --encoder-steps and --encoder-patches must be comma lists of integers, "
+                 f"got {a.lengths!r}, {a.ddpm_steps!r}, {a.encoder_steps!r}, {a.encoder_patches!r}")
     if min(lengths + ddpm_steps + [s + 1 for s in encoder_steps]) < 1:
         ap.error("--lengths and --ddpm-steps must be positive, --encoder-steps not negative")
+    try:
+        for p in patches:
+            features.tiny_config(p)
+    except ValueError as e:
+        ap.error(f"--encoder-patches: {e}")
     variants = [v for v in dict.fromkeys((a.variants or ("encoder,pages" if a.encoder_weights else "pages")).split(","))
                 if v]
     if "copy-variants" in parts:
-        if not variants or any(v not in ("encoder", "pages") and copying.variant_steps(v) is None for v in variants):
-            ap.error(f"--variants must be a comma list of {', '.join(copying.COPY_VARIANTS)} (N a number of steps), "
-                     f"got {a.variants!r}")
+        if not variants or any(v not in ("encoder", "pages") and copying.variant_recipe(v) is None for v in variants):
+            ap.error(f"--variants must be a comma list of {', '.join(copying.COPY_VARIANTS)} (N a number of steps, "
+                     f"P a patch size), got {a.variants!r}")
+        try:
+            for v in variants:
+                if copying.variant_recipe(v):
+                    features.tiny_config(copying.variant_recipe(v)[1])
+        except ValueError as e:
+            ap.error(f"--variants {v}: {e}")
         if "encoder" in variants and not a.encoder_weights:
             ap.error("--variants encoder needs --encoder-weights (the claims run's trained encoder, "
                      "runs/claims/networks/tiny_dinov2_encoder_*.pth)")
@@ -513,7 +542,8 @@ def main(argv=None):
         if part == "phases":
             out = dict(results=phases(a.compile))
         elif part == "probe":
-            out = token_probe.probe(a.encoder_weights, encoder_steps, os.path.join(a.out, "networks"), log=log)
+            out = token_probe.probe(a.encoder_weights, encoder_steps, os.path.join(a.out, "networks"), log=log,
+                                    patches=patches)
         elif part == "length":
             out = length(a.out, lengths, classifier, res.get("length", {}))
         elif part == "oracle":
@@ -533,7 +563,8 @@ def main(argv=None):
              "use": f" --lengths {a.lengths}",
              "phases": " --compile" if a.compile else "",
              "probe": (f" --encoder-weights {shlex.quote(a.encoder_weights)}" if a.encoder_weights else "") +
-                      (f" --encoder-steps {','.join(map(str, encoder_steps))}" if encoder_steps else "")}[part]
+                      (f" --encoder-steps {','.join(map(str, encoder_steps))}" if encoder_steps else "") +
+                      (f" --encoder-patches {','.join(map(str, patches))}" if patches else "")}[part]
         command += "".join(f" --{k} {shlex.quote(v)}" for k, v, d in (("out", a.out, ap.get_default("out")),
                                                          ("results", a.results, ap.get_default("results"))) if v != d)
         prev = res.get(part, {}).get("seconds", 0) if part in ("length", "oracle", "copy", "copy-variants") else 0

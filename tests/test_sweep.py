@@ -62,6 +62,33 @@ def test_lowrank_probe_reads_only_the_dominant_directions():
     assert share2 == pytest.approx(ev[:2].sum() / ev.sum(), rel=1e-9)
 
 
+def test_local_probe_is_a_shared_primal_ridge_per_patch():
+    """local_fit_eval against numpy, built independently: patches cut by loops, tokens and patches centred per
+    position, one ridge map from a token's D dims to its own patch's 3 P^2 pixels; and a token that is a linear
+    image of its own patch is read back almost exactly, while tokens that only hold other positions' patches
+    are not."""
+    rng = np.random.default_rng(1)
+    b, g, p, d = 30, 2, 2, 5
+    x = rng.normal(size=(b + 10, 3, g * p, g * p))
+    tok = rng.normal(size=(b + 10, g * g, d))
+    got = token_probe.local_fit_eval(*(torch.from_numpy(a) for a in (tok[:b], x[:b], tok[b:], x[b:])), p, lam=0.05)
+    y = np.stack([np.stack([x[n, :, i * p:(i + 1) * p, j * p:(j + 1) * p].ravel() for i in range(g) for j in range(g)])
+                  for n in range(len(x))])                                 # (B, G*G, 3*P*P), raster order
+    t_mu, y_mu = tok[:b].mean(0), y[:b].mean(0)
+    a = (tok[:b] - t_mu).reshape(-1, d)
+    sd = a.std(0, ddof=1) + 1e-6
+    a = a / sd
+    w = np.linalg.solve(a.T @ a + 0.05 * (a ** 2).sum(1).mean() * np.eye(d), a.T @ (y[:b] - y_mu).reshape(-1, 3 * p * p))
+    pred = ((tok[b:] - t_mu) / sd) @ w + y_mu
+    assert got == pytest.approx(np.sqrt(((pred - y[b:]) ** 2).mean()), rel=1e-9)
+    xs = torch.from_numpy(rng.normal(size=(400, 3, 8, 8)))
+    own = torch.stack([xs[:, :, i:i + 4, j:j + 4].flatten(1) for i in (0, 4) for j in (0, 4)], 1)   # (400, 4, 48)
+    proj = torch.from_numpy(rng.normal(size=(48, 64)))
+    assert token_probe.local_fit_eval(own[:300] @ proj, xs[:300], own[300:] @ proj, xs[300:], 4, lam=1e-6) < 0.01
+    other = own.roll(1, dims=1) @ proj                                     # each token holds its neighbour's patch
+    assert token_probe.local_fit_eval(other[:300], xs[:300], other[300:], xs[300:], 4, lam=1e-6) > 0.9
+
+
 def test_position_shared_share_by_hand():
     """Worked by hand: 2 images x 2 positions x 1 channel, tokens [1, 3] and [-1, -3]: centred over images they
     stay; the image means 2 and -2 at both positions give 16 of the total 20. Tokens equal at every position:
@@ -102,7 +129,7 @@ def test_markdown_quotes_the_stored_numbers(tmp_path):
                                   "x, tokens": dict(pixel_rmse=0.1, kind_accuracy=0.3)},
                          lowrank={"x, tokens": {"full": 0.1, "dims": 12, "4": dict(pixel_rmse=0.31, variance_share=0.864),
                                                 "16": dict(pixel_rmse=0.2, variance_share=0.951),
-                                                "position_shared": 0.873},
+                                                "position_shared": 0.873, "local": 0.1234},
                                   "mean colour": {"full": 0.3, "dims": 3}}),
            "phases": dict(part, results={"render synthetic images": 1000.0})}
     path = tmp_path / "SWEEP.md"
@@ -113,9 +140,10 @@ def test_markdown_quotes_the_stored_numbers(tmp_path):
     assert md.index("| 600 |") < md.index("| 2000 |")              # rows in training order, not string order
     assert f"| 16 | 0.500 ± {std(0.5, 64):.3f} | 3.0 |" in md
     assert "| x, tokens | 0.100 | 0.300 |" in md and "| baseline (mean image) | 0.500 | - |" in md
-    assert "| features (dims) | all dims | top 4 | top 16 | variance shared by all positions |" in md
-    assert "| x, tokens (12) | 0.100 | 0.310 (0.86) | 0.200 (0.95) | 0.87 |" in md
-    assert "| mean colour (3) | 0.300 | - | - | - |" in md
+    assert ("| features (dims) | all dims | top 4 | top 16 | variance shared by all positions | local probe: own patch "
+            "from own token |") in md
+    assert "| x, tokens (12) | 0.100 | 0.310 (0.86) | 0.200 (0.95) | 0.87 | 0.123 |" in md
+    assert "| mean colour (3) | 0.300 | - | - | - | - |" in md
     assert "| render synthetic images | 1000.0 |" in md and "1.5 min" in md
 
 
@@ -440,9 +468,15 @@ class _CopyStub:
         self.net = type("N", (), {"config": type("C", (), {"image_size": 8})()})()
         self.calls = []
 
-    def sample(self, cond, num_samples, guidance, steps, seed):
+    def sample(self, cond_images=None, num_samples=1, guidance=0.5, steps=256, seed=0, cond=None):
         self.calls.append((num_samples, guidance, steps))
-        return torch.stack([cond, cond + 0.1], 1)
+        if cond is not None:                      # tokens (B, 64, 3) of condition(): back to the images
+            self.tokens = cond
+            cond_images = cond[:, 1:].transpose(1, 2).reshape(len(cond), 3, 8, 8)
+        return torch.stack([cond_images, cond_images + 0.1], 1)
+
+    def condition(self, images):                  # a CLS token of 5s, then one token per pixel (its 3 colours)
+        return torch.cat([torch.full((len(images), 1, 3), 5.0), images.flatten(2).transpose(1, 2)], 1)
 
 
 class _FirstPixelKind(torch.nn.Module):
@@ -451,6 +485,79 @@ class _FirstPixelKind(torch.nn.Module):
     def forward(self, x):
         r = x[:, 0, 0, 0]
         return torch.stack([-r, r], 1)
+
+
+def test_copy_scores_with_the_conditioning_transform_a_model_trained_with():
+    """A centred variant is sampled with the tokens it trained on: the encoder's tokens, centred (the CLS token
+    as it is), rounded to float16 as its cache stores them."""
+    stub = _CopyStub()
+    copying.copy_scores(stub, _FirstPixelKind(), ev=dict(pages=3, n=2, guidance=0.0, steps=4),
+                        transform=lambda t: copying.centre_patches(t, 64))
+    cond, _ = copying.kinds.test_conditions(3, 8)
+    pix = cond.flatten(2).transpose(1, 2)
+    want = torch.cat([torch.full((3, 1, 3), 5.0), pix - pix.mean(1, keepdim=True)], 1).half().float()
+    assert torch.equal(stub.tokens, want)
+
+
+def test_centre_patches_removes_the_shared_part_and_keeps_the_layout():
+    """Worked by hand: one image, CLS [9] and patch tokens [1, 3] (mean 2) -> [9], [-1, 1]; on random tokens the
+    position-shared share of the centred patches is 0 and the differences between positions are unchanged."""
+    t = torch.tensor([[[9.0], [1.0], [3.0]]])
+    assert torch.equal(copying.centre_patches(t, 2), torch.tensor([[[9.0], [-1.0], [1.0]]]))
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randn(20, 1 + 16, 4, generator=g, dtype=torch.float64) + torch.randn(20, 1, 4, generator=g, dtype=torch.float64) * 3
+    c = copying.centre_patches(tok, 16)
+    assert token_probe.position_shared_share(c[:, 1:]) == pytest.approx(0.0, abs=1e-12)
+    assert token_probe.position_shared_share(tok[:, 1:]) > 0.5
+    assert torch.allclose(c[:, 2:] - c[:, 1:-1], tok[:, 2:] - tok[:, 1:-1]) and torch.equal(c[:, 0], tok[:, 0])
+
+
+def test_centred_cache_is_what_train_py_reads_for_a_centred_variant(tmp_path):
+    """centred_cache: the encode_cache of train.py's synthetic pages with every image's patch tokens centred
+    (checked row by row against the encoder, float16), accepted by the check train.py --cond-cache makes
+    (pages and encoder), its transform recorded; built once, under its final name only when complete."""
+    import embeddings
+    import encoders
+    import features
+    import synthetic
+    images, page, _ = features.page_bank(4, features.ENCODER_PAGES_SEED)
+    enc = features.train_encoder(images, page, 0, log=lambda *a: None)
+    path = str(tmp_path / "enc.pth")
+    encoders.save_dinov2(enc, path)
+    cache = copying.centred_cache(str(tmp_path), path, num_pages=3, seed=5)
+    assert not os.path.exists(cache + ".tmp")
+    pages = synthetic.SyntheticPages(3, 32, seed=5)
+    loaded = encoders.from_checkpoint(path)
+    c = embeddings.CondCache.open(cache, pages, loaded)                 # what train.py --cond-cache checks
+    assert "centre_patches" in c.meta["transform"]
+    for p, i in ((0, 0), (2, pages.count(2) - 1)):
+        x = pages.image(p, i)[None]
+        tok = loaded(loaded.preprocess(x))[1].half().float()            # as encode_cache stores it, then centred
+        want = torch.cat([tok[:, :1], tok[:, 1:] - tok[:, 1:].mean(1, keepdim=True)], 1)[0]
+        assert torch.allclose(c.get(p, i), want, atol=2e-3)
+        assert c.get(p, i)[1:].mean(0).abs().max() < 2e-3
+    os.remove(os.path.join(cache, "tokens.npy"))                        # kept: not built again
+    assert copying.centred_cache(str(tmp_path), path, num_pages=3, seed=5) == cache
+
+
+def test_a_centred_variant_trains_with_train_py_and_is_scored(tmp_path):
+    """End to end, shrunk: train.py --pairs same --cond-cache <centred_cache> trains (the cache passes its checks),
+    its checkpoint rebuilds the encoder from the file, and copy_scores samples it on centred tokens."""
+    import encoders
+    import features
+    import train
+    images, page, _ = features.page_bank(4, features.ENCODER_PAGES_SEED)
+    path = str(tmp_path / "enc.pth")
+    encoders.save_dinov2(features.train_encoder(images, page, 0, log=lambda *a: None), path)
+    cache = copying.centred_cache(str(tmp_path), path, num_pages=12, seed=0)
+    out = tmp_path / "run"
+    train.main(train.parse_args(["--pairs", "same", "--encoder-weights", path, "--cond-cache", cache, "--num-pages", "12",
+                                 "--steps", "2", "--batch", "4", "--sample-steps", "2", "--grid-images", "1",
+                                 "--grid-n", "1", "--device", "cpu", "--out", str(out)]))
+    model = copying.semantica.Semantica.from_checkpoint(str(out / "ckpt.pt"), ema=False)
+    scores, cond, samples = copying.copy_scores(model, _FirstPixelKind(), ev=dict(pages=2, n=2, guidance=0.0, steps=2),
+                                                transform=copying.variant_transform("encoder0-centred"))
+    assert samples.shape == (2, 2, 3, 32, 32) and 0 <= scores["agreement"] <= 1
 
 
 def test_copy_scores_by_hand():
@@ -497,7 +604,7 @@ def test_copy_variants_train_one_difference_each_and_keep_their_rows(monkeypatch
     monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(lambda p: p))
     monkeypatch.setattr(copying.kept_runs, "save_grid", lambda *a: None)
 
-    def fake_scores(model, classifier):
+    def fake_scores(model, classifier, transform=None):
         scored.append(model)
         return dict(to_cond=0.1, between=0.2, agreement=0.3), None, None
     monkeypatch.setattr(copying, "copy_scores", fake_scores)
@@ -530,11 +637,11 @@ def test_copy_variant_of_encoder_training_length(monkeypatch, tmp_path):
     monkeypatch.setattr(copying.kept_runs, "kept_run", lambda run, steps, flags: trained.append((os.path.basename(run), flags)) or 5)
     monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(lambda p: p))
     monkeypatch.setattr(copying.kept_runs, "save_grid", lambda *a: None)
-    monkeypatch.setattr(copying, "copy_scores", lambda m, c: (dict(to_cond=0.2, between=0.2, agreement=0.5), None, None))
+    monkeypatch.setattr(copying, "copy_scores", lambda m, c, **k: (dict(to_cond=0.2, between=0.2, agreement=0.5), None, None))
     monkeypatch.setattr(copying.machine, "describe", lambda: "CPU B, 2 cores")
 
-    def fake_pretrained(out_dir, name, steps, bank_pages, seed=0, log=print):
-        made.append((out_dir, name, steps, bank_pages, seed))
+    def fake_pretrained(out_dir, name, steps, bank_pages, seed=0, log=print, patch_size=4):
+        made.append((out_dir, name, steps, bank_pages, seed, patch_size))
         return f"/n/tiny_dinov2_encoder_{steps}x.pth"
     monkeypatch.setattr(copying.features, "pretrained_network", fake_pretrained)
     old = dict(to_cond=0.3, between=0.3, agreement=0.1)
@@ -542,7 +649,7 @@ def test_copy_variant_of_encoder_training_length(monkeypatch, tmp_path):
         "4000": dict(train_seconds=9, reconstruction=old)})})
     copying.copy_variants(str(tmp_path), [4000], None, state, ["encoder30"])
     cc = copying.ClaimsConfig()
-    assert made == [(str(tmp_path / "networks"), "encoder", 30, cc.bank_pages, cc.seed)]
+    assert made == [(str(tmp_path / "networks"), "encoder", 30, cc.bank_pages, cc.seed, 4)]
     assert trained == [("copy-encoder30", ("--pairs", "same", "--encoder-weights", "/n/tiny_dinov2_encoder_30x.pth"))]
     v = state["variants"]
     assert v["encoder30"]["what"] == "the claims run's encoder recipe trained 30 steps (tiny_dinov2_encoder_30x.pth)"
@@ -554,6 +661,138 @@ def test_copy_variant_of_encoder_training_length(monkeypatch, tmp_path):
                                                  "--encoder-weights e.pth")          # encoder<N> by N, not as stored
     assert [copying.variant_steps(n) for n in ("encoder0", "encoder250", "encoder", "pages", "encoderx")] == \
         [0, 250, None, None, None]
+
+
+def test_copy_variant_names_of_the_encoder_recipe():
+    """The grammar of the encoder-recipe variants (N steps, patch size P; the copy part's encoder is (0, 4)), one
+    name per variant (no leading zeros, no other separators), and the table's order: the recipes at patch 4 by
+    N, then by patch size."""
+    want = {"encoder0": (0, 4, False), "encoder250": (250, 4, False), "patch8": (0, 8, False), "patch2": (0, 2, False),
+            "encoder10-patch8": (10, 8, False), "encoder0-patch16": (0, 16, False), "encoder250-centred": (250, 4, True),
+            "patch8-centred": (0, 8, True), "encoder10-patch2-centred": (10, 2, True)}
+    for name in ("encoder", "pages", "encoderx", "encoder-5", "encoder05", "patch08", "patch", "-patch8",
+                 "encoder-patch8", "encoder10patch8", "encoder10-", "patch8-encoder10", "Patch8", "", "centred",
+                 "encoder-centred", "pages-centred", "encoder10-centred-patch8", "encoder10centred", "encoder10-centered"):
+        want[name] = None
+    assert {n: copying.variant_recipe(n) for n in want} == want
+    names = ["patch16", "encoder10-patch8", "pages", "patch8", "encoder100", "encoder", "encoder30", "patch2",
+             "encoder30-centred", "encoder10-centred"]
+    assert sorted(names, key=copying.variant_order) == \
+        ["encoder", "pages", "encoder10-centred", "encoder30", "encoder30-centred", "encoder100", "patch2", "patch8",
+         "encoder10-patch8", "patch16"]
+    assert copying.variant_what("encoder250-centred", "f.pth") == ("the claims run's encoder recipe trained 250 steps, "
+                                                                   "patch tokens centred on the image's mean patch token (f.pth)")
+    assert copying.variant_what("patch8", "f.pth") == "the random encoder, patch size 8 (16 patch tokens) (f.pth)"
+    assert copying.variant_what("encoder10-patch2", "f.pth") == \
+        "the claims run's encoder recipe trained 10 steps, patch size 2 (256 patch tokens) (f.pth)"
+    assert copying.variant_what("encoder30", "f.pth") == "the claims run's encoder recipe trained 30 steps (f.pth)"
+
+
+def test_copy_variant_at_another_patch_size_trains_with_that_encoder(monkeypatch, tmp_path):
+    """patch<P>: the recipe's random encoder at patch size P, passed to train.py as a file it builds the
+    encoder from (no preset has that shape); a patch size that does not divide 32 px is refused."""
+    trained, made = [], []
+    monkeypatch.setattr(copying.kept_runs, "kept_run", lambda run, steps, flags: trained.append((os.path.basename(run), flags)) or 5)
+    monkeypatch.setattr(sweep.semantica.Semantica, "from_checkpoint", staticmethod(lambda p: p))
+    monkeypatch.setattr(copying.kept_runs, "save_grid", lambda *a: None)
+    transforms = []
+    monkeypatch.setattr(copying, "copy_scores", lambda m, c, transform=None: transforms.append(transform) or (
+        dict(to_cond=0.2, between=0.2, agreement=0.5), None, None))
+    monkeypatch.setattr(copying, "centred_cache", lambda net_dir, path: path + ".centred")
+
+    def fake_pretrained(out_dir, name, steps, bank_pages, seed=0, log=print, patch_size=4):
+        made.append((name, steps, patch_size))
+        return f"/n/enc_{steps}_{patch_size}.pth"
+    monkeypatch.setattr(copying.features, "pretrained_network", fake_pretrained)
+    state = {}
+    copying.copy_variants(str(tmp_path), [4000], None, state, ["patch8", "encoder10-patch2", "encoder10-centred"])
+    assert made == [("encoder", 0, 8), ("encoder", 10, 2), ("encoder", 10, 4)]
+    assert trained == [("copy-patch8", ("--pairs", "same", "--encoder-weights", "/n/enc_0_8.pth", "--encoder", "dinov2-custom")),
+                       ("copy-encoder10-patch2", ("--pairs", "same", "--encoder-weights", "/n/enc_10_2.pth",
+                                                  "--encoder", "dinov2-custom")),
+                       ("copy-encoder10-centred", ("--pairs", "same", "--encoder-weights", "/n/enc_10_4.pth",
+                                                   "--cond-cache", "/n/enc_10_4.pth.centred"))]
+    assert transforms[:2] == [None, None]                          # a centred model is scored on centred tokens
+    tok = torch.randn(2, 65, 3)
+    assert torch.equal(transforms[2](tok), copying.centre_patches(tok, 64))
+    assert state["variants"]["patch8"]["setting"] == "enc_0_8.pth"
+    assert copying.copy_variants_args(state) == \
+        " --lengths 4000 --variants encoder10-centred,encoder10-patch2,patch8"   # patch 4 first, then by patch size
+    for argv in (["--parts", "copy-variants", "--variants", "patch3"], ["--parts", "copy-variants", "--variants", "patch0"],
+                 ["--parts", "copy-variants", "--variants", "encoder5-patch64"]):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(argv)
+        assert e.value.code == 2, argv
+
+
+def test_tiny_encoder_at_another_patch_size_round_trips_through_its_file(tmp_path):
+    """features.tiny_config(P): (32 / P)^2 patch tokens + CLS; the recipe's untrained encoder at P = 8, written in
+    the DINOv2 layout, is rebuilt by encoders.from_checkpoint (as train.py --encoder-weights does) with the same
+    tokens; P = 4 is the preset, and P must divide 32."""
+    import encoders
+    import features
+    assert features.tiny_config(4) == encoders.ENCODER_PRESETS["tiny"]
+    for bad in (0, 3, 5, 64, "8", 4.0):
+        with pytest.raises(ValueError, match="patch size must divide"):
+            features.tiny_config(bad)
+    images, page, _ = features.page_bank(4, features.ENCODER_PAGES_SEED)
+    enc = features.train_encoder(images, page, 0, log=lambda *a: None, patch_size=8)
+    path = str(tmp_path / "e.pth")
+    encoders.save_dinov2(enc, path)
+    back = encoders.from_checkpoint(path)
+    assert (back.name, back.patch_size, back.image_size) == ("dinov2-custom", 8, 32)
+    x = images[:3]
+    g, tok = back(back.preprocess(x))
+    assert tok.shape == (3, 1 + 4 * 4, 128)
+    assert torch.equal(tok, enc(enc.preprocess(x))[1])
+    assert tuple(back.state_dict()["patch_embed.proj.weight"].shape) == (128, 3, 8, 8)   # 8 x 8 x 3 per token
+
+
+def test_probe_rows_at_other_patch_sizes(monkeypatch, tmp_path, capsys):
+    """--encoder-patches: the probe adds the random encoder at each patch size, with (32 / P)^2 + 1 tokens of 128
+    dims (the --encoder-steps recipes stay at patch 4); sizes that do not divide 32 are refused in one line."""
+    import features
+    calls = []
+    real = features.pretrained_network
+
+    def spy(out_dir, name, steps, bank_pages, seed=0, log=print, patch_size=4):
+        calls.append((steps, patch_size))
+        return real(out_dir, name, 0, 4, seed, log, patch_size)      # (untrained, few pages: only shapes matter)
+    monkeypatch.setattr(features, "pretrained_network", spy)
+    out = token_probe.probe(None, (3,), str(tmp_path), n_train=40, n_test=20, ranks=(4,), log=lambda *a: None,
+                            patches=(8, 4))
+    assert calls == [(3, 4), (0, 8)]
+    low = out["lowrank"]
+    assert low["random tiny encoder, patch 8, tokens"]["dims"] == (1 + 16) * 128
+    assert low["claims' encoder recipe, 3 steps, tokens"]["dims"] == (1 + 64) * 128
+    assert low["random tiny encoder (default job), tokens"]["dims"] == (1 + 64) * 128
+    assert 0 < low["random tiny encoder, patch 8, tokens"]["position_shared"] < 1
+    assert "random tiny encoder, patch 8, global" in out["results"]
+    for bad in ("3", "x", "0"):
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--parts", "probe", "--encoder-patches", bad])
+        assert e.value.code == 2 and "--encoder-patches" in capsys.readouterr().err
+
+
+def test_encoder_file_names_keep_their_recipe_hash(monkeypatch, tmp_path):
+    """The default patch size leaves the recipe (and so the file name) as before patch sizes existed: the claims
+    run's encoder is still tiny_dinov2_encoder_8b9d5dc466.pth (the name RESULTS.md quotes); another patch size is
+    another file; a features network has no patch size."""
+    import features
+    monkeypatch.setattr(features, "train_encoder", lambda *a, patch_size, **k: features.encoders.random_encoder(
+        features.tiny_config(patch_size), "x"))                     # (no training: only the names are checked)
+    monkeypatch.setattr(features, "page_bank", lambda *a, **k: (None, None, None))
+    cc = copying.ClaimsConfig()
+    path = features.pretrained_network(str(tmp_path), "encoder", cc.encoder_steps, cc.bank_pages, cc.seed, log=lambda *a: None)
+    assert os.path.basename(path) == "tiny_dinov2_encoder_8b9d5dc466.pth"
+    other = features.pretrained_network(str(tmp_path), "encoder", cc.encoder_steps, cc.bank_pages, cc.seed,
+                                        log=lambda *a: None, patch_size=8)
+    assert os.path.basename(other) != os.path.basename(path)
+    assert json.load(open(other + ".json"))["patch_size"] == 8
+    with pytest.raises(ValueError, match="no patch size"):
+        features.pretrained_network(str(tmp_path), "features", 1, 4, patch_size=8)
+    with pytest.raises(ValueError, match="patch size must divide"):
+        features.pretrained_network(str(tmp_path), "encoder", 1, 4, patch_size=6)
 
 
 def test_copy_variants_section_puts_each_length_beside_the_copy_part(tmp_path):
