@@ -77,6 +77,11 @@ class EncoderConfig:
     norm_eps: float = 1e-6  # CLIP: 1e-5 (torch default in clip/model.py)
     embed_dim: int = 0      # CLIP: width E of the projected global embedding; 0 = no projection
 
+    @property
+    def num_patches(self):
+        """Patch tokens at `image_size`: (image_size // patch_size) ** 2 (ViT patchify, non-overlapping)."""
+        return (self.image_size // self.patch_size) ** 2
+
 
 def _dino(d, depth, heads, hidden, swiglu=False):    # dinov2/hub/backbones.py, encoders.md §1.1
     return EncoderConfig("dinov2", d, depth, heads, 14, 224, 37, hidden, swiglu=swiglu)
@@ -233,7 +238,7 @@ class VisionEncoder(nn.Module):
 
     Attributes: `.name` (preset), `.config` (EncoderConfig), `.dim` (token width D, the cond_dim of
     Semantica's cross-attention), `.embed_dim` (global width E), `.weights` (path or None), `.seed`
-    (seed of a random init, None when weights were loaded), `.num_tokens` at `.image_size`.
+    (seed of a random init, None when weights were loaded), `.num_patches` and `.num_tokens` at `.image_size`.
     """
 
     def __init__(self, config, name="custom"):
@@ -243,7 +248,8 @@ class VisionEncoder(nn.Module):
         self.weights, self.seed = None, None
         self.image_size, self.patch_size = c.image_size, c.patch_size
         cls = c.family != "siglip"                                # SigLIP has no class token
-        self.num_tokens = int(cls) + c.registers + (c.image_size // c.patch_size) ** 2
+        self.num_patches = c.num_patches
+        self.num_tokens = int(cls) + c.registers + c.num_patches
         self.mean, self.std = NORMALISATION[c.family]
         # Attribute names are the official DINOv2 (= MAE) checkpoint keys (encoders.md §1.3); CLIP and
         # SigLIP files are renamed on load (_HF, _OPENAI below).

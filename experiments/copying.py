@@ -117,7 +117,7 @@ def variant_order(name):
 def variant_what(name, setting):
     """What an encoder-recipe variant is, for the table: '<recipe> (<file>)'."""
     n, p, centred = variant_recipe(name)
-    tokens = f"{(features.TINY.image_size // p) ** 2} patch tokens"
+    tokens = f"{features.tiny_config(p).num_patches} patch tokens"
     what = (f"the claims run's encoder recipe trained {n} steps" if n else "the random encoder") + \
         ("" if p == features.TINY.patch_size else f", patch size {p} ({tokens})") + \
         (", patch tokens centred on the image's mean patch token" if centred else "")
@@ -152,7 +152,7 @@ def centred_cache(net_dir, encoder_path, num_pages=oracle.JOB["num_pages"], seed
     shutil.rmtree(tmp, ignore_errors=True)
     embeddings.encode_cache(pages, encoder, tmp)
     tokens = np.load(os.path.join(tmp, "tokens.npy"), mmap_mode="r+")
-    patches = (encoder.image_size // encoder.patch_size) ** 2
+    patches = encoder.num_patches
     for s in range(0, len(tokens), 1024):
         tokens[s:s + 1024] = centre_patches(torch.from_numpy(np.array(tokens[s:s + 1024], np.float32)), patches).numpy()
     tokens.flush()
@@ -170,7 +170,7 @@ def variant_transform(name):
     r = variant_recipe(name)
     if not (r and r[2]):
         return None
-    patches = (features.TINY.image_size // r[1]) ** 2
+    patches = features.tiny_config(r[1]).num_patches
     return lambda tokens: centre_patches(tokens, patches)
 
 

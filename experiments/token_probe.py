@@ -137,7 +137,7 @@ def probe(encoder_weights=None, encoder_steps=(), net_dir=None, n_train=1500, n_
         g, tok = enc(enc.preprocess(x.float()))
         tok = tok.double()
         feats[f"{name}, tokens"] = tok.flatten(1)
-        patch_tok = tok[:, -(enc.image_size // enc.patch_size) ** 2:]
+        patch_tok = tok[:, -enc.num_patches:]
         shared[f"{name}, tokens"] = position_shared_share(patch_tok[tr])
         local[f"{name}, tokens"] = local_fit_eval(patch_tok[tr], x[tr], patch_tok[te], x[te], enc.patch_size)
         for part, f in (("tokens", tok.flatten(1)), ("global", g.double())):

@@ -55,6 +55,7 @@ def test_siglip_file_path_config_heads_and_text_tower():
         assert any(k.startswith("text_model.") for k in f.keys()) and "logit_scale" in f.keys()
     enc = E.from_checkpoint(DATA / "siglip" / "model.safetensors")
     assert (enc.family, enc.config.heads, enc.image_size, enc.num_tokens) == ("siglip", 4, 16, 16)
+    assert enc.num_patches == enc.num_tokens                  # SigLIP: no class token, all 16 tokens are patches
     g, _ = enc(GOLDEN["siglip"]["images_native"])
     torch.testing.assert_close(g, GOLDEN["siglip"]["global_native"], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="native"):             # SigLIP runs only at its native size
@@ -90,6 +91,7 @@ def test_tiny_save_load_official_format(tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     g, tokens = enc(x)
     assert g.shape == (2, 128) and tokens.shape == (2, enc.num_tokens, 128) and enc.num_tokens == 1 + 64
+    assert enc.num_patches == enc.config.num_patches == 64  # 32 px / patch 4 = 8 x 8
     torch.save(enc.state_dict(), tmp_path / "a.pth")
     E.save_dinov2(enc, tmp_path / "b.pth")
     for p in ("a.pth", "b.pth"):
