@@ -515,8 +515,8 @@ SCALE_NOTES = """\
   beyond the bootstrap noise mean something, and one training seed per setting is not an ablation.
 - The ± and the criteria's sigma are test-set noise (bootstrap over test images, binomial for recall), not
   training variance: the same command on another CPU (AVX2 against AVX-512 kernels round differently) trains
-  different models, and a claim near its threshold can change verdict between two such runs (the README's
-  "Measured results" compares two). `--train-seeds 0,1,2` measures that variance: the across-seeds section,
+  different models, and a claim near its threshold can change verdict between two such runs (experiments/STUDY.md
+  compares two). `--train-seeds 0,1,2` measures that variance: the across-seeds section,
   when present, shows each claim's number and verdict for every training seed.
 - Claim 3 is a property of the metrics (copies tie at distance 0, so one-shot recall is exactly K/N); it holds
   at any scale, on a test set without pixel-identical images (a copy also matches an image's duplicate). Claims 1, 2 and 4 are properties of trained models and can flip with training length.

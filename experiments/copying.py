@@ -7,7 +7,7 @@ sampled at guidance 0 for held-out conditions: pixel RMSE of a sample to its con
 samples, and kind agreement (experiments/kinds.py). The copy-variants change one thing of the claims run's
 reconstruction model at a time: its trained encoder, its 2048 pages, or that encoder's recipe stopped after
 N steps (encoder<N>); and the encoder's patch size P, so its token count and what each token must carry
-(patch<P>: the random encoder at P; encoder<N>-patch<P>). A `-centred` suffix tests README finding 7's reading
+(patch<P>: the random encoder at P; encoder<N>-patch<P>). A `-centred` suffix tests STUDY.md finding 7's reading
 causally: the same encoder, but each image's mean patch token subtracted from its patch tokens (centre_patches),
 so none of their variance is shared by every position; train.py reads those tokens from a precomputed
 conditioning cache (§3.2, centred_cache). Everything here is DESIGN.
@@ -74,7 +74,7 @@ def real_pair_rmse(pages=COPY_EVAL["pages"], size=32):
 
 
 # The claims run's reconstruction model differs from the copy part's in two ways; each variant makes one of
-# them (DESIGN: which one keeps the claims run's model from copying at 4000 steps, README finding 7). The
+# them (DESIGN: which one keeps the claims run's model from copying at 4000 steps, STUDY.md finding 7). The
 # encoder-recipe variants walk the issue's encoder axes from the copy part's random encoder (N = 0, P = 4):
 # encoder<N> is the claims run's encoder recipe stopped after N of its steps (the claims run's is N = 250),
 # patch<P> the random encoder at patch size P ((32 / P)^2 patch tokens, each a P x P x 3 patch in 128 dims:
@@ -128,7 +128,7 @@ def centre_patches(tokens, patches):
     """Tokens (B, T, D) whose last `patches` are patch tokens -> (B, T, D) with the image's mean patch token
     subtracted from each of them (the CLS and register tokens as they are).
 
-    DESIGN: the causal test of README finding 7's reading. After centring, no patch-token variance is shared by
+    DESIGN: the causal test of STUDY.md finding 7's reading. After centring, no patch-token variance is shared by
     every position (token_probe.position_shared_share = 0, up to rounding); what is position-specific, the
     layout, is left exactly as it was, and the image's summary stays in the CLS token."""
     patch = tokens[:, -patches:]

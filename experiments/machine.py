@@ -1,6 +1,6 @@
 """The machine a result was measured on, in one line (experiments/claims.py and sweep.py write it beside
 their wall times). Speed and, through float rounding, the trained models themselves depend on it: the same
-claims run gave different models on an AVX2 and an AVX-512 CPU (README, "Measured results")."""
+claims run gave different models on an AVX2 and an AVX-512 CPU (experiments/STUDY.md, the claims' part)."""
 import os
 import platform
 

@@ -5,7 +5,7 @@ tokens that determine it; the small-scale study asks whether ours do. On held-ou
   - a ridge regression (dual form, standardised features) from the encoder's tokens and from its global
     feature to the condition's pixels (RMSE, [-1, 1] scale) and to its object kind (accuracy);
   - the low-rank probe: the same pixel regression from only the tokens' top-k principal components, i.e.
-    whether the condition's pixels sit in the directions of the tokens' largest variance (README finding 7);
+    whether the condition's pixels sit in the directions of the tokens' largest variance (STUDY.md finding 7);
   - the local probe: each patch from its own token alone, one map for all positions (local_fit_eval).
 Encoders: the default job's random tiny encoder, a file (--encoder-weights), and the claims run's encoder
 recipe (experiments/features.py) trained each of --encoder-steps steps, and the random encoder at each patch
@@ -43,7 +43,7 @@ def lowrank_fit_eval(f_tr, y_tr, f_te, k, lam=1e-2):
     the training features' variance those k components carry).
 
     The components are those of the features as the encoder emits them (centred on the training set, not
-    standardised), so they are the directions of the tokens' largest variance. DESIGN: the probe of README
+    standardised), so they are the directions of the tokens' largest variance. DESIGN: the probe of STUDY.md
     finding 7's reading that a denoiser takes up first what is prominent in its condition, not all that
     the condition determines; a full-rank probe cannot see that, it weighs every direction alike."""
     mu = f_tr.mean(0)
@@ -59,7 +59,7 @@ def position_shared_share(patches):
 
     patches: (B, N, D) patch tokens -> float in [0, 1]; 1 = every position carries the same (the tokens
     hold no layout beyond what the image's mean token says), 1 / N for position-independent tokens.
-    DESIGN: how much of what the tokens carry is the layout (position-specific), README finding 7."""
+    DESIGN: how much of what the tokens carry is the layout (position-specific), STUDY.md finding 7."""
     c = patches - patches.mean(0)                                 # centre every (position, channel) over images
     shared = c.mean(1, keepdim=True).expand_as(c)                 # the image's mean token, at every position
     return (shared.square().sum() / c.square().sum()).item()
@@ -74,7 +74,7 @@ def local_fit_eval(tok_tr, x_tr, tok_te, x_te, patch_size, lam=1e-2):
     or where objects tend to sit), then ridge regression in primal form (D x D; the ridge is `lam` times the
     mean squared norm of a standardised row, as ridge_fit_eval's mean kernel diagonal). DESIGN: does a token
     hold its own patch (what a denoiser copying through cross-attention reads most simply), or is the layout
-    spread over the tokens, where only the full probe finds it? (README finding 7)."""
+    spread over the tokens, where only the full probe finds it? (STUDY.md finding 7)."""
     def patches(x):                                               # (B, 3, S, S) -> (B, G*G, 3*P*P)
         b, c, s, _ = x.shape
         g = s // patch_size
