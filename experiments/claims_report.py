@@ -442,10 +442,11 @@ def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
 
 def seed_summary(r, out):
     """What the across-seeds section needs of one training seed's result (tuple eval keys, judged claims):
-    {seed, out, seconds, claims, kind agreement per setting}."""
-    kind = {name: r["evals"][(name, "one_shot", W_ABLATION)].get("kind", {}).get("agreement") for name in SETTINGS}
+    {seed, out, seconds, claims, kind agreement and one-shot FID per setting}."""
+    E = {name: r["evals"][(name, "one_shot", W_ABLATION)] for name in SETTINGS}
     return dict(seed=r["config"].get("train_seed", 0), out=out, seconds=r["timing"]["total"], claims=r["claims"],
-                kind=kind)
+                kind={name: e.get("kind", {}).get("agreement") for name, e in E.items()},
+                fid={name: e["fid"] for name, e in E.items()})
 
 
 SEED_ROWS = (  # (claim id, number, what it is and its criterion, whether the claim's noise is its bound)
@@ -489,11 +490,12 @@ def seeds_section(r, cc):
                          f"{'yes' if c['verdict'] == 'holds' else 'no'}")
         spread = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "-"
         L.append(f"| {cid} | {what} | " + " | ".join(cells) + f" | {spread} |")
-    for name in SETTINGS:
-        vals = [q["kind"].get(name) for q in rows]
-        if all(v is not None for v in vals):
-            L.append(f"| - | kind agreement, {name}, one-shot w = {W_ABLATION} | "
-                     + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f} |")
+    for what, key in (("one-shot FID", "fid"), ("kind agreement", "kind")):   # the settings' own numbers
+        for name in SETTINGS:
+            vals = [(q.get(key) or {}).get(name) for q in rows]    # (summaries stored before "fid" lack it)
+            if all(v is not None for v in vals):
+                L.append(f"| - | {what}, {name}, one-shot w = {W_ABLATION} | " + " | ".join(f"{v:.3f}" for v in vals)
+                         + f" | {np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f} |")
     mixed = [cid for cid in dict.fromkeys(c for c, _, _, _ in SEED_ROWS)
              if len({b[cid]["verdict"] == "holds" for b in by_seed if cid in b}) > 1]
     L += ["", "Verdicts that change with the training seed: " + (", ".join(f"claim {c}" for c in mixed) if mixed else

@@ -207,7 +207,8 @@ def _seed(seed, **kw):
     r = _result(**kw)
     r["claims"] = claims.judge(r, claims.SWEEP, 0.5)
     return dict(seed=seed, out=f"o{seed}", seconds=600.0 * (seed + 1), claims=r["claims"],
-                kind={n: 0.1 * (seed + 1) for n in claims.SETTINGS}, loss={})
+                kind={n: 0.1 * (seed + 1) for n in claims.SETTINGS}, loss={},
+                fid={n: r["evals"][(n, "one_shot", 0.5)]["fid"] for n in claims.SETTINGS})
 
 
 def test_the_across_seeds_section_shows_each_seed_and_the_spread():
@@ -222,7 +223,7 @@ def test_the_across_seeds_section_shows_each_seed_and_the_spread():
     for e in r["evals"].values():
         e["kind"] = dict(agreement=0.05)
     assert claims_report.seeds_section(r, cc) == []
-    r["other_seeds"] = [_seed(1, rec_to_cond=0.24, fids=(20.0, 22.0)), _seed(2, rec_to_cond=0.2)]
+    r["other_seeds"] = [_seed(1, rec_to_cond=0.24, fids=(20.0, 22.0)), _seed(2, rec_to_cond=0.2, fids=(26.0, 30.0))]
     md = "\n".join(claims_report.seeds_section(r, cc))
     row = lambda cid, what: next(x for x in md.splitlines() if x.startswith(f"| {cid} | {what}"))
     ratios = [0.475, 0.6, 0.5]
@@ -231,6 +232,11 @@ def test_the_across_seeds_section_shows_each_seed_and_the_spread():
     assert f"| 2.000 ({2 * 2 ** 0.5:.3f}) no |" in row("4a", "one-shot FID")       # seed 1: gap 2 < 2.83
     assert "| 0.150 yes |" in row("2", "one-shot recall drop")                     # no bracket for this one
     assert "| 0.050 | 0.200 | 0.300 | 0.183 ± 0.126 |" in row("-", "kind agreement, pages+filter,")
+    # one-shot FID per seed at w = 0.5: pages+filter 20, 20, 26 (mean 22, std sqrt(12)); reconstruction 23, 22, 30
+    assert f"| 20.000 | 20.000 | 26.000 | 22.000 ± {12 ** 0.5:.3f} |" in row("-", "one-shot FID, pages+filter,")
+    assert f"| 23.000 | 22.000 | 30.000 | 25.000 ± {19 ** 0.5:.3f} |" in row("-", "one-shot FID, reconstruction,")
+    old = dict(r, other_seeds=[{k: v for k, v in q.items() if k != "fid"} for q in r["other_seeds"]])
+    assert "one-shot FID, pages" not in "\n".join(claims_report.seeds_section(old, cc))   # stored before "fid"
     assert "Verdicts that change with the training seed: claim 1, claim 4a." in md
     assert "seed 0 5.0 min, seed 1 20.0 min, seed 2 30.0 min" in md
 
