@@ -24,6 +24,7 @@ claims_setup.py, the verdicts and RESULTS.md claims_report.py.
     python experiments/claims.py --data DIR # train and test on a pages folder ROOT/<page>/<image>
     python experiments/claims.py --report   # rewrite RESULTS.md from the last run's results.json (seconds)
     python experiments/claims.py --steps 2000  # the same at 4x the training -> experiments/RESULTS-steps2000.md
+    python experiments/claims.py --steps 4000  # 8x (89 min on that Xeon) -> experiments/RESULTS-steps4000.md
     python experiments/claims.py --train-seeds 0,1,2   # also retrain the denoisers with train.py seeds 1, 2:
                                             # each claim's verdict per seed (training variance), ~20 min a seed
 

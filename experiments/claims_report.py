@@ -490,7 +490,7 @@ def seeds_section(r, cc):
                          f"{'yes' if c['verdict'] == 'holds' else 'no'}")
         spread = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else "-"
         L.append(f"| {cid} | {what} | " + " | ".join(cells) + f" | {spread} |")
-    for what, key in (("one-shot FID", "fid"), ("kind agreement", "kind")):   # the settings' own numbers
+    for what, key in (("FID", "fid"), ("kind agreement", "kind")):   # the settings' own numbers
         for name in SETTINGS:
             vals = [(q.get(key) or {}).get(name) for q in rows]    # (summaries stored before "fid" lack it)
             if all(v is not None for v in vals):

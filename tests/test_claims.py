@@ -233,10 +233,10 @@ def test_the_across_seeds_section_shows_each_seed_and_the_spread():
     assert "| 0.150 yes |" in row("2", "one-shot recall drop")                     # no bracket for this one
     assert "| 0.050 | 0.200 | 0.300 | 0.183 ± 0.126 |" in row("-", "kind agreement, pages+filter,")
     # one-shot FID per seed at w = 0.5: pages+filter 20, 20, 26 (mean 22, std sqrt(12)); reconstruction 23, 22, 30
-    assert f"| 20.000 | 20.000 | 26.000 | 22.000 ± {12 ** 0.5:.3f} |" in row("-", "one-shot FID, pages+filter,")
-    assert f"| 23.000 | 22.000 | 30.000 | 25.000 ± {19 ** 0.5:.3f} |" in row("-", "one-shot FID, reconstruction,")
+    assert f"| 20.000 | 20.000 | 26.000 | 22.000 ± {12 ** 0.5:.3f} |" in row("-", "FID, pages+filter,")
+    assert f"| 23.000 | 22.000 | 30.000 | 25.000 ± {19 ** 0.5:.3f} |" in row("-", "FID, reconstruction,")
     old = dict(r, other_seeds=[{k: v for k, v in q.items() if k != "fid"} for q in r["other_seeds"]])
-    assert "one-shot FID, pages" not in "\n".join(claims_report.seeds_section(old, cc))   # stored before "fid"
+    assert "| FID, pages" not in "\n".join(claims_report.seeds_section(old, cc))   # stored before "fid"
     assert "Verdicts that change with the training seed: claim 1, claim 4a." in md
     assert "seed 0 5.0 min, seed 1 20.0 min, seed 2 30.0 min" in md
 
