@@ -446,7 +446,7 @@ def seed_summary(r, out):
     E = {name: r["evals"][(name, "one_shot", W_ABLATION)] for name in SETTINGS}
     return dict(seed=r["config"].get("train_seed", 0), out=out, seconds=r["timing"]["total"], claims=r["claims"],
                 kind={name: e.get("kind", {}).get("agreement") for name, e in E.items()},
-                fid={name: e["fid"] for name, e in E.items()})
+                fid={name: e.get("fid") for name, e in E.items()})
 
 
 SEED_ROWS = (  # (claim id, number, what it is and its criterion, whether the claim's noise is its bound)
