@@ -41,6 +41,7 @@ folder's config.json does record it).
 """
 import json
 import math
+import pickle
 import re
 import warnings
 import zipfile
@@ -461,7 +462,9 @@ def _read(path):
     except ImportError:
         raise
     except Exception as e:
-        raise ValueError(f"{file}: cannot read checkpoint (corrupt or truncated?): {type(e).__name__}: {e}") from e
+        why = ("not a torch file of tensors and plain containers" if isinstance(e, pickle.UnpicklingError)
+               else f"{type(e).__name__}: {str(e).splitlines()[0]}")   # (never torch's unsafe weights_only=False advice)
+        raise ValueError(f"{file}: cannot read checkpoint (corrupt or truncated?): {why}") from e
     if isinstance(sd, dict) and isinstance(sd.get("model", sd.get("state_dict")), dict):
         sd = sd.get("model", sd.get("state_dict"))                   # MAE {"model": ...}; OpenCLIP training files
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):

@@ -33,6 +33,7 @@ Left out: the aux classifier, torchvision's (non-FID) Inception weights, the 64/
 intermediate feature blocks, clean-fid's PIL resize, reading image folders (metrics.py does that).
 """
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -270,7 +271,9 @@ def load_inception(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+        why = ("not a torch file of tensors and plain containers" if isinstance(e, pickle.UnpicklingError)
+               else f"{type(e).__name__}: {str(e).splitlines()[0]}")   # (never torch's unsafe weights_only=False advice)
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({why})") from e
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors ({WEIGHTS_FILE}), got "
                          f"{type(state).__name__} with keys {list(state)[:5] if isinstance(state, dict) else ''}")

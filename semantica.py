@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -323,7 +324,11 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / not a torch file
+    except pickle.UnpicklingError as e:  # not a torch file, or one holding arbitrary Python objects
+        # (torch's own message suggests weights_only=False, i.e. running the file's code: never done here)
+        raise ValueError(f"{path}: cannot read the checkpoint: not a torch file of tensors and plain containers "
+                         f"(train.py writes {FORMAT} checkpoints; this loader never unpickles other objects)") from e
+    except Exception as e:  # truncated zip, unreadable file
         raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != FORMAT:

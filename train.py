@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import sys
@@ -551,7 +552,9 @@ def load_checkpoint(path, cfg=None):
     except FileNotFoundError as e:
         raise UserError(f"no checkpoint at {path}") from e
     except Exception as e:  # truncated / not a torch file
-        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+        why = ("not a torch file of tensors and plain containers" if isinstance(e, pickle.UnpicklingError)
+               else f"{type(e).__name__}: {str(e).splitlines()[0]}")   # (never torch's unsafe weights_only=False advice)
+        raise UserError(f"{path} is not a readable checkpoint: {why}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != semantica.FORMAT or "optimizer" not in ckpt:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a resumable train.py checkpoint (format {semantica.FORMAT}; found {found})")

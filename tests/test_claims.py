@@ -40,6 +40,9 @@ def test_quick_run_writes_every_claim(quick_claims):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
     results = (out / "RESULTS.md").read_text()
     assert left_alone                                    # quick never overwrites experiments/RESULTS.md
+    assert "**A smoke run**" in results                  # its verdicts are labelled as saying nothing
+    with open(os.path.join(ROOT, "experiments", "RESULTS.md")) as f:                       # the full run's:
+        assert "**A smoke run**" not in f.read()
     res = json.loads((out / "results.json").read_text())
     ids = [c["id"] for c in res["claims"]]
     assert ids == ["1", "2", "3", "4a", "4b", "4c"]

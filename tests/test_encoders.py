@@ -199,6 +199,10 @@ def test_errors_name_the_file_and_the_mismatch(tmp_path, monkeypatch):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(ValueError, match="junk.safetensors"):
         E.from_checkpoint(tmp_path / "junk.safetensors")
+    (tmp_path / "obj.pth").write_bytes(b"# a text file\n")
+    with pytest.raises(ValueError, match="obj.pth: cannot read.*not a torch file of tensors") as e:
+        E.from_checkpoint(tmp_path / "obj.pth")                         # one line, never torch's "weights_only=False"
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"dinov2.pth: checkpoint does not match tiny: .*missing keys \(42\).*"
                                          r"pos_embed: file \(1, 17, 128\) vs tiny \(1, 65, 128\)"):
         E.load_encoder("tiny", weights=DATA / "dinov2.pth")

@@ -67,8 +67,9 @@ def test_wrong_files_give_clear_errors(state, tmp_path):
         inception.load_inception(str(tmp_path / "nowhere.pth"))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pth"):
+    with pytest.raises(ValueError, match="garbage.pth") as e:
         inception.load_inception(str(garbage))
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)   # one line, no unsafe advice
     # torchvision's (non-FID) Inception-v3 layout: AuxLogits and a 1000-way classifier
     tv = dict(state)
     tv["fc.weight"], tv["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)

@@ -4,6 +4,7 @@ does not depend on the batch, argument checks, the EMA, and the one checkpoint f
 
 Expected values are computed here independently: binomial bounds, the closed-form schedule (diffusion.md §1),
 stub networks whose conditional and null outputs are known, hand-written float32 combinations."""
+import argparse
 import copy
 import dataclasses
 import hashlib
@@ -361,6 +362,18 @@ def test_bad_checkpoints_are_one_line_errors(encoder, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: cannot read"):
         Semantica.from_checkpoint(tmp_path / "junk.pt")
+    for name, data in (("text.md", b"# a README\n"), ("pickle.pt", None)):   # torch's message would invite
+        if data is None:                                                 # weights_only=False: never repeated
+            torch.save({"format": FORMAT, "obj": argparse.Namespace(a=1)}, tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: cannot read the checkpoint") as e:
+            Semantica.from_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    torch.save({"format": FORMAT}, tmp_path / "cut.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:40])     # a truncated torch file
+    with pytest.raises(ValueError, match="cut.pt: cannot read the checkpoint"):
+        Semantica.from_checkpoint(tmp_path / "cut.pt")
     with pytest.raises(FileNotFoundError):
         Semantica.from_checkpoint(tmp_path / "missing.pt")
 

@@ -285,8 +285,9 @@ def test_tensorboard_gets_the_logged_scalars_and_grids(tmp_path):
 def test_bad_checkpoints_give_clear_errors(tmp_path, tiny_run):
     out, _ = tiny_run
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train.UserError, match="not a readable"):
+    with pytest.raises(train.UserError, match="not a readable") as e:
         train.load_checkpoint(str(tmp_path / "junk.pt"))
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)   # one line, no unsafe advice
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(train.UserError, match="not a resumable train.py checkpoint"):
         train.load_checkpoint(str(tmp_path / "other.pt"))
