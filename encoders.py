@@ -438,6 +438,17 @@ def _is_torchscript(file):
         return any(n.endswith("constants.pkl") for n in z.namelist())
 
 
+def load_failure(e):
+    """Why torch.load(..., weights_only=True) raised `e`, in one line, for the callers' one-line errors.
+
+    A pickle of anything but tensors and plain containers (or no torch file at all) says so, never torch's
+    advice to retry with weights_only=False, which would run the file's code; any other error (a truncated
+    zip, an unreadable file) gives its type and first line."""
+    if isinstance(e, pickle.UnpicklingError):
+        return "not a torch file of tensors and plain containers"
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
 def _read(path):
     """Return (state dict in our names, family or None, HF vision config dict or None, the file read)."""
     path = Path(path)
@@ -462,9 +473,7 @@ def _read(path):
     except ImportError:
         raise
     except Exception as e:
-        why = ("not a torch file of tensors and plain containers" if isinstance(e, pickle.UnpicklingError)
-               else f"{type(e).__name__}: {str(e).splitlines()[0]}")   # (never torch's unsafe weights_only=False advice)
-        raise ValueError(f"{file}: cannot read checkpoint (corrupt or truncated?): {why}") from e
+        raise ValueError(f"{file}: cannot read checkpoint (corrupt or truncated?): {load_failure(e)}") from e
     if isinstance(sd, dict) and isinstance(sd.get("model", sd.get("state_dict")), dict):
         sd = sd.get("model", sd.get("state_dict"))                   # MAE {"model": ...}; OpenCLIP training files
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):

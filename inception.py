@@ -271,8 +271,10 @@ def load_inception(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        # encoders.load_failure's reasons, repeated: this module imports no project module, so that
+        # scripts/make_inception_goldens.py runs in a venv without einops
         why = ("not a torch file of tensors and plain containers" if isinstance(e, pickle.UnpicklingError)
-               else f"{type(e).__name__}: {str(e).splitlines()[0]}")   # (never torch's unsafe weights_only=False advice)
+               else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
         raise ValueError(f"{path}: not a readable PyTorch weights file ({why})") from e
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors ({WEIGHTS_FILE}), got "

@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import pickle
 import warnings
 
 import numpy as np
@@ -324,12 +323,9 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # not a torch file, or one holding arbitrary Python objects
-        # (torch's own message suggests weights_only=False, i.e. running the file's code: never done here)
-        raise ValueError(f"{path}: cannot read the checkpoint: not a torch file of tensors and plain containers "
-                         f"(train.py writes {FORMAT} checkpoints; this loader never unpickles other objects)") from e
-    except Exception as e:  # truncated zip, unreadable file
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    except Exception as e:  # not a torch file, objects other than tensors, a truncated zip, an unreadable file
+        raise ValueError(f"{path}: cannot read the checkpoint ({encoders.load_failure(e)}; train.py writes "
+                         f"{FORMAT} checkpoints)") from e
     found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} checkpoint (format {found!r}); train.py writes this format")

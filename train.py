@@ -31,7 +31,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import signal
 import sys
@@ -552,9 +551,7 @@ def load_checkpoint(path, cfg=None):
     except FileNotFoundError as e:
         raise UserError(f"no checkpoint at {path}") from e
     except Exception as e:  # truncated / not a torch file
-        why = ("not a torch file of tensors and plain containers" if isinstance(e, pickle.UnpicklingError)
-               else f"{type(e).__name__}: {str(e).splitlines()[0]}")   # (never torch's unsafe weights_only=False advice)
-        raise UserError(f"{path} is not a readable checkpoint: {why}") from e
+        raise UserError(f"{path} is not a readable checkpoint: {encoders.load_failure(e)}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != semantica.FORMAT or "optimizer" not in ckpt:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a resumable train.py checkpoint (format {semantica.FORMAT}; found {found})")

@@ -101,12 +101,6 @@ def variant_recipe(name):
     return int(m[1] or 0), int(patch) if patch else features.TINY.patch_size, m[4] is not None
 
 
-def variant_steps(name):
-    """N of an encoder-recipe variant (variant_recipe), else None."""
-    recipe = variant_recipe(name)
-    return None if recipe is None else recipe[0]
-
-
 def variant_order(name):
     """Sort key of variant names: encoder, pages, then the recipes at patch 4 by N, then by patch size and N, each
     centred one after its uncentred one (the table's and the command's order)."""

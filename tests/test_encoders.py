@@ -203,6 +203,8 @@ def test_errors_name_the_file_and_the_mismatch(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="obj.pth: cannot read.*not a torch file of tensors") as e:
         E.from_checkpoint(tmp_path / "obj.pth")                         # one line, never torch's "weights_only=False"
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    assert E.load_failure(RuntimeError("zip broken\nmore")) == "RuntimeError: zip broken"   # first line only
+    assert E.load_failure(OSError()) == "OSError: "                                         # no message: no IndexError
     with pytest.raises(ValueError, match=r"dinov2.pth: checkpoint does not match tiny: .*missing keys \(42\).*"
                                          r"pos_embed: file \(1, 17, 128\) vs tiny \(1, 65, 128\)"):
         E.load_encoder("tiny", weights=DATA / "dinov2.pth")

@@ -659,8 +659,8 @@ def test_copy_variant_of_encoder_training_length(monkeypatch, tmp_path):
     state["variants"]["encoder5"] = dict(rows={"600": {}})
     assert copying.copy_variants_args(state) == (" --lengths 600,4000 --variants encoder,encoder5,encoder30 "
                                                  "--encoder-weights e.pth")          # encoder<N> by N, not as stored
-    assert [copying.variant_steps(n) for n in ("encoder0", "encoder250", "encoder", "pages", "encoderx")] == \
-        [0, 250, None, None, None]
+    assert [(copying.variant_recipe(n) or (None,))[0] for n in ("encoder0", "encoder250", "encoder", "pages",
+                                                                "encoderx")] == [0, 250, None, None, None]
 
 
 def test_copy_variant_names_of_the_encoder_recipe():
