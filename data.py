@@ -33,15 +33,15 @@ import torch
 
 import encoders
 # Names not used here are re-exported for callers (data.encode_cache, data.iter_images, data.save_png, ...).
-from embeddings import CondCache, cached_embeddings, encode_cache, encode_cache_torchrun  # noqa: F401
-from images import centre_crop_resize, check_image, find_images, iter_images, load_image, to_rgb  # noqa: F401
-from pairs import FILTER_DEFAULTS, MAX_PAIRS_PER_PAGE, candidate_pairs, cosine, filter_band, filter_pairs  # noqa: F401
-from pairs import check_band, histogram_counts, histogram_text, select_pairs
-from pairs import histogram_png as pairs_histogram_png
-from shard_filter import filter_shards_torchrun
-from shards import expand, is_pattern, records_from_img2dataset, records_from_pages, scan_shards, write_shards
-from stream import ShardStream, StreamLoader
-from synthetic import SyntheticPages  # noqa: F401
+from pages.embeddings import CondCache, cached_embeddings, encode_cache, encode_cache_torchrun  # noqa: F401
+from pages.images import centre_crop_resize, check_image, find_images, iter_images, load_image, to_rgb  # noqa: F401
+from pages.pairs import FILTER_DEFAULTS, MAX_PAIRS_PER_PAGE, candidate_pairs, cosine, filter_band, filter_pairs  # noqa: F401
+from pages.pairs import check_band, histogram_counts, histogram_text, select_pairs
+from pages.pairs import histogram_png as pairs_histogram_png
+from pages.shard_filter import filter_shards_torchrun
+from pages.shards import expand, is_pattern, records_from_img2dataset, records_from_pages, scan_shards, write_shards
+from pages.stream import ShardStream, StreamLoader
+from pages.synthetic import SyntheticPages  # noqa: F401
 
 log = logging.getLogger("semantica.data")
 

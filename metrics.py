@@ -32,9 +32,9 @@ import torch
 from tqdm import tqdm
 
 import encoders
-import inception
-import metrics_fast
-from images import find_images, iter_images
+from machinery import inception
+from machinery import metrics_fast
+from pages.images import find_images, iter_images
 
 K_NN = 3                # Kynkäänniemi et al. 2019 (nhood_sizes=[3]); §7 "Kth nearest neighbor"
 CHUNK = 1 << 24         # DESIGN: float64 elements per distance chunk of the plain path (128 MiB)

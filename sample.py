@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
-import images
+from pages import images
 import diffusion
 import encoders
 import metrics

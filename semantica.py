@@ -36,7 +36,7 @@ from torch import nn
 
 import diffusion
 import encoders
-import images
+from pages import images
 from uvit import UViT, UViTConfig
 
 P_UNCOND = 0.1  # INTERPRETATION: the paper does not state its condition-dropout rate; 0.1 as in Google's

@@ -44,14 +44,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import backends
+from machinery import backends
 import data
-import embeddings
+from pages import embeddings
 import encoders
-import images
+from pages import images
 import semantica
-import shards
-import stream
+from pages import shards
+from pages import stream
 import uvit
 
 CKPT_NAME = "ckpt.pt"

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 import data  # noqa: E402
-import shards  # noqa: E402
-import stream  # noqa: E402
-import synthetic  # noqa: E402
+from pages import shards  # noqa: E402
+from pages import stream  # noqa: E402
+from pages import synthetic  # noqa: E402
 
 
 def write_pages(root, images, size, seed=0):

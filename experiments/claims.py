@@ -53,14 +53,14 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import data  # noqa: E402
 import encoders  # noqa: E402
-import images  # noqa: E402
+from pages import images  # noqa: E402
 import features  # noqa: E402  (experiments/features.py: a library module of this folder, no main)
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import metrics  # noqa: E402
 import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 from claims_report import grids_folder, jsonable, judge, seed_summary, write_results  # noqa: E402  (RESULTS.md)
 from claims_setup import (FILTER, PRESETS, SETTINGS, SWEEP, TEST_COPY_RMSE, TEST_PAGES_SEED,  # noqa: E402
                           W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)

@@ -20,9 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import copying  # noqa: E402  (experiments/copying.py: the sweep's copy-variants, their order)
-import images  # noqa: E402
+from pages import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 import uvit  # noqa: E402
 from claims_setup import (COPY_RATIO, NOISE_SIGMAS, PRESETS, RECALL_DROP, SETTINGS, SWEEP,  # noqa: E402
                           TEST_COPY_RMSE, TEST_PAGES_SEED, W_ABLATION, ClaimsConfig, default_command, load_samples,

@@ -25,7 +25,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import embeddings  # noqa: E402
+from pages import embeddings  # noqa: E402
 import encoders  # noqa: E402
 import features  # noqa: E402  (experiments/features.py: the claims run's pretrained networks)
 import kept_runs  # noqa: E402  (experiments/kept_runs.py: train.py runs kept per length)
@@ -33,7 +33,7 @@ import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import oracle  # noqa: E402  (experiments/oracle.py: JOB, the default job's pages)
 import semantica  # noqa: E402
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 from claims_setup import ClaimsConfig  # noqa: E402  (the claims run's setup)
 from kept_runs import log  # noqa: E402
 

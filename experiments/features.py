@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import encoders  # noqa: E402
 import metrics  # noqa: E402
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 
 ENCODER_PAGES_SEED = 101   # DESIGN: held-out pages, disjoint seeds from training (0) and test pages
 FEATURE_PAGES_SEED = 202

@@ -16,7 +16,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import images  # noqa: E402
+from pages import images  # noqa: E402
 import semantica  # noqa: E402
 
 

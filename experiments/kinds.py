@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import semantica  # noqa: E402
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 
 CLASSIFIER_PAGES_SEED = 404   # DESIGN: held-out pages of their own seed (training pages: 0, claims test: 303)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import encoders  # noqa: E402
 import semantica  # noqa: E402
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 import uvit  # noqa: E402
 
 KIND_SEED = 7        # DESIGN: seed of the fixed kind vectors e_k

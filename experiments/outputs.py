@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import images  # noqa: E402
+from pages import images  # noqa: E402
 
 
 def output_error(flag, path, folder=False):

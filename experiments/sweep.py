@@ -69,7 +69,7 @@ import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import oracle  # noqa: E402  (experiments/oracle.py: the oracle-condition run)
 import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 import token_probe  # noqa: E402  (experiments/token_probe.py: the probe part)
 import uvit  # noqa: E402
 from claims_setup import COPY_RATIO, ClaimsConfig  # noqa: E402  (claim 1's criterion; the claims run's setup)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import encoders  # noqa: E402
 import features  # noqa: E402  (experiments/features.py: the claims run's pretrained networks)
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 from claims_setup import ClaimsConfig  # noqa: E402  (the claims run's encoder recipe: bank pages, seed)
 
 PROBE_PAGES_SEED = 606     # DESIGN: held-out pages of their own seed for the token probe

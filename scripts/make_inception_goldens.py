@@ -25,7 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import inception  # noqa: E402  (ours: only for random_state_dict and the cross-check print)
+from machinery import inception  # noqa: E402  (ours: only for random_state_dict and the cross-check print)
 
 SEED = 0            # weights seed, read back by the test
 IMAGE_SEED = 1234   # test images

@@ -684,7 +684,7 @@ def test_gpu_profile_is_the_same_claims_at_64px_with_20x_the_training_images():
 def test_a_work_folder_of_other_synthetic_pages_is_refused(tmp_path, monkeypatch):
     """Cached pages, networks and checkpoints of another SyntheticPages style would be silently reused."""
     import claims
-    import synthetic
+    from pages import synthetic
     claims.check_style(str(tmp_path))                    # a fresh folder records the style
     claims.check_style(str(tmp_path))                    # and accepts it again
     monkeypatch.setattr(synthetic.SyntheticPages.__init__, "__defaults__",

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import data
-import embeddings
+from pages import embeddings
 import encoders
-import images
-import synthetic
+from pages import images
+from pages import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -495,7 +495,7 @@ def test_pairs_touching_an_undecodable_image_are_never_kept():
     """§5 filter with an image that failed to decode (valid False): no kept pair uses it, whatever the band,
     and they are counted as unreadable. Page of 3 images, identical embeddings (cos 1), band [-1, 1]: of the
     6 ordered pairs, the 4 touching image 1 go; (0, 2) and (2, 0) stay (enumerated by hand)."""
-    import pairs
+    from pages import pairs
 
     class Pages:
         def __len__(self):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import images
+from pages import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ def test_thin_image_memory_stays_small(tmp_path):
     script = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {ROOT!r})
-        import images
+        from pages import images
         images.load_image({str(tmp_path / 'warm.png')!r}, 512)           # allocate the output once
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         x = images.load_image({str(tmp_path / 'thin.gif')!r}, 512)

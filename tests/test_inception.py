@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import inception
+from machinery import inception
 import metrics
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "data", "inception", "goldens.npz")

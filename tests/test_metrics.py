@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import data
-import inception
+from machinery import inception
 import metrics
-import metrics_fast
+from machinery import metrics_fast
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,12 +19,12 @@ from PIL import Image
 
 import data
 import encoders
-import images
-import pairs
-import shard_filter
-import shards
-import stream
-import synthetic
+from pages import images
+from pages import pairs
+from pages import shard_filter
+from pages import shards
+from pages import stream
+from pages import synthetic
 import train
 
 wds = pytest.importorskip("webdataset")

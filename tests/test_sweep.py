@@ -209,7 +209,7 @@ def _expected_use(model, n, ts, seed, chunks, vectors=None):
     logsnr = -2 log tan(a + t (b - a)), a = atan(exp(-7.5)), b = atan(exp(7.5))), shifted by the 32 px noise
     resolution at 8 px (+2 log(32 / 8)); eps_hat = sigma z + alpha v_hat; squared error per pair, the gap's
     standard error from the chunk means of the paired differences."""
-    import synthetic
+    from pages import synthetic
     pages = synthetic.SyntheticPages(n, 8, seed=token_probe.PROBE_PAGES_SEED)
     x = torch.stack([pages.image(p, 1) for p in range(n)]).double()
     c = torch.stack([pages.image(p, 0) for p in range(n)]).double()
@@ -308,7 +308,7 @@ def test_markdown_use_table(tmp_path):
 # ----------------------------------------------------------------------------- the oracle-condition run
 
 import oracle  # noqa: E402  (experiments/oracle.py)
-import synthetic  # noqa: E402
+from pages import synthetic  # noqa: E402
 
 
 def _kind_vectors_by_hand(dim):
@@ -516,10 +516,10 @@ def test_centred_cache_is_what_train_py_reads_for_a_centred_variant(tmp_path):
     """centred_cache: the encode_cache of train.py's synthetic pages with every image's patch tokens centred
     (checked row by row against the encoder, float16), accepted by the check train.py --cond-cache makes
     (pages and encoder), its transform recorded; built once, under its final name only when complete."""
-    import embeddings
+    from pages import embeddings
     import encoders
     import features
-    import synthetic
+    from pages import synthetic
     images, page, _ = features.page_bank(4, features.ENCODER_PAGES_SEED)
     enc = features.train_encoder(images, page, 0, log=lambda *a: None)
     path = str(tmp_path / "enc.pth")

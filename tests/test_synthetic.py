@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import data
-import images
-import synthetic
+from pages import images
+from pages import synthetic
 
 
 def test_synthetic_pages_deterministic_and_page_coherent():

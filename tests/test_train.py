@@ -401,7 +401,7 @@ def test_resume_on_other_synthetic_pages_is_refused(tmp_path, monkeypatch, capsy
     """The checkpoint records the synthetic pages it was trained on (seed, count, drawing style): a resume
     after the style changed is one UserError, with the checkpoint untouched; a checkpoint without the
     record (older runs) resumes with a warning."""
-    import synthetic
+    from pages import synthetic
     run(tmp_path, "--steps", "1", "--sample-every", "100")
     path = tmp_path / "ckpt.pt"
     ckpt = train.load_checkpoint(str(path))

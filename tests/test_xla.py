@@ -32,7 +32,7 @@ else:
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py and the modules it imports, when this file runs as a script
-import backends  # noqa: E402
+from machinery import backends  # noqa: E402
 import train  # noqa: E402
 
 pytestmark = pytest.mark.xla

@@ -25,7 +25,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-import images
+from pages import images
 
 log = logging.getLogger("semantica.shards")
 

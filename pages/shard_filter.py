@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from embeddings import encode_images, encoder_fingerprint
-from pairs import check_band, histogram_counts, histogram_png, histogram_text, select_pairs
-from shards import decode, expand, first_page, read_pages, webdataset
+from pages.embeddings import encode_images, encoder_fingerprint
+from pages.pairs import check_band, histogram_counts, histogram_png, histogram_text, select_pairs
+from pages.shards import decode, expand, first_page, read_pages, webdataset
 
 log = logging.getLogger("semantica.shards")
 

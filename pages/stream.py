@@ -25,7 +25,7 @@ import logging
 import numpy as np
 import torch
 
-import shards
+from pages import shards
 
 log = logging.getLogger("semantica.stream")
 

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from images import save_png
+from pages.images import save_png
 
 KINDS = ("circle", "square", "triangle", "star", "ring", "cross", "crescent", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "two-tone", "shaded")
