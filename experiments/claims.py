@@ -13,7 +13,8 @@ The claims, each reported as holds / does not hold with its numbers:
   1. §4, Fig. 2: reconstruction samples are near-copies of their condition, page-pair samples are not.
   2. §7, Fig. 3: as guidance rises, one-shot recall falls while full-set recall does not fall.
   3. §7: the copy model gets near-perfect full-set FID/recall and a collapsing one-shot recall.
-  4. §8.2: page pairs beat reconstruction on one-shot FID; filtering helps; cross-attention beats FiLM.
+  4. on one-shot FID: page pairs beat reconstruction (§8.2); filtering helps (App. C / Fig. 8);
+     cross-attention beats FiLM (§6.2 / App. D / Fig. 9).
 The frozen encoder and the metric features come from experiments/features.py (trained on held-out
 synthetic pages, as DINOv2 and Inception were trained elsewhere). This file is the pipeline (pages,
 networks, train.py, sample.py, scores) and its command line; the presets, settings and criteria are
@@ -24,7 +25,7 @@ claims_setup.py, the verdicts and RESULTS.md claims_report.py.
     python experiments/claims.py --data DIR # train and test on a pages folder ROOT/<page>/<image>
     python experiments/claims.py --report   # rewrite RESULTS.md from the last run's results.json (seconds)
     python experiments/claims.py --steps 2000  # the same at 4x the training -> experiments/RESULTS-steps2000.md
-    python experiments/claims.py --steps 4000  # 8x (89 min on that Xeon) -> experiments/RESULTS-steps4000.md
+    python experiments/claims.py --steps 4000  # 8x (89 min on that Xeon); both lengths' numbers: docs/study.md
     python experiments/claims.py --train-seeds 0,1,2   # also retrain the denoisers with train.py seeds 1, 2:
                                             # each claim's verdict per seed (training variance), ~20 min a seed
 
@@ -39,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -56,7 +58,6 @@ import encoders  # noqa: E402
 from pages import images  # noqa: E402
 import features  # noqa: E402  (experiments/features.py: a library module of this folder, no main)
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
-import machine  # noqa: E402  (experiments/machine.py: the machine, in one line)
 import metrics  # noqa: E402
 import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
@@ -68,6 +69,24 @@ from claims_setup import (FILTER, PRESETS, SETTINGS, SWEEP, TEST_COPY_RMSE, TEST
 
 def log(*a):
     print(*a, flush=True)
+
+
+def machine():
+    """The machine a run was measured on, in one line: '[GPU + ]CPU model, N cores, AVX-512[ + bf16] | no AVX-512,
+    torch X, T thread(s)' (Linux reads /proc/cpuinfo; elsewhere platform.processor() and no SIMD flags). Speed and,
+    through float rounding, the trained models depend on it (an AVX2 and an AVX-512 CPU train different ones)."""
+    flags, model = set(), platform.processor() or "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    simd = "AVX-512" + (" + bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "no AVX-512"
+    gpu = torch.cuda.get_device_name() + " + " if torch.cuda.is_available() else ""
+    return (f"{gpu}{model}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s)")
 
 
 def run_script(script, **flags):
@@ -392,7 +411,7 @@ def score(cc, real_img, real_f, page, fake_img, fake_f, cond):
 
 
 def fid_vs_test_size(cc, real_f, page, fake_f, cond):
-    """Issue 20.1: one-shot FID and its bootstrap std on the first 1/4, 1/2 and all of the test pages (the
+    """One-shot FID and its bootstrap std on the first 1/4, 1/2 and all of the test pages (the
     same samples, restricted to those pages' conditions; fake_f their features, cond each one's test
     image) -> [{pages, n, fid, fid_std}]."""
     pages, rows = page.unique().tolist(), []
@@ -499,7 +518,7 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
     kind = torch.tensor([synthetic_test_pages(cc).label(p) for p in page.tolist()]) \
         if data_arg == "synthetic" else None
     classifier = None
-    if kind is not None:                                 # issue 20.2: semantics with a ground truth
+    if kind is not None:                                 # semantics with a ground truth (kinds.py)
         classifier, classifier_report = kinds.train_classifier(net_dir,
                                                                pages=cc.classifier_pages, steps=cc.classifier_steps,
                                                                log=log)
@@ -547,7 +566,7 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
                 fake_f = torch.from_numpy(metrics.extract_features(feat_net, fake_small.split(256), progress=False))
                 evals[(name, proto, w)] = score(cc, real_img, real_f, page, fake_img, fake_f, cond)
                 if (name, proto, w) == (SWEEP, "one_shot", W_ABLATION):
-                    fid_n = fid_vs_test_size(cc, real_f, page, fake_f, cond)     # issue 20.1, same features
+                    fid_n = fid_vs_test_size(cc, real_f, page, fake_f, cond)     # same features
                 if classifier is not None:               # conditions = the test images that were sampled from
                     evals[(name, proto, w)]["kind"] = kinds.kind_scores(
                         classifier, real_small, kind, fake_small, cond, real_small, kind)
@@ -563,8 +582,8 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
     copy["duplicates"] = duplicate_count(real_img)       # test images a copy of another one matches exactly
     ref = real_reference(real_img, real_f, page)
     timing["total"] = wall = time.time() - t0
-    # a phase found in the cache counts with the seconds of the run that computed it (issue 20: RESULTS.md's
-    # wall time is the computation's, not that of a rerun over a full cache)
+    # a phase found in the cache counts with the seconds of the run that computed it (RESULTS.md's wall time is
+    # the computation's, not that of a rerun over a full cache)
     for k in hits:
         timing["total"] += earlier.get(k, timing[k]) - timing[k]
         timing[k] = earlier.get(k, timing[k])
@@ -574,7 +593,7 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
                   evals=evals, encoder_space=encoder_space, copy=copy, real_reference=ref, timing=timing,
                   feature_net=feat_net.name, encoder=enc_path, guidances=ws,
                   classifier=classifier_report if classifier is not None else None, fid_vs_n=fid_n,
-                  machine=machine.describe(), invocation=invocation, other_seeds=list(others),
+                  machine=machine(), invocation=invocation, other_seeds=list(others),
                   train_copies_of_test=None if scanned is None else scanned[2],
                   command=command or default_command(cc, data_arg))
     claims = judge(result, SWEEP, W_ABLATION)
@@ -613,7 +632,7 @@ def load_result(out):
 def report(out, results_path, command, other_outs=(), cc_want=None, data_arg=None):
     """Rewrite RESULTS.md from OUT/results.json of an earlier run (no training or sampling): the claims are
     judged again and the grids redrawn from its cached samples, with the same code as a full run. For a run whose
-    other inputs (experiments/results/sweep.json) or report layout changed since. other_outs: the work
+    report layout changed since. other_outs: the work
     folders of the other training seeds (--train-seeds), judged again too. One-line SystemExit when a run or
     its samples are missing. cc_want / data_arg: the preset (with its training length) and data the flags ask for; a results.json of
     another run is refused (its report would land where the flags' run reports, e.g. experiments/RESULTS.md)."""
@@ -677,8 +696,7 @@ def main(argv=None):
                     "training seed 0 first, experiments/RESULTS-gpu.md for --profile gpu; OUT/RESULTS.md for --quick, "
                     "--data or another first seed)")
     ap.add_argument("--report", action="store_true", help="rewrite RESULTS.md from OUT/results.json of an earlier "
-                    "run of the same flags (seconds: no training or sampling), e.g. after sweep.py changed "
-                    "experiments/results/sweep.json")
+                    "run of the same flags (seconds: no training or sampling), e.g. after the report's layout changed")
     ap.add_argument("--steps", type=int, help="training steps of each of the four denoisers (default: the preset's, 500 "
                     "for the CPU profile); another length defaults to the work folder runs/claims[-<preset>]-steps<N> and the report "
                     "experiments/RESULTS[-gpu]-steps<N>.md (--quick, --data: OUT/RESULTS.md), e.g. --steps 2000: the claims after 4x the training")

@@ -1,13 +1,11 @@
 """Judging Semantica's claims and writing RESULTS.md from a claims.py run's result dict.
 
-The claims of experiments/claims.py (Semantica, arXiv 2405.14857: §4 / Fig. 2, §7 / Fig. 3, §8.2, App. C, App. D),
-each judged against its criterion fixed before the run (claims_setup.py: COPY_RATIO, RECALL_DROP, NOISE_SIGMAS),
-and the report: the claims table, setup, feature spaces, pair filter, per-setting and guidance tables, object kind
-(experiments/kinds.py), FID against test-set size, the issue-20 study (experiments/results/sweep.json), the
-training seeds, sample grids, runtime and what the run does not show. Reads results, samples and sweep.json only:
-no training or sampling.
+The claims of experiments/claims.py (Semantica, arXiv 2405.14857: §4 / Fig. 2, §7 / Fig. 3, §8.2, App. C / Fig. 8,
+§6.2 / App. D / Fig. 9), each judged against its criterion fixed before the run (claims_setup.py: COPY_RATIO,
+RECALL_DROP, NOISE_SIGMAS), and the report: the claims table, setup, feature spaces, pair filter, per-setting and
+guidance tables, object kind (experiments/kinds.py), FID against test-set size, the training seeds, sample grids,
+runtime and what the run does not show. Reads results and samples only: no training or sampling.
 """
-import json
 import os
 import re
 import sys
@@ -19,7 +17,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import copying  # noqa: E402  (experiments/copying.py: the sweep's copy-variants, their order)
 from pages import images  # noqa: E402
 import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 from pages import synthetic  # noqa: E402
@@ -95,14 +92,16 @@ def judge(r, sweep, w_abl):
         f"copy model: full-set FID {c['full']['fid']:.2g}, recall {c['full']['recall']:.3f}; one-shot recall "
         f"{c['one_shot']['recall']:.3f} ({_relation(c['one_shot']['recall'], c['k_over_n'])} K/N = {c['k_over_n']:.3f}"
         f"{_duplicates_note(c.get('duplicates', 0))}) vs {model_one:.3f} for {sweep} at w={w_abl}")))
-    for cid, a, b, what in (("4a", sweep, "reconstruction", "page pairs beat reconstruction on one-shot FID"),
-                            ("4b", sweep, "pages", "filtering helps (App. C)"),
-                            ("4c", sweep, "pages+filter FiLM", "cross-attention beats FiLM (App. D)")):
+    for cid, a, b, what in (("4a", sweep, "reconstruction", "§8.2 at our scale: page pairs beat reconstruction on "
+                                                            "one-shot FID"),
+                            ("4b", sweep, "pages", "App. C / Fig. 8 at our scale: filtering helps"),
+                            ("4c", sweep, "pages+filter FiLM", "§6.2 / App. D / Fig. 9 at our scale: cross-attention "
+                                                               "beats FiLM")):
         A, B = E[(a, "one_shot", w_abl)], E[(b, "one_shot", w_abl)]
         noise = NOISE_SIGMAS * (A["fid_std"] ** 2 + B["fid_std"] ** 2) ** 0.5
         ok = B["fid"] - A["fid"] > noise                                  # beyond 2 bootstrap sigma
         note = "" if ok else " (lower FID, within bootstrap noise)" if A["fid"] < B["fid"] else ""
-        claims.append(dict(id=cid, claim=f"§8.2 at our scale: {what}", verdict=_verdict(ok) + note,
+        claims.append(dict(id=cid, claim=what, verdict=_verdict(ok) + note,
                            numbers=dict(gap=B["fid"] - A["fid"], noise=noise), criterion=(
             f"one-shot FID at w = {w_abl} lower by more than {NOISE_SIGMAS:g} bootstrap sigma"), summary=(
             f"one-shot FID at w={w_abl}: {a} {A['fid']:.2f} ± {A['fid_std']:.2f} vs {b} {B['fid']:.2f} ± "
@@ -279,7 +278,7 @@ def write_results(r, path, real_img, page):
         L.append(f"| {name} | {e['fid']:.2f} | {e['precision']:.3f} | {e['recall']:.3f} | {e['alignment']:.3f} |")
     if r.get("classifier"):
         k = r["classifier"]
-        L += ["", "## Do samples keep the condition's object kind? (issue 20.2)", "",
+        L += ["", "## Do samples keep the condition's object kind?", "",
               f"A kind classifier (experiments/kinds.py: a 3-stage CNN trained on {k['train_images']} images of "
               f"held-out synthetic pages, {k['steps']} steps) reaches **{k['held_out_accuracy']:.3f}** accuracy on "
               f"{k['held_out_images']} images of other held-out pages (goal >= {kinds.GOAL_ACCURACY}; chance "
@@ -306,7 +305,6 @@ def write_results(r, path, real_img, page):
               "bootstrap std move with N tells how large a test set a difference between settings needs.",
               "", "| test pages | N real images | one-shot FID | bootstrap std |", "| --- | --- | --- | --- |"]
         L += [f"| {q['pages']} | {q['n']} | {q['fid']:.2f} | {q['fid_std']:.2f} |" for q in r["fid_vs_n"]]
-    L += study_section(cc)
     L += seeds_section(r, cc)
     L += ["", "## Sample grids", ""]
     # percent-encoded: a --results name with spaces still gives links CommonMark / GitHub render
@@ -368,79 +366,6 @@ def _reuse_note(r):
     gap = f"; {len(inv['unrecorded'])} of them with no recorded computing time" if inv.get("unrecorded") else ""
     return (f" (the last invocation took {inv['seconds'] / 60:.1f} min and reused {len(inv['reused'])} phase(s) from "
             f"its --out cache{gap}: see Runtime)")
-
-
-STUDY_PARTS = (  # experiments/results/sweep.json parts quoted in RESULTS.md, with what each one measures
-    ("length", "The default job (`python train.py`'s flags) against training length"),
-    ("oracle", "The same job with an oracle condition (experiments/oracle.py: the condition's true kind added to "
-               "every token, what a perfect semantic encoder would give)"),
-)
-
-
-def study_section(cc, path=os.path.join(HERE, "results", "sweep.json")):
-    """RESULTS.md lines quoting the issue-20 study (experiments/sweep.py's sweep.json): kind agreement against
-    training length, for the default job and with an oracle condition; [] for other presets or without it."""
-    if cc.preset != "full" or not os.path.exists(path):
-        return []
-    with open(path) as f:
-        study = json.load(f)
-    parts = [(k, title) for k, title in STUDY_PARTS if study.get(k, {}).get("rows")]
-    if not parts:
-        return []
-    first, chance = next(iter(study[parts[0][0]]["rows"].values())), 1 / len(synthetic.KINDS)
-    L = ["", "## What limits learning (experiments/SWEEP.md)", "",
-         f"Read from experiments/results/sweep.json (the full study, with where the time goes, the token probe, DDPM "
-         f"steps and whether the denoiser reads its condition, is experiments/SWEEP.md). Kind agreement of "
-         f"{first['pages']} held-out conditions x {first['n']} variations (guidance {first['guidance']}, "
-         f"{first['steps']} DDPM steps; chance {chance:.3f}; ± binomial std). The claims' models "
-         f"above train {cc.steps} steps of batch {cc.batch}: {cc.steps * cc.batch} images.", ""]
-    for k, title in parts:
-        p = study[k]
-        L += [f"{title}: `{p['command']}`, {p['seconds'] / 60:.1f} min, {p['machine']}.", "",
-              "| steps x batch 32 | images seen | train loss | kind agreement | accuracy on samples / real |",
-              "| --- | --- | --- | --- | --- |"] + kinds.agreement_rows(p)
-        above = sorted(int(s) for s, v in p["rows"].items()    # beyond NOISE_SIGMAS binomial std of chance
-                       if v["agreement"] > chance + NOISE_SIGMAS * kinds.agreement_std(chance, v["pages"] * v["n"]))
-        last = max(int(s) for s in p["rows"])
-        L += ["", f"First length whose agreement exceeds chance by more than {NOISE_SIGMAS:g} binomial std of chance: "
-              + (f"**{above[0]} steps ({above[0] * 32} images)**." if above else
-                 f"**none up to {last} steps ({last * 32} images)**."), ""]
-    if "oracle" in study and study["oracle"].get("rows"):
-        L += ["Claims 1 and 4a are about what a sample keeps of its condition (the reconstruction model copies it; page "
-              "pairs keep its semantics better than reconstruction does), so both need a denoiser that follows its "
-              "condition. The oracle condition is the most favourable case, a condition that states the kind outright: "
-              "the first length at which its agreement leaves chance is a lower bound on the training these claims "
-              f"need at this model size, against the {cc.steps * cc.batch} images the claims' models see.", ""]
-    copy = study.get("copy", {})
-    if copy.get("rows"):
-        bar = COPY_RATIO * copy["real_pair"]
-        L += [f"When does the reconstruction model copy? Claim 1 against training length: the default job's flags with "
-              f"`--pairs same` (condition = target), guidance 0, `{copy['command']}`, {copy['seconds'] / 60:.1f} min, "
-              f"{copy['machine']}. Pixel RMSE of a sample to its condition; two real images of one page differ by "
-              f"{copy['real_pair']:.3f}.", "",
-              "| steps x batch 32 | images seen | RMSE to condition | RMSE between samples | kind agreement |",
-              "| --- | --- | --- | --- | --- |"]
-        rows = sorted(copy["rows"].items(), key=lambda kv: int(kv[0]))
-        L += [f"| {s} | {int(s) * 32} | {r['reconstruction']['to_cond']:.3f} | {r['reconstruction']['between']:.3f} | "
-              f"{r['reconstruction']['agreement']:.3f} |" for s, r in rows]
-        below = [int(s) for s, r in rows if r["reconstruction"]["to_cond"] < bar]
-        L += ["", f"First length whose RMSE to the condition is under {COPY_RATIO:g} x that of two real images of one page "
-              f"({bar:.3f}; claim 1 compares with the page-pair model's samples, which lie at least about as far from "
-              "their condition as another image of its page does): " + (f"**{below[0]} steps ({below[0] * 32} images)**." if below
-                                                             else f"**none up to {rows[-1][0]} steps "
-                                                                  f"({int(rows[-1][0]) * 32} images)**."), ""]
-        variants = study.get("copy-variants", {}).get("variants", {})
-        if variants:
-            def said(r):
-                return f"RMSE {r['to_cond']:.3f} ({'a copy' if r['to_cond'] < bar else 'not a copy'})"
-            L += ["The claims run's reconstruction model differs from this one in its trained encoder and its pages "
-                  "(SWEEP.md's copy-variants, which also stop the encoder's training early, change its patch size or centre "
-                  "its patch tokens); one at a time "
-                  f"(`{study['copy-variants']['command']}`): " + "; ".join(
-                      f"{v['what']}: " + ", ".join(f"{said(r['reconstruction'])} at {s} steps"
-                                                   for s, r in sorted(v["rows"].items(), key=lambda kv: int(kv[0])))
-                      for _, v in sorted(variants.items(), key=lambda kv: copying.variant_order(kv[0]))) + ".", ""]
-    return L[:-1]
 
 
 def seed_summary(r, out):
@@ -520,7 +445,7 @@ SCALE_NOTES = """\
   beyond the bootstrap noise mean something, and one training seed per setting is not an ablation.
 - The ± and the criteria's sigma are test-set noise (bootstrap over test images, binomial for recall), not
   training variance: the same command on another CPU (AVX2 against AVX-512 kernels round differently) trains
-  different models, and a claim near its threshold can change verdict between two such runs (experiments/STUDY.md
+  different models, and a claim near its threshold can change verdict between two such runs (docs/study.md
   compares two). `--train-seeds 0,1,2` measures that variance: the across-seeds section,
   when present, shows each claim's number and verdict for every training seed.
 - Claim 3 is a property of the metrics (copies tie at distance 0, so one-shot recall is exactly K/N); it holds

@@ -2,7 +2,7 @@
 
 Semantica (arXiv 2405.14857) at small scale: the presets of a run (ClaimsConfig: the CPU run, its smoke test,
 the GPU profile), the four training settings of §4, §5, App. C and App. D, the test pages' seed, the ablation
-guidance (§6.1), the pair-filter band (§5, App. C), the criteria fixed before a run (issue 20.4), the command
+guidance (§6.1), the pair-filter band (§5, App. C), the criteria fixed before a run, the command
 line that reproduces a run, and how the samples that sample.py writes are read back. No computation here.
 """
 import os
@@ -66,7 +66,7 @@ PRESETS = {
                           sample_steps=6, guidances=(0.0, 0.5, 2.0), encoder_steps=6, feature_steps=6,
                           bank_pages=40, bootstrap=5, classifier_steps=6,
                           classifier_pages=30),
-    # issue 20.5: the same claims at 64 px (small-64, 10.2M) on one H100/H200 in <= 8 min, with >= 20x the
+    # DESIGN: the same claims at 64 px (small-64, 10.2M) on one H100/H200 in <= 8 min, with >= 20x the
     # training images of "full" (2500 x 128 = 320K vs 500 x 32 = 16K seen; 40 960 pages vs 2 048).
     # Metric features, classifier and encoder stay the 32 px networks (inputs downsampled, DESIGN).
     "gpu": ClaimsConfig(preset="gpu", model="small-64", size=64, train_pages=40960, steps=2500, batch=128,
@@ -87,7 +87,7 @@ SETTINGS = {  # name -> train.py flags (App. D compares both conditionings with 
 }
 SWEEP = "pages+filter"      # the model of the guidance sweep (Fig. 3)
 
-# Criteria, fixed before the run (issue 20.4):
+# Criteria, fixed before the run (DESIGN: the paper states its claims without thresholds):
 NOISE_SIGMAS = 2.0    # a difference counts when it is beyond 2 sigma of its noise (bootstrap / binomial)
 COPY_RATIO = 0.5      # claim 1: reconstruction RMSE to the condition < half the page model's (at w = 0)
 RECALL_DROP = 0.1     # claim 2: one-shot recall falls by >= 0.1 from w = 0 to the largest w

@@ -22,7 +22,6 @@ back through encoders.from_checkpoint / train.py --encoder-weights, exactly as d
 same-page retrieval) so RESULTS.md can justify it against a random-weight network of the same shape.
 Left out: DINOv2's actual objective (self-distillation + iBOT masking), augmentations.
 """
-import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +42,6 @@ TEMPERATURE = 0.1          # DESIGN: InfoNCE temperature (SimCLR's 0.1)
 ENCODER_LR = 1e-3          # DESIGN: Adam, short schedule; converges in ~200 steps on this data
 FEATURE_LR = 1e-3
 FEATURE_DIM = 128           # DESIGN: width of the metric features (feature_cnn output)
-TINY = encoders.ENCODER_PRESETS["tiny"]   # the encoder's architecture (patch 4: 8 x 8 patch tokens + CLS at 32 px)
 
 
 def page_bank(num_pages, seed, size=32, clean=False):
@@ -60,19 +58,9 @@ def page_bank(num_pages, seed, size=32, clean=False):
     return images, page, kind
 
 
-def tiny_config(patch_size=TINY.patch_size):
-    """The `tiny` encoder's EncoderConfig at another patch size P -> EncoderConfig with (32 / P)^2 patch tokens
-    (and CLS); P = 4 is the preset itself. ValueError unless P divides the 32 px input.
-    DESIGN: the issue's "token count, patch size" axis of the encoder (sweep.py's copy-variants and probe)."""
-    if not (isinstance(patch_size, int) and 1 <= patch_size <= TINY.image_size and TINY.image_size % patch_size == 0):
-        raise ValueError(f"patch size must divide the tiny encoder's {TINY.image_size} px input, got {patch_size!r}")
-    return dataclasses.replace(TINY, patch_size=patch_size, pos_grid=TINY.image_size // patch_size)
-
-
-def _trainable_tiny(seed, patch_size=TINY.patch_size):
-    """A randomly initialised `tiny` encoder (at `patch_size`) with gradients on, and its differentiable encode."""
-    name = "tiny" if patch_size == TINY.patch_size else "dinov2-custom"   # (from_checkpoint's name for it)
-    enc = encoders.random_encoder(tiny_config(patch_size), name, seed).requires_grad_(True).train()
+def _trainable_tiny(seed):
+    """A randomly initialised `tiny` encoder with gradients on, and its differentiable encode."""
+    enc = encoders.load_encoder("tiny", seed=seed).requires_grad_(True).train()   # 8 x 8 patch tokens + CLS
     # forward() is no_grad (the encoder is frozen in Semantica); encode() is the same computation
     # with autograd, so the architecture and its normalisation stay exactly encoders.py's.
     return enc, lambda x: enc.encode(x)[0]            # global (CLS) embedding (B, D)
@@ -93,11 +81,11 @@ def _two_per_page(page, batch_pages, gen):
     return torch.tensor(a), torch.tensor(b)
 
 
-def train_encoder(images, page, steps, batch_pages=32, seed=0, log=print, patch_size=TINY.patch_size):
-    """Self-supervised page-contrastive training of the `tiny` DINOv2 ViT (at `patch_size`, tiny_config)
-    -> frozen encoder; 0 steps: the random encoder of `seed`."""
+def train_encoder(images, page, steps, batch_pages=32, seed=0, log=print):
+    """Self-supervised page-contrastive training of the `tiny` DINOv2 ViT -> frozen encoder; 0 steps: the
+    random encoder of `seed`."""
     torch.manual_seed(seed)
-    enc, embed = _trainable_tiny(seed, patch_size)
+    enc, embed = _trainable_tiny(seed)
     head = nn.Sequential(nn.Linear(enc.dim, enc.dim), nn.GELU(), nn.Linear(enc.dim, 64))  # SimCLR projection
     opt = torch.optim.Adam(list(enc.parameters()) + list(head.parameters()), lr=ENCODER_LR)
     gen = torch.Generator().manual_seed(seed)
@@ -173,33 +161,27 @@ def space_report(feats, page, kind):
             "chance_kind": 1 / len(synthetic.KINDS)}
 
 
-def pretrained_network(out_dir, name, steps, bank_pages, seed=0, log=print, patch_size=TINY.patch_size):
+def pretrained_network(out_dir, name, steps, bank_pages, seed=0, log=print):
     """Train (or reuse from `out_dir`) one network, name "encoder" or "features" -> its .pth / .pt path.
 
     The file is named by a hash of its training recipe, so a changed recipe retrains; the recipe is seeded,
-    so a rerun from scratch writes the same weights (up to the machine's float reductions). `patch_size`: the
-    encoder's (tiny_config; the features network has none). ValueError for another name or patch size."""
+    so a rerun from scratch writes the same weights (up to the machine's float reductions). ValueError for
+    another name."""
     if name not in ("encoder", "features"):
         raise ValueError(f"name must be 'encoder' or 'features', got {name!r}")
-    tiny_config(patch_size)                                        # ValueError for a patch size that does not fit
-    if name == "features" and patch_size != TINY.patch_size:
-        raise ValueError("the features network (a CNN) has no patch size")
     os.makedirs(out_dir, exist_ok=True)
     pseed = ENCODER_PAGES_SEED if name == "encoder" else FEATURE_PAGES_SEED
     recipe = dict(name=name, steps=steps, bank_pages=bank_pages, pages_seed=pseed, seed=seed,
                   lr=ENCODER_LR if name == "encoder" else FEATURE_LR, temperature=TEMPERATURE, v=1,
                   **synthetic.SyntheticPages(1).style())       # what the held-out pages draw
-    if patch_size != TINY.patch_size:                              # (the default's files keep their names)
-        recipe["patch_size"] = patch_size
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(out_dir, f"tiny_dinov2_encoder_{key}.pth" if name == "encoder"  # DINOv2 layout
                         else f"feature_cnn_{key}.pt")
     if not os.path.exists(path):
-        log(f"training the {name} network ({steps} steps on {bank_pages} held-out pages, seed {pseed}"
-            + (f", patch size {patch_size})" if patch_size != TINY.patch_size else ")"))
+        log(f"training the {name} network ({steps} steps on {bank_pages} held-out pages, seed {pseed})")
         images, page, kind = page_bank(bank_pages, pseed, clean=name == "features")
         if name == "encoder":
-            net = train_encoder(images, page, steps, seed=seed, log=log, patch_size=patch_size)
+            net = train_encoder(images, page, steps, seed=seed, log=log)
             encoders.save_dinov2(net, path + ".tmp")         # read back by encoders.from_checkpoint
         else:
             net = train_feature_net(images, page, kind, steps, seed=seed + 1, log=log)

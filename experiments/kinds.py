@@ -33,7 +33,7 @@ import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in o
 CLASSIFIER_PAGES_SEED = 404   # DESIGN: held-out pages of their own seed (training pages: 0, claims test: 303)
 CHECK_PAGES_SEED = 405        # held-out pages that measure the classifier's own accuracy
 TEST_PAGES_SEED = 303         # the claims' test pages (experiments/claims.py TEST_PAGES_SEED)
-GOAL_ACCURACY = 0.9           # issue 20: the classifier is trusted at >= 90 % held-out accuracy
+GOAL_ACCURACY = 0.9           # DESIGN: the classifier is trusted at >= 90 % held-out accuracy
 
 
 class KindCNN(nn.Module):
@@ -134,25 +134,6 @@ def kind_scores(net, cond, cond_kind, samples, sample_cond, real=None, real_kind
     return out
 
 
-def agreement_std(share, n):
-    """Binomial std sqrt(p (1 - p) / n) of a share p of n samples, each counted as independent (a lower
-    bound when several samples share a condition)."""
-    return (share * (1 - share) / n) ** 0.5
-
-
-def agreement_rows(part, batch=32):
-    """Markdown table rows of a study part with kind scores per training length (experiments/sweep.py's
-    length and oracle parts, experiments/results/sweep.json: {"rows": {steps: evaluate_checkpoint scores +
-    "loss"}}) -> ["| steps | images seen | train loss | agreement ± std | accuracy on samples / real |", ...]."""
-    rows = []
-    for s, r in sorted(part["rows"].items(), key=lambda kv: int(kv[0])):
-        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
-        rows += [f"| {s} | {int(s) * batch} | {loss} | {r['agreement']:.3f} ± "
-                 f"{agreement_std(r['agreement'], r['pages'] * r['n']):.3f} | "
-                 f"{r['sample_accuracy']:.3f} / {r['real_accuracy']:.3f} |"]
-    return rows
-
-
 def test_conditions(num_pages, size=32, seed=TEST_PAGES_SEED):
     """One conditioning image per held-out clean test page -> (images (M,3,S,S), true kinds (M,))."""
     pages = synthetic.SyntheticPages(num_pages, size, seed=seed, p_outlier=0.0, p_duplicate=0.0)
@@ -160,19 +141,15 @@ def test_conditions(num_pages, size=32, seed=TEST_PAGES_SEED):
             torch.tensor([pages.label(p) for p in range(num_pages)]))
 
 
-def evaluate_checkpoint(ckpt, net, pages=64, n=4, guidance=0.5, steps=64, seed=0, model=None, sample=None):
+def evaluate_checkpoint(ckpt, net, pages=64, n=4, guidance=0.5, steps=64, seed=0, model=None):
     """Sample `n` variations of one condition per held-out test page (seed TEST_PAGES_SEED) from a
-    train.py checkpoint and score them with kind_scores -> (scores dict, cond (M,3,S,S), samples (M,n,3,S,S)).
-
-    sample(cond, kind, n, guidance, steps, seed) -> (M, n, 3, 32, 32) replaces the checkpoint (ckpt None):
-    a sampler that needs the conditions' true kinds (experiments/oracle.py)."""
-    if sample is None:
-        model = model or semantica.Semantica.from_checkpoint(ckpt)
-        sample = lambda c, k, *a: model.sample(c, num_samples=n, guidance=guidance, steps=steps, seed=seed)  # noqa: E731
-    size = 32 if model is None else model.net.config.image_size
+    train.py checkpoint (or `model`, its Semantica when already loaded) and score them with kind_scores
+    -> (scores dict, cond (M,3,S,S), samples (M,n,3,S,S))."""
+    model = model or semantica.Semantica.from_checkpoint(ckpt)
+    size = model.net.config.image_size
     cond, kind = test_conditions(pages, size)
     t0 = time.time()
-    samples = sample(cond, kind, n, guidance, steps, seed)
+    samples = model.sample(cond, num_samples=n, guidance=guidance, steps=steps, seed=seed)
     seconds = time.time() - t0
     real, real_kind = kind_bank(200, CHECK_PAGES_SEED + 1, size)
     index = torch.arange(len(cond)).repeat_interleave(n)

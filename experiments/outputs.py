@@ -1,8 +1,8 @@
 """Output paths of the experiment scripts, refused in one line before any work (not part of the paper).
 
-claims.py, sweep.py and kinds.py write a work folder and a markdown report; a path that cannot take them
+claims.py writes a work folder and a markdown report, kinds.py a classifier cache; a path that cannot take them
 (an existing folder where a file goes, a file where a folder goes, a parent that is a file or not writable)
-used to fail with a traceback after minutes or hours of training. Each script calls this on its flags first.
+would fail with a traceback after minutes of training. Each script calls this on its flags first.
 """
 import os
 import sys

@@ -58,7 +58,7 @@ def test_quick_run_writes_every_claim(quick_claims):
     assert abs(copy["full"]["fid"]) < 1e-3 and copy["full"]["recall"] == 1.0
     assert copy["one_shot"]["recall"] == pytest.approx(copy["k_over_n"])
     assert res["claims"][2]["verdict"] == "holds"
-    # issue 20.1: FID noise against test-set size, on nested subsets of the test pages (quick: 4 pages x 5)
+    # FID noise against test-set size, on nested subsets of the test pages (quick: 4 pages x 5)
     assert [(q["pages"], q["n"]) for q in res["fid_vs_n"]] == [(2, 10), (4, 20)]
     assert "## FID noise against test-set size" in results
     # the conditioning encoder was saved in the official DINOv2 layout and reloads as the `tiny` preset
@@ -94,7 +94,7 @@ def test_quick_run_writes_every_claim(quick_claims):
             "(30 steps).") in (tmp_path / "RESULTS-quick.md").read_text().splitlines()
     assert "other training lengths" not in (tmp_path / "my report.md").read_text()
     # a rerun over the full cache computes nothing: its RESULTS.md keeps the first run's wall time and phase
-    # times (issue 20's time budget is the computation's) and names what it reused
+    # times (the time budget is the computation's) and names what it reused
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), "--quick", "--out", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -180,7 +180,7 @@ def _result(rec_to_cond=0.19, one=(0.9, 0.75), full=(0.8, 0.78), fids=(20.0, 23.
 
 
 def test_judge_applies_the_criteria_stated_before_the_run():
-    """Issue 20.4's criteria at their boundaries, numbers worked out by hand: claim 1 = RMSE ratio < 0.5
+    """The criteria (claims_setup) at their boundaries, numbers worked out by hand: claim 1 = RMSE ratio < 0.5
     and samples closer than two real page images (0.2 < 0.3); claim 2 = one-shot recall drop >= 0.1 and
     full-set drop <= 2 sqrt(sum of r(1-r)/N) (N = 200); 4a = FID gap > 2 sqrt(2) = 2.83."""
     import claims
@@ -202,6 +202,16 @@ def test_each_claim_keeps_the_number_that_decides_it():
     assert c["2"]["noise"] == pytest.approx(2 * (0.8 * 0.2 / 200 + 0.78 * 0.22 / 200) ** 0.5)
     assert c["4a"]["gap"] == pytest.approx(3.0) and c["4a"]["noise"] == pytest.approx(2 * 2 ** 0.5)
     assert c["4b"]["gap"] == pytest.approx(10.0) and c["3"]["one_shot_recall"] == 0.1
+
+
+def test_each_claim_cites_where_the_paper_makes_it():
+    """The claims table's labels name the paper's place for each claim: §4 / Fig. 2 (reconstruction copies),
+    §7 / Fig. 3 (guidance and recall), §7 (the copy model), §8.2 (one-shot FID of page pairs and reconstruction),
+    App. C / Fig. 8 (data filtering), §6.2 / App. D / Fig. 9 (FiLM against cross-attention)."""
+    import claims
+    cite = {c["id"]: c["claim"].split(":")[0] for c in claims.judge(_result(), claims.SWEEP, 0.5)}
+    assert cite == {"1": "§4 / Fig. 2", "2": "§7 / Fig. 3", "3": "§7", "4a": "§8.2 at our scale",
+                    "4b": "App. C / Fig. 8 at our scale", "4c": "§6.2 / App. D / Fig. 9 at our scale"}
 
 
 def _seed(seed, **kw):
@@ -439,7 +449,7 @@ def test_reports_of_one_preset_at_other_lengths_link_each_other(tmp_path):
     listed, and a report named otherwise (a --results of the user's) lists none."""
     import claims_report
     for f in ("RESULTS.md", "RESULTS-steps2000.md", "RESULTS-steps8000.md", "RESULTS-gpu.md", "RESULTS-gpu-steps50.md",
-              "RESULTS-stepsx.md", "SWEEP.md", "my report.md"):
+              "RESULTS-stepsx.md", "NOTES.md", "my report.md"):
         (tmp_path / f).write_text("x")
     assert claims_report.other_lengths(str(tmp_path / "RESULTS.md"), "full") == [
         ("RESULTS-steps2000.md", 2000), ("RESULTS-steps8000.md", 8000)]
@@ -671,7 +681,7 @@ def test_kind_scores_by_hand():
 
 
 def test_gpu_profile_is_the_same_claims_at_64px_with_20x_the_training_images():
-    """Issue 20.5: --profile gpu = small-64 at 64 px, >= 20x the training images of the CPU run; its quick
+    """--profile gpu = small-64 at 64 px, >= 20x the training images of the CPU run; its quick
     variant exercises the same model and size on a CPU."""
     import claims
     import uvit
@@ -727,7 +737,7 @@ def test_evaluate_checkpoint_scores_each_sample_against_its_own_condition():
 def test_kind_classifier_is_a_function_of_its_settings(tmp_path):
     """Two fresh trainings with the same settings give the same network whatever the caller's RNG state did
     before: the cache file is named by the settings alone, so its content must not depend on the caller
-    (claims.py and sweep.py call it after different work)."""
+    (claims.py and kinds.py's command line call it after different work)."""
     import kinds
     nets = []
     for sub, seed in (("a", 1), ("b", 2)):
@@ -773,67 +783,56 @@ def test_fid_vs_test_size_restricts_both_sets_to_the_first_pages():
         assert r["fid"] == pytest.approx(float(want), rel=1e-4, abs=1e-6) and r["fid_std"] > 0
 
 
-def _study(tmp_path, oracle_agreements):
-    """A hand-built experiments/results/sweep.json with a length and an oracle part (48 conditions x 2)."""
-    row = lambda a, loss: dict(loss=loss, pages=48, n=2, guidance=0.5, steps=64, agreement=a, sample_accuracy=a,  # noqa: E731
-                                  real_accuracy=0.99)
-    part = lambda rows: dict(command="python experiments/sweep.py --parts x", seconds=120.0, machine="m", rows=rows)  # noqa: E731
-    study = {"length": part({"600": row(0.1, 0.05), "2000": row(0.15, 0.04)}),
-             "oracle": part({str(s): row(a, 0.03) for s, a in oracle_agreements.items()})}
-    path = tmp_path / "sweep.json"
-    path.write_text(json.dumps(study))
-    return str(path)
+def test_zero_encoder_steps_is_the_random_encoder():
+    """The encoder recipe starts from the random tiny encoder of its seed: 0 steps gives the weights of
+    encoders.load_encoder("tiny", seed=0) (RESULTS.md's "same ViT, random weights" row); a network name other
+    than "encoder" or "features" is a ValueError."""
+    import encoders
+    import features
+    images, page, _ = features.page_bank(4, features.ENCODER_PAGES_SEED)
+    got = features.train_encoder(images, page, 0, log=lambda *a: None).state_dict()
+    want = encoders.load_encoder("tiny", seed=0).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="'encoder' or 'features'"):
+        features.pretrained_network("/nonexistent", "encoders", 1, 4)
 
 
-def test_results_quote_the_study_with_its_first_length_beyond_chance(tmp_path):
-    """RESULTS.md's study section: both tables from sweep.json, in training order, and the first length whose
-    agreement exceeds chance by more than 2 binomial std of chance (48 x 2 = 96 samples: 0.125 + 0.0675)."""
+def test_encoder_file_names_keep_their_recipe_hash(monkeypatch, tmp_path):
+    """A network's file is named by a hash of its recipe: the claims run's encoder is still
+    tiny_dinov2_encoder_8b9d5dc466.pth (the name RESULTS.md quotes), its recipe written beside it; another
+    training length is another file."""
     import claims
-    import claims_report
-    cc = claims.PRESETS["full"]
-    std = (0.125 * 0.875 / 96) ** 0.5                                   # binomial std of chance, by hand
-    md = "\n".join(claims_report.study_section(cc, _study(tmp_path, {"8000": 0.4, "600": 0.125, "4000": 0.125 + 2.1 * std,
-                                                             "2000": 0.125 + 1.9 * std})))
-    assert f"| 2000 | 64000 | 0.0400 | 0.150 ± {(0.15 * 0.85 / 96) ** 0.5:.3f} | 0.150 / 0.990 |" in md
-    oracle = md[md.index("oracle condition"):]
-    assert oracle.index("| 600 |") < oracle.index("| 2000 |") < oracle.index("| 4000 |") < oracle.index("| 8000 |")
-    assert "**4000 steps (128000 images)**" in oracle                   # 2000 is 1.9 std above chance: not yet
-    assert "**none up to 2000 steps (64000 images)**" in md[:md.index("oracle condition")]   # length: 0.15 < 0.1925
-    assert "16000 images" in md                                          # the claims' own scale beside it
-    assert claims_report.study_section(claims.PRESETS["quick"], _study(tmp_path, {"600": 0.5})) == []
-    assert claims_report.study_section(cc, str(tmp_path / "missing.json")) == []
+    import encoders
+    import features
+    monkeypatch.setattr(features, "train_encoder", lambda *a, **k: encoders.load_encoder("tiny"))   # names only
+    monkeypatch.setattr(features, "page_bank", lambda *a, **k: (None, None, None))
+    cc = claims.ClaimsConfig()
+    path = features.pretrained_network(str(tmp_path), "encoder", cc.encoder_steps, cc.bank_pages, cc.seed,
+                                       log=lambda *a: None)
+    assert os.path.basename(path) == "tiny_dinov2_encoder_8b9d5dc466.pth"
+    assert json.load(open(path + ".json"))["steps"] == cc.encoder_steps == 250
+    other = features.pretrained_network(str(tmp_path), "encoder", 10, cc.bank_pages, cc.seed, log=lambda *a: None)
+    assert os.path.basename(other) != os.path.basename(path)
 
 
-def test_results_quote_the_copy_study_with_its_first_length_that_copies(tmp_path):
-    """The copy part (claim 1 against training length) in RESULTS.md: its table in training order and the first
-    length whose reconstruction RMSE to the condition is under COPY_RATIO (0.5) x two real images' of one page
-    (0.4 -> 0.2, by hand); none when no length gets there."""
+def test_machine_line_names_cpu_simd_and_threads(monkeypatch):
+    """The provenance line of RESULTS.md: AVX-512 (and its bf16) read from the CPU flags, the thread count as
+    torch reports it; results from AVX2 and AVX-512 CPUs differ, so the line must tell them apart."""
+    import builtins
+
     import claims
-    import claims_report
-    path = _study(tmp_path, {"600": 0.1})
-    study = json.loads(open(path).read())
-    rec = lambda d: dict(reconstruction=dict(to_cond=d, between=d / 2, agreement=0.3))   # noqa: E731
-    study["copy"] = dict(command="python experiments/sweep.py --parts copy", seconds=60.0, machine="m", real_pair=0.4,
-                         rows={"8000": rec(0.1), "600": rec(0.35), "4000": rec(0.199), "2000": rec(0.201)})
-    open(path, "w").write(json.dumps(study))
-    md = "\n".join(claims_report.study_section(claims.PRESETS["full"], path))
-    part = md[md.index("When does the reconstruction model copy?"):]
-    assert part.index("| 600 | 19200 | 0.350 | 0.175 | 0.300 |") < part.index("| 2000 |") < part.index("| 4000 |") \
-        < part.index("| 8000 |")
-    assert "(0.200; claim 1" in part and "**4000 steps (128000 images)**" in part
-    study["copy"]["rows"] = {"600": rec(0.35), "2000": rec(0.3)}
-    open(path, "w").write(json.dumps(study))
-    md = "\n".join(claims_report.study_section(claims.PRESETS["full"], path))
-    assert "**none up to 2000 steps (64000 images)**" in md[md.index("When does the reconstruction"):]
-    study["copy-variants"] = dict(command="python experiments/sweep.py --parts copy-variants", variants={
-        "encoder": dict(what="the trained encoder", rows={"4000": rec(0.33), "600": rec(0.35)}),
-        "pages": dict(what="2048 pages", rows={"4000": rec(0.05)}),
-        "encoder30": dict(what="30 steps", rows={"4000": rec(0.32)}), "encoder5": dict(what="5 steps", rows={"600": rec(0.31)})})
-    open(path, "w").write(json.dumps(study))
-    md = "\n".join(claims_report.study_section(claims.PRESETS["full"], path))
-    assert ("one at a time (`python experiments/sweep.py --parts copy-variants`): the trained encoder: RMSE 0.350 "
-            "(not a copy) at 600 steps, RMSE 0.330 (not a copy) at 4000 steps; 2048 pages: RMSE 0.050 (a copy) at "
-            "4000 steps; 5 steps: RMSE 0.310 (not a copy) at 600 steps; 30 steps: RMSE 0.320 (not a copy) at 4000 steps.") in md    # encoder<N> by N
+    info = {"avx512": "model name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n",
+            "avx2": "model name\t: Old CPU\nflags\t\t: fpu sse2 avx2\n"}
+    real_open, real_exists = builtins.open, os.path.exists
+    for kind, text in info.items():
+        monkeypatch.setattr(os.path, "exists", lambda p: p == "/proc/cpuinfo" or real_exists(p))
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: io.StringIO(text) if p == "/proc/cpuinfo"
+                            else real_open(p, *a, **k))
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        line = claims.machine()
+        want = "Test CPU 9000, " if kind == "avx512" else "Old CPU, "
+        assert want in line and line.endswith(f"torch {torch.__version__}, 3 thread(s)")
+        assert ("AVX-512 + bf16" in line) == (kind == "avx512") and ("no AVX-512" in line) == (kind == "avx2")
 
 
 def test_report_without_a_usable_run_is_a_one_line_error(tmp_path):
