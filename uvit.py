@@ -1,8 +1,8 @@
 """The simple-diffusion U-ViT denoiser, conditioned on frozen encoder tokens by cross-attention.
 
 Semantica (arXiv 2405.14857v3) §3.3-§3.4, §6.1, App. D; the U-ViT of *simple diffusion*
-(Hoogeboom, Heek & Salimans, arXiv 2301.11093, §3-§4, Fig. 7). No official code exists for either
-(shared/reference/diffusion.md §5.4); consulted: lucidrains/denoising-diffusion-pytorch
+(Hoogeboom, Heek & Salimans, arXiv 2301.11093, §3-§4, Fig. 7). No official code exists for either;
+consulted: lucidrains/denoising-diffusion-pytorch
 `simple_diffusion.py` @faed4db (qk-norm attention, FiLM-modulated MLP hidden layer) and the Google
 UNet lineage google-research `ddpm_w_distillation/unet3.py` (ResBlock, zero-initialised outputs).
 
@@ -102,7 +102,7 @@ PRESETS = {
     # a 128-wide 4-block cross-attention transformer at 8x8; "tiny" encoder tokens (128-dim). 2.01M
     "tiny-32": UViTConfig(image_size=32, channels=(32, 64), blocks=(1, 1), transformer_levels=0,
                           width=128, depth=4, head_dim=32, cond_dim=128, dropout=0.0),
-    # DESIGN (issue 20 study): tiny-32 with a 2x2 patchify stem, as §6.1's 512 px model: conv levels at 16 and
+    # DESIGN (docs/study.md): tiny-32 with a 2x2 patchify stem, as §6.1's 512 px model: conv levels at 16 and
     # 8 px, the transformer at 4x4. Measured ~3x tiny-32's training and ~4x its sampling speed on a CPU. 2.00M
     "tiny-32-p2": UViTConfig(image_size=32, patch_size=2, channels=(32, 64), blocks=(1, 1), transformer_levels=0,
                              width=128, depth=4, head_dim=32, cond_dim=128, dropout=0.0),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 10, in priority order, on one CUDA card (H100 / H200 / A100):
+# Every GPU measurement, in priority order, on one CUDA card (H100 / H200 / A100):
 #   1. sid-b-256 training step, bf16 + torch.compile (the >= 40 % MFU target)   bench/train_step.py
 #   2. sid-b-256 training step, eager bf16 and eager fp32
 #   3. sid-b-256 guided sampling (16 DDPM steps timed, extrapolated to 256)       bench/sample.py

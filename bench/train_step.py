@@ -1,4 +1,4 @@
-"""Benchmark one Semantica training step: images/s, TFLOP/s, MFU and peak memory per image (issue 10).
+"""Benchmark one Semantica training step: images/s, TFLOP/s, MFU and peak memory per image.
 
 The step timed is train.py's optimiser step on one device (Semantica §6.1): `Semantica.forward`
 (the v-prediction, eps-space diffusion loss of Eq. 1 with condition dropout), backward, fused Adam

@@ -84,7 +84,7 @@ class SyntheticPages:
 
     max_objects: (lo, hi) range of a page's largest object count (each image draws 1..that many);
     object_scale: range of an object's radius as a fraction of half the image side (divided by
-    sqrt(count)). DESIGN (issue 20 study): one object of radius 0.55-0.85 (9-14 px at 32 px). The
+    sqrt(count)). DESIGN (docs/study.md): one object of radius 0.55-0.85 (9-14 px at 32 px). The
     earlier pages drew 1-3 objects of radius 0.35-0.6 (a lone object 6-10 px, three objects 3-6 px);
     a 32 px kind classifier reached 0.964 held-out accuracy on those after 1 500 steps and 0.993 on
     these after 800 (experiments/kinds.py). The old pages: max_objects=(1, 3), object_scale=(0.35, 0.6).

@@ -5,7 +5,7 @@
 #   bash scripts/test_xla.sh -k resume    # extra arguments go to pytest
 #
 # torch_xla 2.9.0 (the newest release) is built against torch 2.9.0 exactly and cannot be imported
-# beside the project's torch (distributed.md §6.3), so the first run builds a throwaway virtualenv
+# beside the project's torch (each torch_xla release pins one torch release), so the first run builds a throwaway virtualenv
 # ($XLA_VENV, default /tmp/xla-venv) with torch==2.9.0 + torch_xla==2.9.0 + the project's
 # dependencies from the package registry. PyPI has only the CUDA build of torch 2.9.0 for linux
 # x86_64: about 4 GB of downloads (7 GB unpacked), several minutes. Later runs reuse the virtualenv.
