@@ -20,7 +20,7 @@ synthetic pages, as DINOv2 and Inception were trained elsewhere). This file is t
 networks, train.py, sample.py, scores) and its command line; the presets, settings and criteria are
 claims_setup.py, the verdicts and RESULTS.md claims_report.py.
 
-    python experiments/claims.py            # full run (18-21 min on a 2-core AVX-512 Xeon, 67 min without AVX-512) -> experiments/RESULTS.md
+    python experiments/claims.py            # full run (seed 0: 18.3 min on a 2-core AVX-512 Xeon, 67 min without AVX-512) -> experiments/RESULTS.md
     python experiments/claims.py --quick    # smoke run (~1-2 min) -> OUT/RESULTS.md
     python experiments/claims.py --data DIR # train and test on a pages folder ROOT/<page>/<image>
     python experiments/claims.py --report   # rewrite RESULTS.md from the last run's results.json (seconds)

@@ -7,7 +7,7 @@ import torch
 
 import uvit
 
-# Parameter counts documented in uvit.PRESETS and the README (computed on the meta device).
+# Parameter counts documented in uvit.PRESETS and docs/training.md (computed on the meta device).
 PARAMS = {"sid-b-256": 391_576_067, "sid-l-256": 1_116_570_627, "semantica-512": 4_035_408_387,
           "tiny-32": 2_007_779, "tiny-32-p2": 2_002_211, "small-64": 10_163_363}
 # A very small network for fast CPU checks: 16 px, one conv level, a 2-block transformer at 8x8.
