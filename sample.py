@@ -19,30 +19,25 @@ of the plan) gets its noise from (seed, k, j) alone, through Semantica.sample's 
 and the same noise for every guidance value; so any --batch, any split of one image's samples across
 calls, any number of processes and a resumed run give the same images. K-shot samples on disk
 (OUT/samples_w{w}/cond{test image}_s{j}.png) are read back instead of redrawn; features are always taken
-from the 8-bit images as written, so a resumed run gives the same numbers.
+from the 8-bit images as written, so a resumed run gives the same numbers (bookkeeping: machinery/runs.py).
 """
 import argparse
-import json
-import math
 import os
-import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
+from machinery import backends, flags, runs
 import data
 from pages import images
 import diffusion
 import encoders
 import metrics
 from semantica import Semantica
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -69,100 +64,24 @@ class SampleConfig:
 
 
 # ------------------------------------------------------------------------------------ arguments
-def _comments(cls):
-    """{field: its comment in the class source}: the one place each flag is described."""
-    with open(os.path.abspath(__file__)) as f:  # this file, not inspect.getsource: works under -m cProfile too
-        src = f.read()
-    src = src[src.index(f"class {cls.__name__}"):]
-    return dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", src[:src.index("\n\n\n")], re.MULTILINE))
-
-
-def _number(kind, low=None, high=None):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
-            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
-            raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
-        return v
-    return parse
-
-
-def _guidance(text):  # "0,0.5" -> [0.0, 0.5]; each a finite number (nan/inf give garbage samples)
-    return [_number(float)(v) for v in text.split(",") if v]
-
-
-TYPES = {"n": _number(int, 1), "steps": _number(int, 1), "gamma": _number(float, 0.0, 1.0), "batch": _number(int, 1),
-         "few_shot": _number(int, 1), "per_group": _number(int, 0), "seed": _number(int, 0), "guidance": _guidance}
-
-
-def check_out(out, folder):
-    """The output path must be writable in the form the mode needs; -> an error message or None."""
-    if folder and os.path.exists(out) and not os.path.isdir(out):
-        return f"--out {out} is a file; --few-shot writes a folder"
-    if not folder:
-        if os.path.isdir(out):
-            return f"--out {out} is a folder; give the grid's file name, e.g. {os.path.join(out, 'grid.png')}"
-        if os.path.splitext(out)[1].lower() not in IMAGE_EXTS:
-            return f"--out {out}: unknown image extension; use one of {', '.join(IMAGE_EXTS)}"
-        stem = os.path.splitext(out)[0]
-        if os.path.exists(stem) and not os.path.isdir(stem):
-            return f"--out {out}: its samples go to the folder {stem}, which is a file"
-    # before sampling: the folder the samples go to (the grid's stem) must be one that can be made (not under
-    # /proc, a file or a read-only folder); it is made when the first sample is written
-    why = images.folder_error(out if folder else os.path.splitext(out)[0])
-    return f"--out {out}: {why}" if why else None
+TYPES = {"n": flags.number(int, 1), "steps": flags.number(int, 1), "gamma": flags.number(float, 0.0, 1.0),
+         "batch": flags.number(int, 1), "few_shot": flags.number(int, 1), "per_group": flags.number(int, 0),
+         "seed": flags.number(int, 0), "guidance": flags.numbers}
 
 
 def parse_args(argv=None):
     """Flags from SampleConfig (help = the field comments); numbers and --out are checked here, before
     any model is loaded. Errors: argparse's one-line message, exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    notes, defaults = _comments(SampleConfig), SampleConfig()
-    for f in fields(SampleConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        text = f"{notes[f.name]} (default: {default if default != '' else 'none'})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-        elif f.type is tuple:
-            parser.add_argument(flag, nargs="+", default=default, type=TYPES.get(f.name, str), help=text)
-        else:
-            parser.add_argument(flag, type=TYPES.get(f.name, f.type), default=default, help=text)
+    flags.add_flags(parser, SampleConfig, os.path.abspath(__file__), vars(SampleConfig()), types=TYPES)
     args = vars(parser.parse_args(argv))
-    if args["guidance"] is not defaults.guidance:  # nargs="+" of comma lists -> one flat tuple
+    if args["guidance"] is not SampleConfig.guidance:  # nargs="+" of comma lists -> one flat tuple
         args["guidance"] = tuple(v for vs in args["guidance"] for v in vs)
     cfg = SampleConfig(**{**args, "images": tuple(args["images"])})
-    if not cfg.ckpt:
-        parser.error("--ckpt is required")
-    if not cfg.guidance:
-        parser.error("--guidance needs at least one value")
-    if not cfg.few_shot and not cfg.images:
-        parser.error("give --images A.png ... (grid) or --few-shot K --data DIR (evaluation)")
-    if cfg.few_shot and not cfg.data:
-        parser.error("--few-shot needs --data (the test images)")
-    if cfg.features != "encoder" and not cfg.feature_weights:
-        parser.error(f"--features {cfg.features} needs --feature-weights (random features give meaningless metrics)")
-    try:
-        alignment_spaces(cfg.alignment)
-    except ValueError as e:
-        parser.error(str(e))
-    problem = check_out(cfg.out, folder=bool(cfg.few_shot))
+    problem = runs.check_sample_config(cfg)
     if problem:
-        parser.error(problem)
+        parser.error(problem)  # before any model loads: one line, exit 2
     return cfg
-
-
-def alignment_spaces(spec):
-    """"encoder,dinov2-b14=PATH" -> [("encoder", None), ("dinov2-b14", "PATH")]."""
-    spaces = []
-    for item in filter(None, spec.split(",")):
-        name, _, weights = item.partition("=")
-        if name != "encoder" and not weights:
-            raise ValueError(f"--alignment {name} needs its weights: {name}=PATH (or 'encoder', the checkpoint's own)")
-        spaces.append((name, weights or None))
-    return spaces
 
 
 def fail(message):
@@ -197,13 +116,13 @@ def quantize(x):
 def calls(rows):
     """[(k, s)] (image k's sample s), image-major -> [([k0, k0 + 1, ...], s0, m)]: runs of consecutive images
     that all need samples s0 .. s0 + m - 1, one Semantica.sample call each."""
-    runs, groups = [], []
+    spans, groups = [], []
     for k, s in rows:
-        if runs and runs[-1][0] == k and runs[-1][1] + runs[-1][2] == s:
-            runs[-1][2] += 1
+        if spans and spans[-1][0] == k and spans[-1][1] + spans[-1][2] == s:
+            spans[-1][2] += 1
         else:
-            runs.append([k, s, 1])
-    for k, s0, m in runs:
+            spans.append([k, s, 1])
+    for k, s0, m in spans:
         if groups and groups[-1][1:] == [s0, m] and groups[-1][0][-1] == k - 1:
             groups[-1][0].append(k)
         else:
@@ -222,20 +141,6 @@ def draw(model, rows, cond_of, guidance, cfg, device):
     return torch.cat(out)
 
 
-def progress(total, what):
-    """tqdm with a smoothed ETA on a terminal; on a log file a line every 30 s."""
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=what, unit="img", file=sys.stderr, mininterval=0.5 if tty else 30,
-                disable=None if tty else False, dynamic_ncols=True)
-
-
-def save(image, path):
-    """Atomic PNG write: a killed run never leaves a truncated sample that a resume would trust."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    images.save_png(image.cpu(), tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------- grids
 def grid(cfg, model, device):
     """Fig. 1 / Fig. 14: per conditioning image the image, then n samples per guidance value."""
@@ -249,7 +154,7 @@ def grid(cfg, model, device):
     cond = torch.stack(cond).to(device)                                    # (B, 3, S, S)
     rows = [(i, j) for i in range(len(cond)) for j in range(cfg.n)]        # noise of sample j of image i: (seed, i, j)
     out = torch.empty(len(cond), len(cfg.guidance), cfg.n, 3, size, size)
-    with progress(len(rows) * len(cfg.guidance), "sampling") as bar:
+    with runs.sample_progress(len(rows) * len(cfg.guidance), "sampling") as bar:
         for g, w in enumerate(cfg.guidance):
             for a in range(0, len(rows), cfg.batch):
                 chunk = rows[a:a + cfg.batch]
@@ -260,10 +165,10 @@ def grid(cfg, model, device):
     stem = os.path.splitext(cfg.out)[0]
     os.makedirs(stem, exist_ok=True)
     for i in range(len(cond)):
-        save(cond[i], os.path.join(stem, f"img{i}_cond.png"))
+        runs.save_sample(cond[i], os.path.join(stem, f"img{i}_cond.png"))
         for g, w in enumerate(cfg.guidance):
             for j in range(cfg.n):
-                save(out[i, g, j], os.path.join(stem, f"img{i}_w{w}_s{j}.png"))
+                runs.save_sample(out[i, g, j], os.path.join(stem, f"img{i}_w{w}_s{j}.png"))
     tmp = f"{stem}.tmp{os.getpid()}{os.path.splitext(cfg.out)[1]}"
     labeled_grid(cond.cpu(), out, cfg.guidance).save(tmp)
     os.replace(tmp, cfg.out)
@@ -328,40 +233,9 @@ def kshot_plan(cfg):
     return pages, items, metrics.kshot_select(groups, cfg.few_shot, cfg.seed)
 
 
-def read_png(path):
-    """A sample written by save() -> (3, H, W) in [-1, 1], exactly quantize() of what was drawn."""
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
 def embed(encoder, x):
     """Global embedding (B, D) float32 of images x in [-1, 1]: the §8.2 alignment space / default features."""
     return encoder(encoder.preprocess(x))[0].float()
-
-
-def write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def check_resume(cfg, model, rank, world):
-    """Samples on disk are reused only if they were drawn by the same run (else: a new --out)."""
-    run = {"ckpt": os.path.abspath(cfg.ckpt), "step": getattr(model, "checkpoint_step", None), "ema": cfg.ema,
-           "steps": cfg.steps, "gamma": cfg.gamma, "seed": cfg.seed, "data": cfg.data, "per_group": cfg.per_group,
-           "few_shot": cfg.few_shot, "image_size": model.config.image_size}
-    path = os.path.join(cfg.out, "run.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        differ = [k for k in run if old.get(k) != run[k]]
-        if differ:
-            fail(f"--out {cfg.out} holds samples of another run (differs in {', '.join(differ)}); use a new --out")
-    if world > 1:
-        dist.barrier()                                   # every rank has read run.json before it is written
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        write_text(path, json.dumps(run, indent=1))
 
 
 @torch.no_grad()
@@ -371,7 +245,7 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
     features and writes OUT/kshot.json, OUT/kshot.md and OUT/features_*.npy."""
     pages, items, plan = plan
     size = model.config.image_size
-    check_resume(cfg, model, rank, world)
+    runs.check_sample_resume(cfg, model, rank, world)
     load = lambda idx: torch.stack([pages.image(*items[j], size) for j in idx])
     if cfg.features == "encoder":                      # DESIGN: the checkpoint's frozen encoder (global embedding)
         feat_name, features = f"{describe(model.encoder)} global embedding", lambda x: embed(model.encoder, x)
@@ -382,7 +256,7 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
             fail(f"--features {cfg.features}: {e}")
         feat_name, features = net.name, net
     spaces = {}                                         # label -> encoder: the §8.2 alignment columns
-    for name, weights in alignment_spaces(cfg.alignment):
+    for name, weights in runs.alignment_spaces(cfg.alignment):
         try:
             enc = model.encoder if name == "encoder" else encoders.load_encoder(name, weights).to(device).eval()
         except (OSError, ValueError, KeyError) as e:
@@ -393,7 +267,7 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
     lo, hi = rank * len(rows) // world, (rank + 1) * len(rows) // world
     if rank == 0:
         real = []
-        with progress(len(items), "test image features") as bar:
+        with runs.sample_progress(len(items), "test image features") as bar:
             for a in range(0, len(items), cfg.batch):
                 real.append(features(load(range(a, min(a + cfg.batch, len(items)))).to(device)).cpu().numpy())
                 bar.update(len(real[-1]))
@@ -408,7 +282,7 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
         folder = os.path.join(cfg.out, f"samples_w{w}")
         os.makedirs(folder, exist_ok=True)
         feats, embs = [], {k: [] for k in spaces}
-        with progress(hi - lo, f"guidance {w}" + (f" rank {rank}" if world > 1 else "")) as bar:
+        with runs.sample_progress(hi - lo, f"guidance {w}" + (f" rank {rank}" if world > 1 else "")) as bar:
             for a in range(lo, hi, cfg.batch):
                 chunk = rows[a:min(a + cfg.batch, hi)]
                 paths = [os.path.join(folder, f"cond{conds[k]:06d}_s{s}.png") for k, s in chunk]
@@ -416,14 +290,14 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
                 todo = []
                 for k, p in enumerate(paths):
                     if os.path.exists(p):
-                        x[k] = read_png(p)              # resumed: not redrawn
+                        x[k] = runs.read_sample(p)              # resumed: not redrawn
                     else:
                         todo.append(k)
                 if todo:                                # noise of row (k, s): (seed, k, s), whatever the split
                     x[todo] = draw(model, [rows[a + k] for k in todo], lambda ks: load([conds[k] for k in ks]),
                                    w, cfg, device)
                     for k in todo:
-                        save(x[k], paths[k])
+                        runs.save_sample(x[k], paths[k])
                 feats.append(features(x.to(device)).cpu())
                 for k, e in spaces.items():
                     embs[k].append(embed(e, x.to(device)).cpu())
@@ -444,58 +318,30 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
         print(f"guidance {w}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if k in ("fid", "precision", "recall"))
               + "".join(f", alignment [{k}] {v:.4g}" for k, v in res["alignment"].items()), flush=True)
     if rank == 0:
-        report(cfg, results, len(items), feat_name, list(spaces))
-
-
-def report(cfg, results, n, feat_name, spaces):
-    """OUT/kshot.json and the App. H-style OUT/kshot.md table; both name every network."""
-    summary = {"ckpt": cfg.ckpt, "data": cfg.data, "features": feat_name, "alignment_spaces": spaces, "n": n,
-               "k": cfg.few_shot, "steps": cfg.steps, "gamma": cfg.gamma, "seed": cfg.seed, "results": results}
-    write_text(os.path.join(cfg.out, "kshot.json"), json.dumps(summary, indent=1))
-    table = [f"{cfg.few_shot}-shot on {cfg.data}: N = {n} test images and N samples, {cfg.steps} DDPM steps, "
-             f"gamma {cfg.gamma}, seed {cfg.seed}", f"FID / precision / recall features: {feat_name}"]
-    table += [f"alignment {i + 1}: mean cosine of each sample with its conditioning image in {s} (§8.2)"
-              for i, s in enumerate(spaces)]
-    table += ["", "| guidance | FID | precision | recall |" + "".join(f" alignment {i + 1} |" for i in range(len(spaces))),
-              "| --- | --- | --- | --- |" + " --- |" * len(spaces)]
-    table += [f"| {w} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |"
-              + "".join(f" {a:.3f} |" for a in r["alignment"].values()) for w, r in results.items()]
-    write_text(os.path.join(cfg.out, "kshot.md"), "\n".join(table) + "\n")
-    print("\n".join(table))
+        runs.kshot_report(cfg, results, len(items), feat_name, list(spaces))
 
 
 # ------------------------------------------------------------------------------------------ main
-def setup(cfg):
-    """-> (rank, world, device). One process unless started by torchrun (K-shot only): gloo on CPU,
-    nccl on GPUs, rank r on cuda:LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if world == 1:
-        return 0, 1, device
-    if not cfg.few_shot:
-        fail("grids run in one process; torchrun is for --few-shot")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def main(cfg):
+    """One process, or torchrun (K-shot only: gloo on CPU, nccl on GPUs, rank r on cuda:LOCAL_RANK)."""
     plan = kshot_plan(cfg) if cfg.few_shot else None   # user errors in the data before the model loads
-    rank, world, device = setup(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.few_shot:
+        fail("grids run in one process; torchrun is for --few-shot")
+    d = backends.setup_distributed(cfg.device)
     try:
-        model = load_model(cfg, device)
-        if rank == 0:
+        model = load_model(cfg, d.device)
+        if d.rank == 0:
             print(f"{cfg.ckpt}: step {getattr(model, 'checkpoint_step', '?')}, {model.config.image_size} px, "
                   f"{'EMA' if cfg.ema else 'raw'} weights, encoder {describe(model.encoder)}, {cfg.steps} DDPM steps, "
-                  f"{world} process(es) on {device}", flush=True)
+                  f"{d.world} process(es) on {d.device}", flush=True)
         if cfg.few_shot:
-            few_shot(cfg, model, device, plan, rank, world)
+            few_shot(cfg, model, d.device, plan, d.rank, d.world)
         else:
-            grid(cfg, model, device)
+            grid(cfg, model, d.device)
+    except runs.UserError as e:             # samples of another run in --out (runs.check_sample_resume)
+        fail(str(e))
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

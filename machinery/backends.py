@@ -1,11 +1,12 @@
-"""train.py's distributed backends: one process, torchrun DDP / FSDP2 (GPUs; gloo on CPU), torch_xla (TPUs).
+"""The distributed backends of train.py (and sample.py's set-up): one process, torchrun DDP / FSDP2 (GPUs;
+gloo on CPU), torch_xla (TPUs).
 
 Machinery, not the paper: Semantica trains on 256 TPUv3 chips (§6.1) with a global batch of 2048; this module
 holds what differs between backends so that train.py's loop reads as the single-device recipe. Each function
 takes the `Dist` of this process and does the backend's thing: setup (device, rank, world), wrapping (DDP,
 FSDP2 sharding per U-ViT block), gradient sync and reduction, means and agreement over ranks, the full state
-dict of a sharded model, atomic checkpoint writes. References: distributed.md §1 (shared/reference),
-facebookresearch/DiT train.py @ed81ce2, karpathy/nanoGPT train.py @3adf61e.
+dict of a sharded model, atomic checkpoint writes. References: facebookresearch/DiT train.py @ed81ce2,
+karpathy/nanoGPT train.py @3adf61e.
 torch_xla is optional and imported inside the xla_* functions (below the general ones); on XLA:CPU with
 several devices its collectives take another route (xla_reduce, scripts/xla_cpu_collectives.py).
 Not implemented: SPMD on TPU, multi-host torch_xla, pipeline/tensor parallelism.
@@ -13,6 +14,7 @@ Not implemented: SPMD on TPU, multi-host torch_xla, pipeline/tensor parallelism.
 import contextlib
 import datetime
 import os
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -36,14 +38,16 @@ class Dist:
     is_main: bool
 
 
-def setup_distributed(cfg):
-    """One process, torchrun (NCCL on GPUs, gloo on CPU) or a torch_xla replica (distributed.md §1)."""
-    kind = cfg.backend if cfg.backend != "auto" else ("ddp" if "RANK" in os.environ else "single")
+def setup_distributed(device="", backend="auto"):
+    """One process, torchrun (NCCL on GPUs, gloo on CPU) or a torch_xla replica -> Dist. device: "", cpu, cuda
+    or cuda:N ("": cuda when available); cuda without an index is the local rank's GPU. backend: auto (ddp
+    under torchrun, else single), single, ddp or xla."""
+    kind = backend if backend != "auto" else ("ddp" if "RANK" in os.environ else "single")
     if kind == "xla":
         return xla_setup()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = cfg.device.startswith("cuda") or (not cfg.device and torch.cuda.is_available())
-    device = torch.device(cfg.device if ":" in cfg.device else f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    cuda = device.startswith("cuda") or (not device and torch.cuda.is_available())
+    device = torch.device(device if ":" in device else f"cuda:{local_rank}") if cuda else torch.device(device or "cpu")
     if cuda:
         torch.cuda.set_device(device)  # LOCAL_RANK, never the global rank (DiT #79)
     if kind == "single":
@@ -52,6 +56,20 @@ def setup_distributed(cfg):
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     rank, world = dist.get_rank(), dist.get_world_size()
     return Dist("ddp", rank, world, local_rank, device, rank == 0)
+
+
+def cuda_speedups(d):
+    """CUDA: TF32 matmuls and convolutions (faster; may shift metrics slightly), cuDNN autotuning (fixed shapes)."""
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest conv kernels
+
+
+def build_lock(d):
+    """Context of building the model: XLA replica threads share torch's global RNG, so they seed and build one
+    at a time (the same init in each); other backends: nothing."""
+    return XLA_BUILD_LOCK if d.kind == "xla" else contextlib.nullcontext()
 
 
 def seed_micro_step(gen, seed, d):
@@ -161,6 +179,43 @@ def load_optimizer(model, opt, state, d):
 
 
 # ----------------------------------------------------------------------------- torch_xla (optional)
+
+def xla_launch(main, cfg, stop):
+    """Run main(cfg) in every torch_xla replica (torch_xla.launch: one process per TPU chip, or one for the
+    CPU devices of PJRT_DEVICE=CPU, and one thread per device) -> dict(stopped_by).
+
+    Signals reach a process's main thread only, and the replicas run in worker threads of child processes.
+    So the handlers are installed here, in the launching process, and the children are forked: they inherit
+    the handlers, which run in their main thread (waiting for the replica threads) and fill `stop` (runs.STOP),
+    polled by the loop. A signal to this process only (a scheduler's SIGTERM) is forwarded to the children.
+    """
+    import multiprocessing
+    import torch_xla
+
+    def forward(sig, frame):
+        stop.append(sig)
+        for child in multiprocessing.active_children():  # none inside a child
+            os.kill(child.pid, sig)
+
+    # DESIGN: on TPU a persistent compilation cache under OUT, so a resumed run (after a preemption) does not
+    # recompile the step (minutes to half an hour for large models, pytorch/xla #5058); set
+    # XLA_PERSISTENT_CACHE_PATH to share one between runs. XLA:CPU cannot load one ("Deserializing serialized
+    # executable not supported"), so none there. UNTESTED on TPU.
+    if os.environ.get("PJRT_DEVICE") == "TPU":
+        os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", os.path.join(os.path.abspath(cfg.out), "xla_cache"))
+    stop.clear()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:  # fork, not torch_xla's default spawn: a spawned child would not inherit the handlers
+        torch_xla.launch(_xla_main, args=(main, cfg), start_method="fork")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return dict(stopped_by=stop[0] if stop else None)
+
+
+def _xla_main(index, main, cfg):
+    main(cfg)  # the return value would be pickled back to the launching process: drop it
+
 
 def xla_setup():
     """Rank, world and device of this torch_xla replica (called inside torch_xla.launch's function)."""

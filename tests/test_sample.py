@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import encoders
+from machinery import flags
 import sample
 import semantica
 import uvit
@@ -135,7 +136,7 @@ def test_help_comes_from_the_config_comments(capsys):
         sample.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and "--device" in text
-    for comment in sample._comments(sample.SampleConfig).values():   # every field's comment, as written
+    for comment in flags.comments(sample.SampleConfig, sample.__file__).values():   # every field's comment, as written
         assert " ".join(comment.split())[:40] in text
 
 

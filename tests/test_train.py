@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import data
+from machinery import runs
 import semantica
 import train
 
@@ -57,7 +58,7 @@ def test_default_job_leaves_checkpoint_log_config_and_grid(tiny_run):
     assert {"step", "loss", "lr", "img_per_s", "eta_s", "grad_norm", "time", "elapsed_s"} <= set(log[0])
     assert log[0]["time"].endswith("+00:00")  # an ISO UTC timestamp
     assert json.load(open(out / "config.json"))["model"] == "tiny-32"
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = runs.load_checkpoint(str(out / "ckpt.pt"))
     # PLAN.md's one checkpoint format
     assert ckpt["format"] == "semantica-ckpt/2" and ckpt["step"] == 3 and ckpt["ema_decay"] == 0.99
     assert {"model_config", "p_uncond", "encoder", "model", "ema", "train_config", "optimizer"} <= set(ckpt)
@@ -181,7 +182,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     threading.Thread(target=kill_when_training, daemon=True).start()
     result = run(tmp_path, "--steps", "1000", "--ckpt-every", "1000", "--sample-every", "1000")
     assert result["step"] < 1000 and result["stopped_by"] == signal.SIGTERM
-    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == result["step"]
+    assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == result["step"]
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored afterwards
 
 
@@ -199,7 +200,7 @@ def test_closed_pipe_then_ctrl_c_still_saves(tmp_path):
     err = p.stderr.read()
     assert p.wait(timeout=120) == 128 + signal.SIGINT, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
-    step = train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
+    step = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
     assert 1 <= step < 1000
     assert json.loads(open(tmp_path / "log.jsonl").readlines()[-1])["step"] == step
 
@@ -207,7 +208,7 @@ def test_closed_pipe_then_ctrl_c_still_saves(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         run(tmp_path, "--steps", "6", "--ckpt-every", "1", "--lr", "1e30")  # parameters explode after step 1
-    step = train.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
+    step = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
     assert 1 <= step < 6
 
 
@@ -286,14 +287,14 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny_run):
     out, _ = tiny_run
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(train.UserError, match="not a readable") as e:
-        train.load_checkpoint(str(tmp_path / "junk.pt"))
+        runs.load_checkpoint(str(tmp_path / "junk.pt"))
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)   # one line, no unsafe advice
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(train.UserError, match="not a resumable train.py checkpoint"):
-        train.load_checkpoint(str(tmp_path / "other.pt"))
+        runs.load_checkpoint(str(tmp_path / "other.pt"))
     other = train.parse_args(FAST + ["--lr", "5e-4"])
     with pytest.raises(train.UserError, match="lr: checkpoint 0.001 vs now 0.0005"):
-        train.load_checkpoint(str(out / "ckpt.pt"), other)
+        runs.load_checkpoint(str(out / "ckpt.pt"), other)
 
 
 # ----------------------------------------------------------------------------- precomputed conditioning (§3.2)
@@ -360,7 +361,7 @@ def test_ddp_fsdp_and_reshard_on_two_gloo_processes(tmp_path):
         if p.grad is not None:
             torch.testing.assert_close(res["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     # FSDP2 wrote a full-state checkpoint that loads into an unsharded model and matches DDP training
-    ddp, fsdp = (train.load_checkpoint(str(tmp_path / k / "ckpt.pt")) for k in ("ddp", "fsdp"))
+    ddp, fsdp = (runs.load_checkpoint(str(tmp_path / k / "ckpt.pt")) for k in ("ddp", "fsdp"))
     unsharded = train.build_model(cfg, train.load_frozen_encoder(cfg))
     unsharded.load_state_dict(fsdp["ema"])
     unsharded.load_state_dict(fsdp["model"])
@@ -373,7 +374,7 @@ def test_ddp_fsdp_and_reshard_on_two_gloo_processes(tmp_path):
         run(tmp_path / "ddp", *flags)
     one = run(tmp_path / "ddp", *flags, "--reshard")
     assert [s for s, _ in one["losses"]] == [3] and np.isfinite(losses(one)[0])
-    after = train.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
+    after = runs.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
     assert after["world"] == 1 and after["step"] == 3 and after["samples"] == 3 * 8
     assert after["data_position"] == 3 * 4  # accumulation recomputed: 8 = 2 x 4 x 1 (was 2 x 2 x 2)
     state = after["optimizer"]["state"]
@@ -404,7 +405,7 @@ def test_resume_on_other_synthetic_pages_is_refused(tmp_path, monkeypatch, capsy
     from pages import synthetic
     run(tmp_path, "--steps", "1", "--sample-every", "100")
     path = tmp_path / "ckpt.pt"
-    ckpt = train.load_checkpoint(str(path))
+    ckpt = runs.load_checkpoint(str(path))
     assert ckpt["train_pages"] == synthetic.SyntheticPages(32, 32, seed=0).fingerprint()
     before = path.read_bytes()
     monkeypatch.setattr(synthetic.SyntheticPages.__init__, "__defaults__",
