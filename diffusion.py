@@ -19,7 +19,7 @@ Shapes: x, z_t, eps, v are (B, C, H, W); t and logsnr are (B,) or scalars.
 
 Not implemented (not needed by the paper at 256/512 px as described): simple diffusion's
 interpolated schedule and multiscale loss, other samplers (DDIM, DPM-Solver).
-Formulas and their numerical checks: shared/reference/diffusion.md.
+Formulas and their numerical checks: tests/test_diffusion.py.
 """
 import math
 

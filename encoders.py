@@ -1,8 +1,9 @@
 """Frozen image encoders for Semantica: DINOv2, SigLIP, CLIP and MAE vision transformers, from scratch.
 
 Semantica conditions its denoiser on the tokens of a frozen, pre-trained image encoder and filters
-training pairs with the cosine similarity of its global embedding (Semantica §3.2, §5, §6.2, App. D;
-arXiv:2405.14857). §6.2 compares DINOv2 and SigLIP at B and L size; DINOv2 wins and is the default.
+training pairs with the cosine similarity of its global embedding (Semantica §3.2, §5, App. C;
+arXiv:2405.14857). The filter thresholds are in App. C ("Data filtering"); §5 says App. D, which is
+FiLM vs cross-attention. §6.2 compares DINOv2 and SigLIP at B and L size; DINOv2 wins and is the default.
 App. E trains on a frozen MAE ViT-L; §8.2 and App. F measure alignment in CLIP B/16 and DINOv2 space.
 
     encoder = load_encoder("dinov2-b14", "dinov2_vitb14_pretrain.pth")   # or from_checkpoint(path)
@@ -20,10 +21,13 @@ App. E trains on a frozen MAE ViT-L; §8.2 and App. F measure alignment in CLIP 
   tokens (B, N, D). Eval preprocessing: squash-resize to the native size (HF SiglipImageProcessor).
 - CLIP image tower (openai/CLIP @ 0845fc4, clip/model.py VisionTransformer): patch conv without bias,
   class token, learned table, `ln_pre` before the blocks, QuickGELU x*sigmoid(1.702x), LayerNorm eps
-  1e-5, `ln_post`, projection (D, E). Input normalised with the CLIP mean (0.48145466, 0.4578275,
-  0.40821073) and std (0.26862954, 0.26130258, 0.27577711). Output: global = ln_post(CLS) @ proj (B, E)
-  (the CLIP image embedding, E = 512 for B/16, 768 for L/14); tokens = ln_post of the final sequence
-  [CLS, patches] (B, 1+N, D), not projected. Eval preprocessing: Resize(224, bicubic) + CenterCrop(224).
+  1e-5, `ln_post`, projection (D, E). OpenCLIP's towers are the same network (open_clip transformer.py
+  VisionTransformer) with the activation of its model config: QuickGELU for OpenAI's weights and the
+  `-quickgelu` configs, exact GELU (nn.GELU) for the others, e.g. LAION and DataComp ViT-B-16.
+  Input normalised with the CLIP mean (0.48145466, 0.4578275, 0.40821073) and std (0.26862954,
+  0.26130258, 0.27577711). Output: global = ln_post(CLS) @ proj (B, E) (the CLIP image embedding,
+  E = 512 for B/16, 768 for L/14); tokens = ln_post of the final sequence [CLS, patches] (B, 1+N, D),
+  not projected. Eval preprocessing: Resize(224, bicubic) + CenterCrop(224).
 - MAE encoder (facebookresearch/mae models_mae.py, encoder half, no masking): timm ViT with CLS, eps
   1e-6, exact GELU, no LayerScale, final norm. ImageNet mean/std. Output: global = final-normed CLS
   (B, D); tokens = the final-normed sequence [CLS, patches] (B, 1+N, D). Eval preprocessing as DINOv2
@@ -34,10 +38,12 @@ official DINOv2 `.pth` (a flat state dict with the facebookresearch key names, w
 DINOv2 and MAE `state_dict()` reproduce), the Hugging Face `google/siglip-*` and `openai/clip-vit-*`
 folders (config.json + model.safetensors or pytorch_model.bin; text tower ignored), the OpenAI CLIP
 `.pt` (a TorchScript archive) or an OpenCLIP state dict (`visual.*` keys; text tower ignored), and the
-MAE release `{"model": state_dict}` (decoder keys, if any, ignored).
-Left out: big_vision `.npz` files, HF-format DINOv2/MAE files, SigLIP at non-native sizes, OpenCLIP
-models trained with exact GELU when read from a `visual.*` file (not recorded in the file; the HF
-folder's config.json does record it).
+MAE release `{"model": state_dict}` (decoder keys, if any, ignored). Key prefixes of wrapped or compiled
+models ("module.", "_orig_mod.", in any order) are stripped (`strip_prefixes`, also semantica.py's rule).
+A CLIP tower's activation is read from what the file records (config.json `hidden_act`, the class of a
+TorchScript archive's MLP activation); an OpenCLIP `visual.*` state dict records none, so the caller states
+it (`act="quick_gelu"` or `act="gelu"`) or the file is refused: the weights cannot tell.
+Left out: big_vision `.npz` files, HF-format DINOv2/MAE files, SigLIP at non-native sizes.
 """
 import json
 import math
@@ -116,8 +122,9 @@ OFFICIAL_FILES = {  # what `load_encoder(name, weights=...)` / train.py --encode
     **{f"dinov2-{s}14{r}": f"dinov2_vit{s}14{'_reg4' if r else ''}_pretrain.pth" for s in "sblg" for r in ("", "-reg")},
     **{n: f"the Hugging Face folder google/siglip-{'base' if n[7] == 'b' else 'large'}-patch16-{n[-3:]}"
        for n in ENCODER_PRESETS if n.startswith("siglip")},
-    **{f"clip-{s}": f"the OpenAI {v}.pt (TorchScript), an OpenCLIP {v} state dict (visual.* keys) or the Hugging "
-                    f"Face folder openai/clip-vit-{'base' if s == 'b16' else 'large'}-patch{s[1:]}"
+    **{f"clip-{s}": f"the OpenAI {v}.pt (TorchScript), an OpenCLIP {v} state dict of OpenAI's weights (visual.* "
+                    f"keys, with act='quick_gelu') or the Hugging Face folder "
+                    f"openai/clip-vit-{'base' if s == 'b16' else 'large'}-patch{s[1:]}"
        for s, v in (("b16", "ViT-B-16"), ("l14", "ViT-L-14"))},
     "mae-l16": "mae_pretrain_vit_large.pth (facebookresearch/mae, {'model': state_dict})",
 }
@@ -289,12 +296,24 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        """Frozen use (Semantica §3.2): `encode` without autograd."""
-        return self.encode(images)
+        """Frozen use (Semantica §3.2): `encode` without autograd and outside autocast, in the weights' dtype
+        (float32): the condition is the same computation in training (under bf16 autocast), at sampling and
+        in the feature cache."""
+        self._check(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.encode(images.to(self.pos_embed.dtype))
+
+    def _check(self, images):
+        """One-line ValueError unless `images` is a float tensor (B, 3, H, W) (uint8 would give NaN features)."""
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            what = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"{self.name}: expects float images (B, 3, H, W) in [-1, 1], got {what} "
+                             f"(pages.images.image_batch converts PIL, numpy and uint8 images)")
 
     def encode(self, images):
-        """[-1, 1] images (B, 3, H, W) -> (global (B, E), tokens (B, T, D)), float32; with autograd,
-        for the rare caller that trains an encoder (experiments/features.py)."""
+        """[-1, 1] float images (B, 3, H, W) -> (global (B, E), tokens (B, T, D)), float32; with autograd,
+        for the rare caller that trains an encoder (experiments/features.py). ValueError for other inputs."""
+        self._check(images)
         B, _, H, W = images.shape
         p, c = self.patch_size, self.config
         if H % p or W % p:
@@ -320,7 +339,9 @@ class VisionEncoder(nn.Module):
         return g.float(), x.float()     # DESIGN: float32 out, also under bf16 autocast
 
     def preprocess(self, images):
-        """Official eval preprocessing on [-1, 1] tensors -> (B, 3, image_size, image_size) in [-1, 1]."""
+        """Official eval preprocessing on [-1, 1] float tensors (B, 3, H, W) -> (B, 3, image_size, image_size)
+        in [-1, 1]; float32 also under autocast (interpolation is not one of autocast's lower-precision ops)."""
+        self._check(images)
         s, (h, w) = self.image_size, images.shape[-2:]
         if self.family == "siglip":                                # squash-resize, no crop
             return _resize(images, (s, s))
@@ -393,6 +414,19 @@ _OPENAI = [  # OpenAI CLIP / OpenCLIP `visual.*` names (clip/model.py VisionTran
     (r"^ln_post\.", "norm."),
 ]
 _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_JIT_ACT = {"QuickGELU": "quick_gelu", "GELU": "gelu"}  # class of the MLP's `gelu` module: clip/model.py, open_clip
+_FAMILY_ACT = {"dinov2": "gelu", "mae": "gelu", "siglip": "gelu_tanh"}  # every release of these families; CLIP: two
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile's OptimizedModule
+
+
+def strip_prefixes(key):
+    """The one key rule for every state dict the project reads (encoder files here, Semantica checkpoints in
+    semantica.py): "module." / "_orig_mod." prefixes of wrapped or compiled models, in any order and number,
+    are removed: "_orig_mod.module.net.x" -> "net.x"."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def _rename(sd, table):
@@ -417,6 +451,27 @@ def _from_hf(sd):
         pre, kind = k.rsplit(".q.", 1)
         out[f"{pre}.qkv.{kind}"] = torch.cat([out.pop(f"{pre}.{c}.{kind}") for c in "qkv"])
     return out
+
+
+def _activation(family, hf, act, file):
+    """The MLP activation of a file's tower: what the file records (`hf["hidden_act"]`), else the family's only
+    one, else the caller's `act`. CLIP has two: QuickGELU (OpenAI's weights, open_clip's `-quickgelu` configs)
+    and exact GELU (open_clip's default nn.GELU: LAION, DataComp), and an OpenCLIP `visual.*` state dict or a
+    bare model.safetensors does not record which, so such a file needs `act`. ValueError (one line) for an
+    unknown activation, an `act` the file contradicts, or a CLIP file with neither."""
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {list(ACTIVATIONS)}, got {act!r}")
+    recorded = (hf or {}).get("hidden_act")
+    if recorded is not None and recorded not in _HF_ACT:
+        raise ValueError(f"{file}: MLP activation {recorded!r} is not one of {sorted(_HF_ACT)}")
+    known = _HF_ACT.get(recorded) or _FAMILY_ACT.get(family)
+    if act is not None and known is not None and act != known:
+        raise ValueError(f"{file}: this {FAMILY_NAMES[family]} file runs activation {known}, not act={act!r}")
+    if known is None and act is None:
+        raise ValueError(f"{file}: a CLIP image tower whose file does not record its MLP activation (an OpenCLIP "
+                         f"visual.* state dict, or no config.json): state it, act='quick_gelu' (OpenAI weights, "
+                         f"open_clip -quickgelu models) or act='gelu' (open_clip's nn.GELU: LAION, DataComp)")
+    return known or act
 
 
 def _family(sd):
@@ -450,12 +505,14 @@ def load_failure(e):
 
 
 def _read(path):
-    """Return (state dict in our names, family or None, HF vision config dict or None, the file read)."""
+    """Return (state dict in our names, family or None, what the file records beyond shapes or None: the HF vision
+    config (config.json), or a TorchScript archive's activation as {"hidden_act": ...}; the file read)."""
     path = Path(path)
     names = ("model.safetensors", "pytorch_model.bin")             # Hugging Face folder
     file = next((path / n for n in names if (path / n).is_file()), path / names[0]) if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: checkpoint file not found")
+    hf = None
     try:
         if file.suffix == ".safetensors":
             try:
@@ -467,7 +524,13 @@ def _read(path):
         elif zipfile.is_zipfile(file) and _is_torchscript(file):     # the OpenAI CLIP .pt: only its tensors
             with warnings.catch_warnings():                          # "torch.jit.load is deprecated": the
                 warnings.simplefilter("ignore", DeprecationWarning)  # release is TorchScript all the same
-                sd = torch.jit.load(str(file), map_location="cpu").state_dict()
+                archive = torch.jit.load(str(file), map_location="cpu")
+            sd = archive.state_dict()
+            acts = {m.original_name for n, m in archive.named_modules()  # the archive keeps its module classes
+                    if re.fullmatch(r"visual\.transformer\.resblocks\.\d+\.mlp\.gelu", n)}
+            if len(acts) == 1:
+                (name,) = acts
+                hf = {"hidden_act": _JIT_ACT.get(name, name)}
         else:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except ImportError:
@@ -478,9 +541,8 @@ def _read(path):
         sd = sd.get("model", sd.get("state_dict"))                   # MAE {"model": ...}; OpenCLIP training files
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{file}: expected a state dict of tensors (an official weights file)")
-    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k.removeprefix("module.")): v
-          for k, v in sd.items()}                                   # DINOv2 chunked blocks.c.N; DDP prefix
-    hf = None
+    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", strip_prefixes(k)): v
+          for k, v in sd.items()}                                   # DINOv2 chunked blocks.c.N; wrapper prefixes
     if any(k.startswith("visual.") for k in sd):                    # OpenAI / OpenCLIP: drop the text tower
         sd = _rename({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}, _OPENAI)
     elif any(k.startswith(("vision_model.", "embeddings.patch_embedding")) for k in sd):
@@ -494,8 +556,8 @@ def _read(path):
     return sd, family, hf, file
 
 
-def _infer_config(sd, family, hf, heads, file):
-    """Architecture from tensor shapes (+ heads, activation and eps from an HF config.json)."""
+def _infer_config(sd, family, hf, heads, file, act=None):
+    """Architecture from tensor shapes (+ heads and eps from an HF config.json; the activation: `_activation`)."""
     need = [k for k in ("pos_embed", "patch_embed.proj.weight", "norm.weight", "blocks.0.norm1.weight") if k not in sd]
     if need or family is None:
         raise ValueError(f"{file}: not a DINOv2, SigLIP, CLIP or MAE vision checkpoint"
@@ -509,17 +571,15 @@ def _infer_config(sd, family, hf, heads, file):
     heads = heads or hf.get("num_attention_heads") or D // 64       # clip/model.py: heads = width // 64
     if heads < 1 or D % heads:
         raise ValueError(f"{file}: cannot infer the head count for width {D}; pass heads=")
-    if hf.get("hidden_act", "gelu") not in _HF_ACT:
-        raise ValueError(f"{file}: config.json hidden_act {hf['hidden_act']!r} is not one of {sorted(_HF_ACT)}")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     swiglu = "blocks.0.mlp.w12.weight" in sd
     hidden = sd["blocks.0.mlp.w3.weight"].shape[1] if swiglu else sd["blocks.0.mlp.fc1.weight"].shape[0]
-    size, act = grid * p, _HF_ACT.get(hf.get("hidden_act"))
+    size, act = grid * p, _activation(family, hf, act, file)
     if family == "siglip":
         return EncoderConfig("siglip", D, depth, heads, p, size, grid, hidden, crop_ratio=1.0,
-                             act=act or "gelu_tanh", norm_eps=hf.get("layer_norm_eps", 1e-6))
+                             act=act, norm_eps=hf.get("layer_norm_eps", 1e-6))
     if family == "clip":
-        return EncoderConfig("clip", D, depth, heads, p, size, grid, hidden, crop_ratio=1.0, act=act or "quick_gelu",
+        return EncoderConfig("clip", D, depth, heads, p, size, grid, hidden, crop_ratio=1.0, act=act,
                              norm_eps=hf.get("layer_norm_eps", 1e-5), embed_dim=sd["proj"].shape[1] if "proj" in sd else 0)
     if family == "mae":                                             # mae util/datasets.py: crop 224/256 up to 224
         return EncoderConfig("mae", D, depth, heads, p, size, grid, hidden, crop_ratio=224 / 256 if size <= 224 else 1.0)
@@ -543,11 +603,14 @@ def _load_state(enc, sd, file):
     return enc
 
 
-def from_checkpoint(path, heads=None):
+def from_checkpoint(path, heads=None, act=None):
     """Build the encoder that an official file describes (DINOv2 .pth, SigLIP/CLIP HF folder, OpenAI CLIP
-    .pt, OpenCLIP state dict, MAE .pth); its name is the matching preset's, else "<family>-custom"."""
+    .pt, OpenCLIP state dict, MAE .pth); its name is the matching preset's, else "<family>-custom".
+    heads: for a file that does not record it (default width // 64); act: the MLP activation of a CLIP file
+    that does not record it, "quick_gelu" or "gelu" (an OpenCLIP `visual.*` state dict: required).
+    Raises ValueError (one line) for an unreadable or unknown file, a missing or contradicted `act`."""
     sd, family, hf, file = _read(path)
-    config = _infer_config(sd, family, hf, heads, file)
+    config = _infer_config(sd, family, hf, heads, file, act)
     name = next((n for n, c in ENCODER_PRESETS.items() if c == config), f"{config.family}-custom")
     enc = _load_state(_build(config, name), sd, file)
     enc.weights = str(path)                  # identifier to store next to the name in checkpoints
@@ -557,33 +620,37 @@ def from_checkpoint(path, heads=None):
 def random_encoder(config, name, seed=0):
     """A frozen encoder of `config` (EncoderConfig, a preset's or another) with random weights, deterministic in
     `seed` (`.seed`) and independent of the global RNG: load_encoder's weight-less path; e.g. the tiny ViT at
-    another patch size (experiments/features.py), then written with save_dinov2."""
+    another patch size (experiments/features.py), then written with save_dinov2. The seed is part of the
+    network's definition (like a weights file), hence a fixed default: (name, seed) is always the same network."""
     enc = _random_init(_build(config, name), seed)
     enc.seed = seed
     return _freeze(enc)
 
 
-def load_encoder(name, weights=None, seed=0):
+def load_encoder(name, weights=None, seed=0, act=None):
     """Preset by name; with `weights` the file must hold that preset exactly (a file of another encoder
     family is a ValueError naming what was expected and found); without them the weights are random,
-    deterministic in `seed` (`.seed`). An unknown name with `weights` falls back to from_checkpoint."""
+    deterministic in `seed` (`.seed`; see random_encoder: a fixed default, the seed defines the network).
+    act: the MLP activation of a CLIP file that does not record it (from_checkpoint); it must be the preset's.
+    An unknown name with `weights` falls back to from_checkpoint(weights, act=act)."""
     if name not in ENCODER_PRESETS:
         if weights is not None:
-            return from_checkpoint(weights)
+            return from_checkpoint(weights, act=act)
         raise KeyError(f"unknown encoder {name!r}; presets: {sorted(ENCODER_PRESETS)}")
     config = ENCODER_PRESETS[name]
     if weights is None:
+        if act not in (None, config.act):
+            raise ValueError(f"{name} runs {config.act}; act={act!r} applies to a weights file")
         return random_encoder(config, name, seed)
     sd, family, hf, file = _read(weights)
     if family != config.family:
         found = f"a {FAMILY_NAMES[family]} checkpoint" if family else "no known encoder"
         want = OFFICIAL_FILES.get(name, f"a {FAMILY_NAMES[config.family]} checkpoint")
         raise ValueError(f"{file}: {name} expects {want}, found {found}")
-    if hf:                                   # what only config.json records must agree with the preset
-        got = _infer_config(sd, family, hf, None, file)
-        if (got.act, got.norm_eps) != (config.act, config.norm_eps):
-            raise ValueError(f"{file}: config.json has activation {got.act}, LayerNorm eps {got.norm_eps}; "
-                             f"{name} uses {config.act}, {config.norm_eps}")
+    act, eps = _activation(family, hf, act, file), (hf or {}).get("layer_norm_eps", config.norm_eps)
+    if (act, eps) != (config.act, config.norm_eps):          # what only the file or `act` says must agree
+        raise ValueError(f"{file}: the file's tower has activation {act}, LayerNorm eps {eps}; {name} uses "
+                         f"{config.act}, {config.norm_eps} (from_checkpoint loads it as {family}-custom)")
     enc = _load_state(_build(config, name), sd, file)
     enc.weights = str(weights)
     return _freeze(enc)

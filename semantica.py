@@ -31,7 +31,6 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 import diffusion
@@ -99,7 +98,11 @@ class Semantica(nn.Module):
     # -- conditioning
     @torch.no_grad()
     def condition(self, images):
-        """Images in [-1, 1] (B, 3, H, W) -> tokens (B, T_c, D) for cross-attention or CLS (B, D) for FiLM."""
+        """Float images in [-1, 1] (B, 3, H, W) -> tokens (B, T_c, D) for cross-attention or CLS (B, D) for FiLM.
+
+        Training (loss) and sampling condition through here, and the feature cache (pages/embeddings.py) calls
+        the same encoder forward, which runs in float32 outside autocast (encoders.VisionEncoder.forward): a
+        bf16-autocast training step conditions on the same features as sampling and the cache."""
         if self.encoder is None:
             raise ValueError("this Semantica has no encoder: pass precomputed cond tensors, or build it "
                              "with encoder=encoders.load_encoder(...)")
@@ -142,41 +145,41 @@ class Semantica(nn.Module):
 
     # -- sampling
     def as_images(self, pictures):
-        """PIL image(s) or tensors -> float (B, 3, H, W) on the model's device; PIL images become 8-bit RGB,
-        centre-cropped and resized to the model's resolution as in training (images.py)."""
-        if isinstance(pictures, torch.Tensor) and pictures.ndim == 4:
-            return pictures.to(self.null_cond.device, torch.float32)
-        if isinstance(pictures, (Image.Image, torch.Tensor)):
-            pictures = [pictures]
-        size = self.config.image_size
-        rows = [images.centre_crop_resize(images.to_rgb(im), size) if isinstance(im, Image.Image)
-                else torch.as_tensor(im) for im in pictures]
-        if len({tuple(r.shape) for r in rows}) > 1 or rows[0].ndim != 3 or rows[0].shape[0] != 3:
-            raise ValueError(f"conditioning images must be PIL images or (3, H, W) tensors of one size, got "
-                             f"shapes {sorted({tuple(r.shape) for r in rows})}")
-        return torch.stack(rows).to(self.null_cond.device, torch.float32)
+        """images.image_batch (PIL of any mode, numpy uint8 HWC, uint8 or [-1, 1] float tensors; PIL and numpy
+        centre-cropped and resized to the model's resolution as in training) -> float (B, 3, H, W) in [-1, 1]
+        on the model's device. ValueError (one line) for any other input."""
+        return images.image_batch(pictures, self.config.image_size, "cond_images").to(self.null_cond.device)
 
     @torch.no_grad()
     def sample(self, cond_images=None, num_samples=1, steps=DDPM_STEPS, guidance=diffusion.GUIDANCE,
-               gamma=diffusion.GAMMA, seed=0, cond=None, progress=False, first_index=0, first_sample=0,
+               gamma=diffusion.GAMMA, seed=None, cond=None, progress=False, first_index=0, first_sample=0,
                on_step=None):
         """num_samples variations of each conditioning image -> float32 (B, num_samples, 3, S, S) in [-1, 1].
 
-        cond_images: a tensor (B, 3, H, W) / (3, H, W) in [-1, 1], a PIL image or a list of either; or give
-        `cond` (encoder tokens (B, T_c, D) or CLS features (B, D)) to skip the encoder.
+        cond_images: one image, a batch or a list of images (images.image_batch): PIL images of any mode and
+        numpy uint8 HWC arrays (0..255), both centre-cropped and resized to S; tensors (3, H, W) / (B, 3, H, W),
+        uint8 in 0..255 or float in [-1, 1] (a float batch with no value below 0, i.e. [0, 1] images, is
+        refused); or give `cond`: encoder tokens (B, T_c, D) or CLS features (B, D), which skip the encoder, or
+        a float image batch (B, 3, S, S) in [-1, 1] taken as given (the project's own loaders and grids, whose
+        range is known: a truly bright image is not mistaken for a [0, 1] one).
         Sampler: DDPM (§3.1) with `steps` steps (DESIGN: 256, the paper gives no count), variance
         interpolation gamma 0.2 (§6.1) and guidance w (§6.1: 0.5), (1 + w) v_cond - w v_null with the
         learned null (w = 0: purely conditional, no null pass). The network may run under bf16 autocast;
         its outputs are cast to float32 before guidance and every sampler update is float32.
-        Noise: sample j of row b uses its own generator seeded from (seed, first_index + b, first_sample + j)
-        (numpy SeedSequence), for its initial noise and every step's noise, so an image's variations do not
-        depend on the other images of the batch, nor on how its samples are split across calls; the same
-        noise is used for every guidance value (columns of a guidance sweep differ only in w).
+        Noise: seed=None (default) draws fresh noise at every call: the seed is drawn from torch's default
+        generator (torch.manual_seed governs it), so successive calls, e.g. one per image, never share noise.
+        With an explicit seed, sample j of row b uses its own generator seeded from (seed, first_index + b,
+        first_sample + j) (numpy SeedSequence), for its initial noise and every step's noise, so an image's
+        variations do not depend on the other images of the batch, nor on how its samples are split across
+        calls (first_index / first_sample give a call's place), and the same noise is used for every guidance
+        value (columns of a guidance sweep differ only in w).
         On a device without torch.Generator (torch_xla) the generators live on CPU and the noise is moved.
         on_step: called after every DDPM step (diffusion.ddpm_sample; train.py passes torch_xla.sync).
         Raises ValueError for steps / num_samples < 1, non-finite guidance or gamma, negative seed or indices.
         """
         _check_sampling(steps, num_samples, guidance, gamma, seed, first_index, first_sample)
+        if seed is None:
+            seed = int(torch.randint(0, MAX_SEED, ()))
         if cond is None:
             if cond_images is None:
                 raise ValueError("give cond_images (tensors or PIL images) or cond (encoder features)")
@@ -216,7 +219,8 @@ class Semantica(nn.Module):
         ema: load the Polyak-averaged weights (default, §6.1) or the raw ones. The encoder is rebuilt from the
         stored identity (`build_encoder`; `encoder_weights` points to its file when it moved), or `encoder` is
         given and must be the one the model was trained with. "module." / "_orig_mod." key prefixes (a
-        wrapped or compiled model's state dict) are stripped. Warns when the EMA is young (EMA_YOUNG).
+        wrapped or compiled model's state dict) are stripped by encoders.strip_prefixes, the rule of every file.
+        Warns when the EMA is young (EMA_YOUNG).
         Raises ValueError (one line, the file untouched) for an unreadable file, another format, weights that
         do not fit the stored config, or an encoder mismatch; FileNotFoundError when `path` does not exist.
         """
@@ -234,7 +238,7 @@ class Semantica(nn.Module):
         elif encoder is not None:
             check_encoder(identity, encoder)
         model = cls(config, encoder=encoder, p_uncond=ckpt["p_uncond"])
-        state = {strip_prefixes(k): v for k, v in ckpt[key].items()}
+        state = {encoders.strip_prefixes(k): v for k, v in ckpt[key].items()}
         missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
         if missing or unexpected:
             raise ValueError(f"{path}: {key!r} weights do not fit the stored config: missing {sorted(missing)[:4]}, "
@@ -261,7 +265,7 @@ def cond_width(encoder, conditioning):
 
 def _check_sampling(steps, num_samples, guidance, gamma, seed, first_index, first_sample):
     """One-line ValueErrors for sampler arguments that cannot be computed with."""
-    for name, v, low in (("steps", steps, 1), ("num_samples", num_samples, 1), ("seed", seed, 0),
+    for name, v, low in (("steps", steps, 1), ("num_samples", num_samples, 1), ("seed", 0 if seed is None else seed, 0),
                          ("first_index", first_index, 0), ("first_sample", first_sample, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
@@ -333,13 +337,6 @@ def read_checkpoint(path):
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {missing}")
     return ckpt
-
-
-def strip_prefixes(key):
-    """"module.net.x" (DDP) / "_orig_mod.net.x" (torch.compile) -> "net.x"."""
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key
 
 
 # ----------------------------------------------------------------------------- encoder identity
@@ -422,6 +419,6 @@ def build_encoder(identity, weights=None):
         if not os.path.exists(file):
             raise ValueError(f"the checkpoint's encoder {describe_encoder(identity)} needs its weights file, "
                              f"which is not at {file}; pass its path (encoder_weights= / --encoder-weights)")
-        encoder = encoders.load_encoder(name, weights=file)
+        encoder = encoders.load_encoder(name, weights=file, act=identity["config"].get("act"))
     check_encoder(identity, encoder)
     return encoder

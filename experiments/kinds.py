@@ -149,7 +149,7 @@ def evaluate_checkpoint(ckpt, net, pages=64, n=4, guidance=0.5, steps=64, seed=0
     size = model.net.config.image_size
     cond, kind = test_conditions(pages, size)
     t0 = time.time()
-    samples = model.sample(cond, num_samples=n, guidance=guidance, steps=steps, seed=seed)
+    samples = model.sample(cond=cond, num_samples=n, guidance=guidance, steps=steps, seed=seed)
     seconds = time.time() - t0
     real, real_kind = kind_bank(200, CHECK_PAGES_SEED + 1, size)
     index = torch.arange(len(cond)).repeat_interleave(n)
@@ -199,4 +199,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from machinery import runs
+    runs.survive_lost_output()  # `| head`, a killed `| tee`: the command goes on
     main()

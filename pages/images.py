@@ -3,7 +3,8 @@
 Not an equation of the paper, but what its pipeline needs to survive web images (§5 trains on images
 from web pages): `find_images` is THE folder walk (recursive, follows symlinked folders once, each file
 once, sorted); `load_image` turns any decodable file into float (3, S, S) in [-1, 1] (EXIF orientation,
-alpha on white, 16-bit grayscale, CMYK, palette -> RGB; shorter side to S and centre crop); files are
+alpha on white, 16-bit grayscale, CMYK, palette -> RGB; shorter side to S and centre crop); `image_batch` is
+the one conversion of the Python API's images (PIL, numpy uint8 HWC, uint8 or [-1, 1] tensors); files are
 refused before decoding when empty or over the decompression-bomb limit; `check_image` gives a skip
 reason instead of raising, and `iter_images` logs and skips unreadable files. Writing: PNGs and grids
 (atomic), and `folder_error`, the scripts' up-front check that an output folder can be made.
@@ -13,6 +14,7 @@ profiles are ignored), remote URLs (download first; see img2dataset).
 import contextlib
 import io
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -100,6 +102,68 @@ def centre_crop_resize(im, size=None):
         im = im.resize((size, size), Image.BICUBIC, box=((w - side) / 2, (h - side) / 2, (w + side) / 2,
                                                           (h + side) / 2))
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def image_batch(pictures, size=None, what="images"):
+    """The Python API's images (Semantica.sample, metrics.extract_features) -> float32 (B, 3, H, W) in [-1, 1].
+
+    pictures: one image, a batch, or a list of images, each
+      - a PIL image of any mode (to_rgb: EXIF orientation, alpha on white, 16-bit gray, CMYK, palette);
+      - a numpy uint8 array in HWC layout, 0..255: (H, W) gray, (H, W, 1 | 3 | 4) gray / RGB / RGBA,
+        or a (B, H, W, C) batch; converted as the PIL image of that array;
+      - a torch tensor (3, H, W) or (B, 3, H, W): uint8 in 0..255 (x / 127.5 - 1), or float in [-1, 1].
+    size: PIL and numpy images are centre-cropped and resized to (size, size) (centre_crop_resize, as in
+    training); tensors keep their size. All images must end up one size. Tensors stay on their device.
+    Raises ValueError (one line, naming `what`) for any other type, dtype or layout (CHW numpy, HWC
+    tensors), NaN/inf, float values outside [-1, 1], and float tensors with no value below 0, which is what
+    [0, 1] images (torchvision's ToTensor) look like: pass x * 2 - 1, or uint8 (also for a [-1, 1] image
+    that is truly brighter than mid-grey everywhere).
+    """
+    if isinstance(pictures, (np.ndarray, torch.Tensor)) and pictures.ndim == 4:
+        pictures = list(pictures)
+    elif not isinstance(pictures, (list, tuple)):
+        pictures = [pictures]
+    if not pictures:
+        raise ValueError(f"{what}: no images given")
+    rows = [_image_tensor(p, size, what) for p in pictures]
+    shapes = sorted({tuple(r.shape) for r in rows})
+    if len(shapes) > 1:
+        raise ValueError(f"{what}: images of different sizes {shapes}: give one size (PIL and numpy images "
+                         f"are resized to the model's)")
+    x = torch.stack([r.to(rows[0].device) for r in rows])
+    floats = [r for p, r in zip(pictures, rows) if torch.is_tensor(p) and p.is_floating_point()]
+    if floats:
+        lo, hi = min(r.min().item() for r in floats), max(r.max().item() for r in floats)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{what}: NaN/inf values in the image tensors")
+        if lo < -1.001 or hi > 1.001:                   # DESIGN: float rounding slack, as inception.py's check
+            raise ValueError(f"{what}: float tensors must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                             f"(0..255 floats: x / 127.5 - 1; or pass uint8)")
+        if lo >= 0:
+            raise ValueError(f"{what}: float tensors must be in [-1, 1]; these have no value below 0, as [0, 1] "
+                             f"images do (torchvision ToTensor): pass x * 2 - 1, or uint8 images")
+    return x
+
+
+def _image_tensor(p, size, what):
+    """One image of image_batch's kinds -> float (3, H, W); uint8 and PIL/numpy in [-1, 1]."""
+    if isinstance(p, np.ndarray):
+        if p.dtype != np.uint8 or not (p.ndim == 2 or p.ndim == 3 and p.shape[2] in (1, 3, 4)):
+            raise ValueError(f"{what}: numpy images must be uint8 HWC arrays, (H, W) or (H, W, 1|3|4) in 0..255, "
+                             f"got {p.dtype} of shape {p.shape}")
+        p = Image.fromarray(p[..., 0] if p.ndim == 3 and p.shape[2] == 1 else p)
+    if isinstance(p, Image.Image):
+        return centre_crop_resize(to_rgb(p), size)
+    if not torch.is_tensor(p):
+        raise ValueError(f"{what}: expected PIL images, numpy uint8 HWC arrays or torch tensors, got "
+                         f"{type(p).__name__}")
+    if p.ndim != 3 or p.shape[0] != 3:
+        raise ValueError(f"{what}: tensors must be CHW, (3, H, W) or (B, 3, H, W), got shape {tuple(p.shape)}")
+    if p.dtype == torch.uint8:
+        return p.float() / 127.5 - 1.0
+    if not p.is_floating_point():
+        raise ValueError(f"{what}: tensors must be uint8 (0..255) or float ([-1, 1]), got {p.dtype}")
+    return p.float()
 
 
 def load_image(path, size=None, max_pixels=None):

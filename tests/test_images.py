@@ -1,6 +1,7 @@
 """Tests for images.py: the one folder walk (links, loops, duplicates), robust decoding (modes, EXIF, alpha,
 16-bit), the decompression-bomb limit, the centre crop against a closed form and the usual resize-then-crop,
-memory on thin images, and iter_images' per-file sizing. Expected values come from closed forms or
+memory on thin images, iter_images' per-file sizing, and image_batch's conversion of the Python API's images
+(each kind by its range) and one-line refusals. Expected values come from closed forms or
 hand-built references, never from the code under test."""
 import logging
 import os
@@ -145,3 +146,42 @@ def test_iter_images_each_image_on_its_own(tmp_path, caplog):
     assert torch.equal(alone[0], torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1)  # native pixels
     sized = list(images.iter_images([tmp_path / "a_thumb.png", tmp_path / "b.png"], size=32))
     assert torch.equal(sized[1], images.load_image(tmp_path / "b.png", 32))
+
+
+def test_image_batch_converts_each_kind_by_its_range():
+    """The Python API's images -> float (B, 3, H, W) in [-1, 1], against hand-computed values: numpy uint8 HWC
+    (RGB, gray (H, W) and (H, W, 1), RGBA composited on white: c a / 255 + 255 (1 - a / 255)), uint8 CHW
+    tensors (x / 127.5 - 1), [-1, 1] floats as given; `size` crops and resizes PIL / numpy images only."""
+    rgba = np.array([[[255, 0, 0, 255], [0, 0, 0, 0]], [[0, 255, 0, 128], [10, 20, 30, 255]]], np.uint8)
+    a = rgba[..., 3:].astype(np.float64) / 255
+    on_white = torch.from_numpy((rgba[..., :3] * a + 255 * (1 - a)) / 127.5 - 1).permute(2, 0, 1).float()
+    assert torch.allclose(images.image_batch(rgba)[0], on_white, atol=1.01 / 127.5)   # one 8-bit level
+    assert torch.equal(images.image_batch(Image.fromarray(rgba))[0], images.image_batch(rgba)[0])
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    want = torch.from_numpy(gray / 127.5 - 1).float().expand(3, -1, -1)
+    for given in (gray, gray[..., None], Image.fromarray(gray)):
+        assert torch.allclose(images.image_batch(given), want[None], atol=1e-6)
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)    # a (B, H, W, C) batch
+    hand = torch.from_numpy(rgb.astype(np.float64) / 127.5 - 1).permute(0, 3, 1, 2).float()
+    for given in (rgb, list(rgb), torch.from_numpy(rgb).permute(0, 3, 1, 2), hand, list(hand)):
+        got = images.image_batch(given)
+        assert got.dtype == torch.float32 and torch.allclose(got, hand, atol=1e-6)
+    cut = torch.from_numpy(np.ascontiguousarray(rgb[0, :4, 1:5]) / 127.5 - 1).permute(2, 0, 1).float()
+    assert torch.allclose(images.image_batch(np.ascontiguousarray(rgb[0, :4]), size=4)[0], cut, atol=1e-6)  # (4, 6)
+    assert images.image_batch(hand, size=2).shape == (2, 3, 5, 6)                       # tensors keep their size
+    bright = torch.full((1, 3, 4, 4), 250, dtype=torch.uint8)    # an all-bright image: given as uint8, accepted
+    assert torch.allclose(images.image_batch(bright), torch.full((1, 3, 4, 4), 250 / 127.5 - 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.rand(2, 3, 4, 4), "no value below 0, as \\[0, 1\\] images"),           # torchvision ToTensor output
+    (torch.rand(2, 3, 4, 4) * 255, "must be in \\[-1, 1\\], got values in"),
+    (torch.full((3, 4, 4), float("inf")), "NaN/inf"),
+    (np.zeros((4, 4, 3), np.float32), "uint8 HWC"), (np.zeros((3, 4, 5), np.uint8), "uint8 HWC"),
+    (torch.zeros(4, 4, 3), "CHW"), (torch.zeros(1, 4, 4), "CHW"), (torch.zeros(3, 4, 4, dtype=torch.int64), "int64"),
+    ([torch.zeros(3, 4, 4) - 1, torch.zeros(3, 5, 4) - 1], "different sizes"), ([], "no images"),
+    ("a.png", "got str"), ([None], "got NoneType")])
+def test_image_batch_refuses_in_one_line(bad, message):
+    with pytest.raises(ValueError, match=message) as e:
+        images.image_batch(bad)
+    assert str(e.value).startswith("images: ") and "\n" not in str(e.value)

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,6 +252,71 @@ def test_sample_accepts_pil_images(encoder):
     assert model.sample([big, Image.fromarray(pixels)], **kw).shape == (2, 1, 3, 16, 16)
 
 
+def test_default_calls_draw_fresh_noise_governed_by_torch_manual_seed():
+    """seed=None (default): each call draws new noise from torch's generator, so images sampled one call each
+    share no noise (the old seed=0 default gave every call the same); torch.manual_seed reproduces a call;
+    an explicit seed keeps its documented per-(image, sample) streams: SeedSequence(seed, spawn_key=(b, j))."""
+    model = Semantica(MICRO)
+    model.net = ConstantV()
+
+    def noise(**kw):                                            # z_1 of a one-step, w = 0 sample of two samples
+        model.net.calls.clear()
+        model.sample(cond=torch.full((1, 5, 128), 0.2), num_samples=2, steps=1, guidance=0, **kw)
+        return model.net.calls[0][0]
+
+    a, b = noise(), noise()                                     # e.g. two images, evaluated one by one
+    assert abs(np.corrcoef(a.flatten(), b.flatten())[0, 1]) < 0.15   # independent (1536 values: sd 0.026)
+    torch.manual_seed(5)
+    c = noise()
+    torch.manual_seed(5)
+    assert torch.equal(noise(), c) and not torch.equal(c, noise(seed=0))
+    for seed in (0, 9):
+        words = [np.random.SeedSequence(seed, spawn_key=(0, j)).generate_state(1, np.uint64)[0] for j in (0, 1)]
+        want = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(int(w) >> 1))
+                            for w in words])
+        assert torch.equal(noise(seed=seed), want) and torch.equal(noise(seed=seed), want)
+
+
+def test_sample_converts_every_documented_image_kind_or_refuses_it(encoder):
+    """PIL (any mode), numpy uint8 HWC, uint8 CHW tensors: the same samples as the hand-converted [-1, 1] tensor
+    x / 127.5 - 1; [0, 1] floats, 0..255 floats, float or CHW numpy, HWC tensors, ints: one-line refusals."""
+    model = randomize(Semantica(MICRO, encoder), seed=4)
+    pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    hand = torch.from_numpy(pixels.astype(np.float64) / 127.5 - 1).permute(2, 0, 1).float()
+    kw = dict(num_samples=1, steps=2, seed=0)
+    want = {n: model.sample(hand.expand(n, -1, -1, -1), **kw) for n in (1, 2)}
+    u8 = torch.from_numpy(pixels).permute(2, 0, 1)
+    for given in (pixels, pixels[None], [pixels, pixels], u8, u8[None], [u8, u8], Image.fromarray(pixels),
+                  [Image.fromarray(pixels).convert("RGBA")] * 2):                 # opaque RGBA: the same pixels
+        got = model.sample(given, **kw)
+        assert torch.allclose(got, want[len(got)], atol=1e-6)
+    gray = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
+    three = torch.from_numpy(np.repeat(gray[None], 3, 0).astype(np.float64) / 127.5 - 1).float()
+    assert torch.allclose(model.sample(gray, **kw), model.sample(three, **kw), atol=1e-6)    # (H, W): gray
+    for bad, message in ((hand / 2 + 0.5, "no value below 0"), ((hand + 1) * 127.5, r"in \[-1, 1\], got values"),
+                         (pixels.astype(np.float32), "uint8 HWC"), (pixels.transpose(2, 0, 1), "uint8 HWC"),
+                         (torch.from_numpy(pixels), "CHW"), (u8.long(), "uint8 .* or float"),
+                         ("a.png", "got str"), (torch.full((3, 16, 16), float("nan")), "NaN")):
+        with pytest.raises(ValueError, match=message) as e:
+            model.sample(bad, **kw)
+        assert str(e.value).startswith("cond_images: ") and "\n" not in str(e.value)
+
+
+def test_condition_is_one_float32_computation_in_training_and_sampling(encoder):
+    """The frozen encoder runs outside autocast: under bf16 autocast the condition of a training step's loss and
+    of a sample equals the float32 condition exactly (a 48 px image: the preprocessing resize included)."""
+    model = randomize(Semantica(MICRO, encoder, p_uncond=0.0), seed=5)
+    x = images(2, 48, seed=8)
+    want = model.condition(x)
+    seen = []
+    model.net.register_forward_hook(lambda m, args, out: seen.append(args[2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.condition(x), want)
+        model.loss(images(2, 16, 0), x, generator=torch.Generator().manual_seed(0))
+        model.sample(x, num_samples=1, steps=1, guidance=0, seed=0)
+    assert len(seen) == 2 and all(torch.equal(c, want) for c in seen)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(num_samples=0), "num_samples"),
     (dict(guidance=float("nan")), "guidance"), (dict(guidance=float("inf")), "guidance"),
@@ -303,10 +369,24 @@ def test_checkpoint_roundtrip_ema_by_default(conditioning, tmp_path):
 
 def test_wrapped_state_dict_prefixes_are_stripped(encoder, tmp_path):
     model = randomize(Semantica(MICRO, encoder), seed=2)
-    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
         path = write_checkpoint(tmp_path / "w.pt", model, model, prefix=prefix)
         loaded = Semantica.from_checkpoint(path)
         assert torch.equal(outputs(loaded, images(2, 32, 1)), outputs(model.eval(), images(2, 32, 1)))
+
+
+def test_checkpoint_rebuilds_an_encoder_whose_activation_was_stated(tmp_path):
+    """An OpenCLIP visual.* file records no activation; the checkpoint's encoder identity does, and the loader
+    states it again when rebuilding: the same GELU tower, not a refusal or a QuickGELU guess."""
+    data = Path(__file__).parent / "data" / "encoders"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.save(torch.jit.load(str(data / "clip_openai.pt")).state_dict(), tmp_path / "open_clip.bin")
+    enc = encoders.from_checkpoint(tmp_path / "open_clip.bin", act="gelu")
+    model = randomize(Semantica(dataclasses.replace(MICRO, cond_dim=enc.dim), enc), seed=2)
+    loaded = Semantica.from_checkpoint(write_checkpoint(tmp_path / "ckpt.pt", model, model))
+    assert loaded.encoder.config.act == "gelu"
+    assert torch.equal(outputs(loaded, images(2, 16, 1)), outputs(model.eval(), images(2, 16, 1)))
 
 
 def test_checkpoint_refuses_another_encoder_and_stays_untouched(tmp_path):
