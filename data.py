@@ -39,7 +39,8 @@ from pages.pairs import FILTER_DEFAULTS, MAX_PAIRS_PER_PAGE, candidate_pairs, co
 from pages.pairs import check_band, histogram_counts, histogram_text, select_pairs
 from pages.pairs import histogram_png as pairs_histogram_png
 from pages.shard_filter import filter_shards_torchrun
-from pages.shards import expand, is_pattern, records_from_img2dataset, records_from_pages, scan_shards, write_shards
+from pages.shards import expand, is_pattern, page_id, records_from_img2dataset, records_from_pages, scan_shards
+from pages.shards import write_shards
 from pages.stream import ShardStream, StreamLoader
 from pages.synthetic import SyntheticPages  # noqa: F401
 
@@ -48,8 +49,9 @@ log = logging.getLogger("semantica.data")
 # ----------------------------------------------------------------------------- page sources
 
 def read_manifest(path):
-    """CSV or JSONL manifest -> [(page, absolute path)] (paths relative to its folder). Read as utf-8-sig
-    (a byte-order mark and CRLF line ends are fine); ValueError naming file and line of a bad row."""
+    """CSV or JSONL manifest -> [(page, absolute path)] (paths relative to its folder; page ids as
+    shards.page_id: 7 and 7.0 are one page). Read as utf-8-sig (a byte-order mark and CRLF line ends are
+    fine); ValueError naming file and line of a bad row (no page id: null, NaN or blank; no path)."""
     base = os.path.dirname(os.path.abspath(path))
     try:
         rows = _manifest_rows(path)
@@ -57,9 +59,10 @@ def read_manifest(path):
         raise ValueError(f"{path}: not a UTF-8 .csv/.jsonl manifest (byte {e.start}: {e.reason}); --data takes a "
                          "pages folder ROOT/<page>/<image>, a manifest or 'synthetic'") from None
     for n, r in rows:
-        if not isinstance(r, dict) or r.get("page") is None or r.get("path") is None:
-            raise ValueError(f"{path}:{n}: a row needs `page` and `path` columns, got {r!r}")
-    return [(str(r["page"]), os.path.join(base, r["path"])) for _, r in rows]
+        if not isinstance(r, dict) or page_id(r.get("page")) is None or not isinstance(r.get("path"), str):
+            raise ValueError(f"{path}:{n}: a row needs `page` (not null, NaN or blank) and `path` (a string), "
+                             f"got {r!r}")
+    return [(page_id(r["page"]), os.path.join(base, r["path"])) for _, r in rows]
 
 
 def _manifest_rows(path):
@@ -152,20 +155,20 @@ def open_pages(source, image_size, decode=False, max_pixels=None, **synthetic_kw
 # ----------------------------------------------------------------------------- pairs and the §5 filter
 
 def build_pairs(pages, encoder, cache_dir, low=None, high=None, max_pairs_per_page=MAX_PAIRS_PER_PAGE,
-                seed=0, histogram_png=None, cond_cache=None):
+                histogram_png=None, cond_cache=None):
     """§5 filtered (page, cond, target) pairs -> (LongTensor (K, 3), report). low/high default to
-    filter_band(encoder); embeddings come from `cond_cache` when given (encoder may be None), else from
-    an encoder pass; the selection is pairs.select_pairs (the sharded pass runs the same function).
+    filter_band(encoder); the filter embeddings (embeddings.filter_embeddings: one definition) come from
+    `cond_cache` when given (encoder may be None), else from an encoder pass; the selection is
+    pairs.select_pairs (the sharded pass runs the same function, with the same candidate subsets).
     Pairs touching an undecodable image are dropped (`unreadable`)."""
     if cond_cache is not None:
         cache = CondCache.open(cond_cache, pages, encoder)
-        emb, valid = (torch.from_numpy(np.array(cache.arrays()[k])) for k in ("global", "valid"))
-        name = cache.meta["encoder"]
+        (emb, valid), name = cache.filter_embeddings(), cache.meta["encoder"]
     else:
         (emb, valid), name = cached_embeddings(pages, encoder, cache_dir), encoder.name
     band = filter_band(name) if low is None or high is None else (low, high)
     low, high = band[0] if low is None else low, band[1] if high is None else high
-    kept, counts, cos = select_pairs(pages, emb, valid, low, high, max_pairs_per_page, seed)
+    kept, counts, cos = select_pairs(pages, emb, valid, low, high, max_pairs_per_page)
     report = {"encoder": name, **counts, "histogram": histogram_text(cos, low, high)}
     if histogram_png and pairs_histogram_png(histogram_png, histogram_counts(cos, 50), low, high, name):
         report["histogram_png"] = histogram_png
@@ -405,8 +408,8 @@ def shard_commands(args):
     band = filter_band(encoder.name) if args.filter_low is None or args.filter_high is None else None
     low = args.filter_low if args.filter_low is not None else band[0]
     high = args.filter_high if args.filter_high is not None else band[1]
-    report = filter_shards_torchrun(args.pattern, args.out, encoder, low, high, args.image_size, args.seed,
-                                    args.batch_size, args.max_pixels)
+    report = filter_shards_torchrun(args.pattern, args.out, encoder, low, high, args.image_size, args.batch_size,
+                                    args.max_pixels)
     if report is not None:
         print(report.pop("histogram"), file=sys.stderr)
         print(json.dumps(report, indent=1))
@@ -414,4 +417,6 @@ def shard_commands(args):
 
 
 if __name__ == "__main__":
+    from machinery import runs
+    runs.survive_lost_output()  # `| head`, a killed `| tee`: the command goes on
     main()

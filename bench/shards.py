@@ -1,4 +1,4 @@
-"""Benchmark the streaming page-shard loader against the folder loader (issue 21), and time to first batch.
+"""Benchmark the streaming page-shard loader against the folder loader, and time to first batch.
 
 Semantica §5 trains on pairs of images from one web page; at scale the pages live in tar shards
 (shards.py) streamed by stream.py. This script writes N synthetic images (synthetic.SyntheticPages, PNG,
@@ -8,7 +8,8 @@ Semantica §5 trains on pairs of images from one web page; at scale the pages li
     stream   stream.ShardStream + stream.StreamLoader             (sequential tar reads, shuffle buffer)
 at the training size `--image-size` with `--workers` DataLoader workers, and prints pages/s (pairs/s) and
 images/s (decoded: 2 per pair). Then it times the first batch of a stream over 10, 100 and 1000 tiny shards
-(copies of one shard): the pattern is only expanded, so this should not grow with the number of shards.
+(copies of one shard, with their shards.json): the pattern is only expanded and the page counts read from
+shards.json, so this should not grow with the number of shards.
 
     nice python bench/shards.py                      # 10 000 images, 64 px files, 32 px training size
     python bench/shards.py --images 2000 --workers 2
@@ -95,6 +96,7 @@ def main(argv=None):
             os.makedirs(many)
             for i in range(count):
                 os.link(one, os.path.join(many, f"{i:06d}.tar"))  # hard links: 1000 shard files, one shard's bytes
+            shards.write_index(many, {f"{i:06d}.tar": shards.read_index([one])[0] for i in range(count)})
             seconds = first_batch(os.path.join(many, f"{{000000..{count - 1:06d}}}.tar"), args.image_size,
                                   args.batch, args.workers)
             print(json.dumps({"shards": count, "first_batch_s": round(seconds, 3)}))

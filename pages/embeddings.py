@@ -1,11 +1,14 @@
 """Frozen-encoder passes (Semantica §5, §3.2): the filter's global embeddings and the precomputed conditioning.
 
 The encoder is frozen (§3.2), so its outputs are a function of the image alone and can be computed once:
-- `cached_embeddings`: every image's global embedding at the encoder's own size, for the §5 pair filter
-  (cosine of condition and target, App. C); cached by a hash of the encoder weights and the files.
+- `filter_embeddings`: THE §5 filter embedding (cosine of condition and target, App. C): the global
+  embedding of the image loaded once at filter_size (the encoder's official eval transform, one resize from
+  the source) and stored as float16. The folder pass (`cached_embeddings`, cached by a hash of the encoder
+  weights and the files), the conditioning cache and the shard pass (shard_filter.py) all compute this.
 - `encode_cache` / `CondCache`: every image's tokens (N, T, D) float16 and global (N, D) float32 at the
   training size (`python data.py encode`, one process or torchrun ranks), read back by data.PagePairs
-  (cross-attention tokens or the FiLM global vector, §3.4) instead of running the encoder each step.
+  (cross-attention tokens or the FiLM global vector, §3.4) instead of running the encoder each step, and
+  the filter embedding (N, E) float16 (`filter`), so a run on the cache filters as a run without it.
 `pages` is any object with len(), .count(p), .image(p, i, size), .key(p, i), .fingerprint() and
 .image_size (data.FilePages, synthetic.SyntheticPages); `encoder` follows encoders.py (.name,
 .image_size, .weights, .preprocess, forward -> (global, tokens)). Neither is imported here.
@@ -34,6 +37,15 @@ def encoder_fingerprint(encoder):
     return h.hexdigest()
 
 
+def filter_size(encoder):
+    """The side the §5 filter loads images at: the short side the encoder's official eval transform resizes
+    to (DINOv2 / MAE: Resize(256) before CenterCrop(224); CLIP, SigLIP: their input size), so that
+    encoder.preprocess only crops: one resize from the source image, as upstream. INTERPRETATION: §5 says
+    only "the global CLS representation"; the filter is a property of the data, so it does not follow the
+    training size. Encoders without a crop ratio (test doubles) take their input size."""
+    return round(encoder.image_size / getattr(getattr(encoder, "config", None), "crop_ratio", 1.0))
+
+
 @torch.no_grad()
 def encode_images(pages, fn, size, indices=None, batch_size=64, device="cpu", desc="encoding"):
     """Yield (flat indices (b,), valid (b,), [fn(images (b, 3, size, size)) outputs as numpy]) over
@@ -56,19 +68,28 @@ def encode_images(pages, fn, size, indices=None, batch_size=64, device="cpu", de
     bar.close()
 
 
+def filter_embeddings(pages, encoder, batch_size=64, device=None, desc=None):
+    """§5 filter embeddings (App. C) -> (global (N, E) float16, valid (N,) bool) of every image of `pages`,
+    each loaded at filter_size(encoder) and passed through encoder.preprocess (rows in page order).
+    DESIGN: float16 is part of the definition (what the caches and shards store; cosines are float64 of
+    these), so every path compares the same numbers and keeps the same pairs."""
+    n = sum(pages.count(p) for p in range(len(pages)))
+    emb, valid = np.zeros((n, 0), np.float16), np.zeros(n, bool)
+    for idx, ok, (g,) in encode_images(pages, lambda x: encoder(encoder.preprocess(x))[:1], filter_size(encoder),
+                                       batch_size=batch_size, device=device or next(encoder.parameters()).device,
+                                       desc=desc or f"filter embeddings [{encoder.name}]"):
+        emb = np.zeros((n, g.shape[1]), np.float16) if emb.shape[1] == 0 else emb
+        emb[idx], valid[idx] = g, ok
+    return emb, valid
+
+
 def cached_embeddings(pages, encoder, cache_dir, batch_size=64):
-    """§5 filter embeddings: (global (N, D) float16, valid (N,)) of every image at encoder.image_size,
-    cached atomically under `cache_dir` by a hash of the encoder and the files (sizes, mtimes)."""
-    key = hashlib.sha1(f"{encoder_fingerprint(encoder)}|{pages.fingerprint()}".encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"emb-{encoder.name}-{key}.npz")
+    """filter_embeddings as torch tensors, cached atomically under `cache_dir` by a hash of the encoder, the
+    filter size and the files (sizes, mtimes)."""
+    key = f"{encoder_fingerprint(encoder)}|{filter_size(encoder)}|{pages.fingerprint()}"
+    path = os.path.join(cache_dir, f"emb-{encoder.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
     if not os.path.exists(path):
-        n, emb = sum(pages.count(p) for p in range(len(pages))), None
-        valid = np.zeros(n, bool)
-        for idx, ok, (g,) in encode_images(pages, lambda x: encoder(encoder.preprocess(x))[:1], encoder.image_size,
-                                           batch_size=batch_size, device=next(encoder.parameters()).device,
-                                           desc=f"filter embeddings [{encoder.name}]"):
-            emb = np.zeros((n, g.shape[1]), np.float16) if emb is None else emb
-            emb[idx], valid[idx] = g, ok
+        emb, valid = filter_embeddings(pages, encoder, batch_size)
         os.makedirs(cache_dir, exist_ok=True)
         np.savez(path + ".tmp.npz", emb=emb, valid=valid)
         os.replace(path + ".tmp.npz", path)
@@ -78,15 +99,18 @@ def cached_embeddings(pages, encoder, cache_dir, batch_size=64):
 
 def encode_cache(pages, encoder, out, rank=0, world=1, batch_size=64, barrier=lambda: None):
     """§3.2: every image's frozen-encoder tokens (N, T, D) float16 and global (N, D) float32, once, into
-    folder `out` (tokens/global/valid.npy; row g = image (page, index) in page order). Images at
-    pages.image_size (training size) go through encoder.preprocess, as Semantica.condition does. Rank r
-    of `world` fills rows r, r+W, ... of the shared files (one machine or shared file system); rank 0
-    writes meta.json (encoder and pages fingerprints) LAST, so an interrupted pass leaves no cache."""
+    folder `out` (tokens/global/valid.npy; row g = image (page, index) in page order), and the §5 filter
+    embedding (N, E) float16 (filter.npy: filter_embeddings' definition; the global pass itself when the
+    training size is filter_size). Images at pages.image_size (training size) go through
+    encoder.preprocess, as Semantica.condition does. Rank r of `world` fills rows r, r+W, ... of the shared
+    files (one machine or shared file system); rank 0 writes meta.json (encoder and pages fingerprints)
+    LAST, so an interrupted pass leaves no cache."""
     n, device = sum(pages.count(p) for p in range(len(pages))), next(encoder.parameters()).device
     fn = lambda x: encoder(encoder.preprocess(x))      # noqa: E731  -> (global (B, D), tokens (B, T, D))
     g, tok = fn(torch.zeros(1, 3, pages.image_size, pages.image_size, device=device))   # shapes only
     files = {"tokens": (np.float16, (n, *tok.shape[1:])), "global": (np.float32, (n, *g.shape[1:])),
-             "valid": (bool, (n,))}
+             "filter": (np.float16, (n, *g.shape[1:])), "valid": (bool, (n,))}
+    same = pages.image_size == filter_size(encoder)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if os.path.exists(os.path.join(out, "meta.json")):
@@ -98,11 +122,18 @@ def encode_cache(pages, encoder, out, rank=0, world=1, batch_size=64, barrier=la
     for idx, ok, (g, tok) in encode_images(pages, fn, pages.image_size, range(rank, n, world), batch_size, device,
                                            desc=f"encode [{encoder.name}] rank {rank}/{world}"):
         arr["tokens"][idx], arr["global"][idx], arr["valid"][idx] = tok, g, ok
+        if same:
+            arr["filter"][idx] = g
+    if not same:                                         # the filter's images are at another size: a second pass
+        desc = f"filter embeddings [{encoder.name}] rank {rank}/{world}"
+        for idx, ok, (g,) in encode_images(pages, lambda x: fn(x)[:1], filter_size(encoder), range(rank, n, world),
+                                           batch_size, device, desc):
+            arr["filter"][idx], arr["valid"][idx] = g, arr["valid"][idx] & ok
     for a in arr.values():
         a.flush()
     barrier()
     if rank == 0:
-        meta = {"format": "semantica-cond-cache/1", "encoder": encoder.name, "weights": encoder.weights,
+        meta = {"format": "semantica-cond-cache/2", "encoder": encoder.name, "weights": encoder.weights,
                 "encoder_fingerprint": encoder_fingerprint(encoder), "image_size": pages.image_size,
                 "pages_fingerprint": pages.fingerprint(), "counts": [pages.count(p) for p in range(len(pages))],
                 "tokens_shape": list(tok.shape[1:])}
@@ -161,6 +192,15 @@ class CondCache:
             self._arrays = {k: np.load(os.path.join(self.path, f"{k}.npy"), mmap_mode="r")
                             for k in ("tokens", "global", "valid")}
         return self._arrays
+
+    def filter_embeddings(self):
+        """The cached §5 filter embeddings -> (global (N, E) float16, valid (N,)) tensors, as filter_embeddings
+        gives; ValueError for a cache written without them (an older data.py encode)."""
+        path = os.path.join(self.path, "filter.npy")
+        if not os.path.exists(path):
+            raise ValueError(f"{self.path}: conditioning cache without the §5 filter embeddings (an older data.py "
+                             "encode); re-run data.py encode")
+        return torch.from_numpy(np.load(path)), torch.from_numpy(np.array(self.arrays()["valid"]))
 
     def get(self, page, index, kind="tokens"):
         """Cached tokens (T, D) or global (D,) of image `index` of `page`, float32; ValueError if it

@@ -51,16 +51,17 @@ def check_band(low, high):
         raise ValueError(f"filter band [{low}, {high}]: need -1 <= low < high <= 1 (-1 and 1 = no filter)")
 
 
-def candidate_pairs(pages, max_pairs_per_page=MAX_PAIRS_PER_PAGE, seed=0, page_ids=None):
+def candidate_pairs(pages, max_pairs_per_page=MAX_PAIRS_PER_PAGE, page_ids=None):
     """All ordered (page, cond_idx, target_idx) pairs with cond != target within each page (Eq. 3); pages
-    with more contribute a seeded random subset of max_pairs_per_page (DESIGN), seeded by (seed, page_ids[p])
-    (default: p), so a page keeps its subset wherever it stands. -> LongTensor (P, 3)."""
+    with more contribute a random subset of max_pairs_per_page (DESIGN), seeded by the page number alone
+    (page_ids[p], default p): the filter is a property of the data, not of a run, so the folder path and the
+    sharded pass keep the same subset whatever --seed either was given. -> LongTensor (P, 3)."""
     rows = [np.zeros((0, 3), np.int64)]
     for p in range(len(pages)):
         c, t = np.nonzero(~np.eye(pages.count(p), dtype=bool))
         if len(c) > max_pairs_per_page:
             page_seed = p if page_ids is None else int(page_ids[p])
-            keep = np.sort(np.random.default_rng([seed, page_seed]).choice(len(c), max_pairs_per_page, replace=False))
+            keep = np.sort(np.random.default_rng(page_seed).choice(len(c), max_pairs_per_page, replace=False))
             c, t = c[keep], t[keep]
         rows.append(np.stack([np.full_like(c, p), c, t], 1))
     return torch.from_numpy(np.concatenate(rows)).long()
@@ -80,13 +81,13 @@ def filter_pairs(emb_cond, emb_target, low, high):
     return (cos >= low) & (cos <= high)
 
 
-def select_pairs(pages, emb, valid, low, high, max_pairs_per_page=MAX_PAIRS_PER_PAGE, seed=0, page_ids=None):
+def select_pairs(pages, emb, valid, low, high, max_pairs_per_page=MAX_PAIRS_PER_PAGE, page_ids=None):
     """§5 filter on precomputed global embeddings: emb (N, D) (any float dtype), valid (N,) bool, rows in page
     order -> (kept LongTensor (K, 3) of (page, cond, target), counts dict, cos (M,) float64 of the M
     candidate pairs whose images both decoded). Pairs touching an undecodable image are dropped (`unreadable`).
     ValueError for a band check_band refuses."""
     check_band(low, high)
-    cand = candidate_pairs(pages, max_pairs_per_page, seed, page_ids)
+    cand = candidate_pairs(pages, max_pairs_per_page, page_ids)
     offsets = torch.tensor(np.cumsum([0] + [pages.count(p) for p in range(len(pages))]))
     ci, ti = offsets[cand[:, 0]] + cand[:, 1], offsets[cand[:, 0]] + cand[:, 2]
     ok, cos = valid[ci] & valid[ti], cosine(emb[ci], emb[ti])

@@ -10,6 +10,8 @@ is a path, or img2dataset's {"url", "key", "shard"[, "text"]} object).
     python data.py shard img2dataset_out/ shards/ --page-key doc_id    # img2dataset shards, regrouped by page
     torchrun --nproc_per_node=8 data.py filter 'shards/{000000..000999}.tar' filtered/ --encoder dinov2-b14 ...
 
+OUT/shards.json holds each shard's page counts (write_index), so that stream.py can split every epoch evenly
+over its readers without opening a shard; pattern_of writes a pattern naming exactly a list of shards.
 Reading is forgiving: a missing, empty, truncated or corrupt shard is logged with its reason and the pages
 before the cut are kept (read_tar); first_page probes a pattern for its first readable page.
 The §5 filter pass over shards: shard_filter.py. Streaming training from shards: stream.py. webdataset is an optional extra: pip install -e '.[web]'.
@@ -18,6 +20,7 @@ Left out: remote writing (OUT is a local folder), webdataset's own decoders (we 
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -32,6 +35,8 @@ log = logging.getLogger("semantica.shards")
 IMAGE_MEMBER = re.compile(r"^(\d+)\.([a-z0-9]+)$")  # "3.jpg": image 3 of the page
 KEEP_FORMATS = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png"}  # copied byte for byte, never re-encoded
 PROBE_SHARDS = 16  # DESIGN: shards train.py tries for a first readable page before it refuses a pattern
+REMOTE = ("pipe:", "http://", "https://")  # shard URLs read through webdataset's gopen, not local files
+INDEX, INDEX_FORMAT = "shards.json", "semantica-shards/1"  # page counts of the shards of a folder (write_index)
 
 
 def webdataset():
@@ -45,7 +50,7 @@ def webdataset():
 
 def is_pattern(source):
     """Whether --data names tar shards (a .tar path or brace pattern, or a pipe:/http(s):// URL)."""
-    return isinstance(source, str) and (source.endswith(".tar") or source.startswith(("pipe:", "http://", "https://")))
+    return isinstance(source, str) and (source.endswith(".tar") or source.startswith(REMOTE))
 
 
 def expand(pattern):
@@ -55,7 +60,7 @@ def expand(pattern):
     if not is_pattern(pattern):
         raise ValueError(f"{pattern}: not a shard pattern (e.g. 'shards/{{000000..000099}}.tar')")
     urls = list(webdataset().shardlists.expand_urls(pattern))
-    bad = [u for u in urls if not u.endswith(".tar") and not u.startswith(("pipe:", "http://", "https://"))]
+    bad = [u for u in urls if not u.endswith(".tar") and not u.startswith(REMOTE)]
     if bad:
         raise ValueError(f"{pattern}: {bad[0]} is not a .tar shard (page shards are DIR/NNNNNN.tar files)")
     return urls
@@ -93,6 +98,18 @@ def tar_key(page_id, used):
     return key
 
 
+def page_id(value):
+    """A page / document id -> the str pages are grouped by, or None for no id: null, non-finite floats
+    (NaN, pandas' missing value, which json.dumps writes as NaN) and blank strings (a CSV's missing value)
+    have none; an integral float is its int (7.0 -> "7": pandas upcasts an int column with gaps to float), so
+    7 and 7.0 are one page."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = int(value) if value.is_integer() else value
+    return None if value is None or not str(value).strip() else str(value)
+
+
 def source_name(source):
     """A record's image source (a path str, or img2dataset's {url, key, shard} object) as a short name."""
     return source if isinstance(source, str) else f"{source.get('shard')}/{source.get('key')} ({source.get('url')})"
@@ -112,16 +129,18 @@ def write_shards(pages, out, per_shard=1000, skipped=None):
     (one sample per page, `per_shard` pages a shard; each shard written as .tmp then renamed). Undecodable
     images are logged and left out. -> summary dict (pattern, shards, pages, images, single_image_pages,
     skipped {source: reason}); `skipped` may come pre-filled by the record source (records_from_img2dataset).
-    Most pages with one image: a logged warning (page pairs need two). OUT is created with the first shard;
-    on an error what this call wrote is removed (nothing left behind). ValueError if OUT already holds .tar
-    shards (nothing is overwritten) or no page was written."""
+    Most pages with one image: a logged warning (page pairs need two). OUT/shards.json records each shard's
+    page counts (write_index). OUT is created with the first shard; on an error what this call wrote is
+    removed (nothing left behind). ValueError if OUT already holds .tar shards (nothing is overwritten) or no
+    page was written."""
     wds = webdataset()
     if os.path.isdir(out) and any(f.endswith(".tar") for f in os.listdir(out)):
         raise ValueError(f"{out} already holds .tar shards; choose another folder (nothing is overwritten)")
     skipped = {} if skipped is None else skipped
     writer, path, shard, n_pages, n_images, singles, used, made, done = None, None, -1, 0, 0, 0, set(), None, []
+    images_per_page = []                                 # per shard: the image count of each of its pages
     try:
-        for page_id, blobs, sources in pages:
+        for page, blobs, sources in pages:
             members, kept = {}, []
             for blob, source in zip(blobs, sources):
                 try:
@@ -143,13 +162,17 @@ def write_shards(pages, out, per_shard=1000, skipped=None):
                 shard += 1
                 path, used = os.path.join(out, f"{shard:06d}.tar"), set()
                 writer = wds.TarWriter(path + ".tmp", encoder=False, mtime=0)
-            meta = {"page": str(page_id), "index": n_pages, "images": kept}
-            writer.write({"__key__": tar_key(page_id, used), **members, "page.json": json.dumps(meta).encode()})
+                images_per_page.append([])
+            meta = {"page": str(page), "index": n_pages, "images": kept}
+            writer.write({"__key__": tar_key(page, used), **members, "page.json": json.dumps(meta).encode()})
             n_pages, n_images, singles = n_pages + 1, n_images + len(kept), singles + (len(kept) == 1)
+            images_per_page[-1].append(len(kept))
         if writer is None:
             raise ValueError(f"no pages written to {out}: no usable images ({len(skipped)} skipped)")
         writer, _ = None, writer.close()
         os.replace(path + ".tmp", path)
+        write_index(out, {f"{s:06d}.tar": shard_stats((n, None) for n in counts)
+                          for s, counts in enumerate(images_per_page)})
     except BaseException:                                # a refused run leaves nothing behind
         if writer is not None:
             writer.close()
@@ -188,10 +211,11 @@ def records_from_pages(pages):
 
 def records_from_img2dataset(folder, page_key, skipped=None):
     """img2dataset output (FOLDER/00000.tar, ...: one image per sample, `.json` with a page/document id
-    column `page_key`) -> write_shards records, one per page, images in img2dataset key (input row) order;
-    sources are {url, key, shard[, text]} objects. Samples without an image, a page id or a readable .json
-    are logged and counted in `skipped` ({shard/key: reason}). ValueError, before any record, when FOLDER has
-    no .tar or the first sample's .json lacks the column (naming the columns it has).
+    column `page_key`) -> write_shards records, one per page (ids as page_id: 7 and 7.0 are one page), images
+    in img2dataset key (input row) order; sources are {url, key, shard[, text]} objects. Samples without an
+    image, a page id (null, NaN) or a readable .json are logged and counted in `skipped` ({shard/key:
+    reason}). ValueError, before any record, when FOLDER has no .tar or the first sample's .json lacks the
+    column (naming the columns it has).
 
     DESIGN: shards are read in name order and a page is written once it was absent from a whole shard, so a
     page straddling consecutive shards is regrouped with memory of about two shards. A page id that comes
@@ -232,8 +256,9 @@ def regroup(urls, page_key, skipped, wds):
                 (sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
             try:
                 meta = json.loads(sample["json"])
-                page = meta[page_key]
-                reason = "no image member" if image is None else f"{page_key} is null" if page is None else None
+                page = page_id(meta[page_key])
+                reason = "no image member" if image is None else \
+                    f"{page_key} is {json.dumps(meta[page_key])}" if page is None else None
             except (KeyError, ValueError) as e:
                 reason = f"no page id {page_key!r} in its .json ({describe(e)})"
             if reason:
@@ -242,13 +267,58 @@ def regroup(urls, page_key, skipped, wds):
                 continue
             source = {"url": meta.get("url"), "key": sample["__key__"], "shard": os.path.basename(url),
                       **({"text": sample["txt"].decode("utf-8", "replace")} if "txt" in sample else {})}
-            pending.setdefault(str(page), []).append((sample["__key__"], image, source))
-            last_seen[str(page)] = s
+            pending.setdefault(page, []).append((sample["__key__"], image, source))
+            last_seen[page] = s
         yield from flush([p for p, seen in last_seen.items() if seen < s])
     yield from flush(list(pending))
     if split:
         log.warning("%d page ids came back after their page was written (input not ordered by page): they were "
                     "written as separate records; sort the URL list by page before img2dataset", split)
+
+
+def shard_stats(pages):
+    """[(image count, page.json "filter" or None)] of one shard's pages -> its page counts: {"pages",
+    "images", "multi" (pages with >= 2 images), "pairs" {band_key: {encoder fingerprint: kept pairs}}}."""
+    stats = {"pages": 0, "images": 0, "multi": 0, "pairs": {}}
+    for n, f in pages:
+        stats["pages"], stats["images"], stats["multi"] = (stats["pages"] + 1, stats["images"] + n,
+                                                           stats["multi"] + (n > 1))
+        if f:
+            kept, who = stats["pairs"].setdefault(band_key((f["low"], f["high"])), {}), f.get("encoder_fingerprint")
+            kept[str(who)] = kept.get(str(who), 0) + len(f["pairs"])
+    return stats
+
+
+def band_key(band):
+    """A §5 band (low, high) as shard_stats' key: "low high" of the floats."""
+    return f"{float(band[0])} {float(band[1])}"
+
+
+def write_index(out, stats):
+    """OUT/shards.json (DESIGN, cf. webdataset's `widsindex` of samples per shard): {"format", "shards": {file
+    name: {"bytes": its size, **shard_stats}}} for the shards named in `stats` {file name: shard_stats}, so
+    that stream.py can split every epoch evenly over its readers without opening a shard. Written atomically."""
+    entries = {name: {"bytes": os.path.getsize(os.path.join(out, name)), **s} for name, s in stats.items()}
+    with open(os.path.join(out, INDEX + ".tmp"), "w") as f:
+        json.dump({"format": INDEX_FORMAT, "shards": entries}, f)
+    os.replace(os.path.join(out, INDEX + ".tmp"), os.path.join(out, INDEX))
+
+
+def pattern_of(paths):
+    """Shard paths -> a pattern naming exactly them, in their order (expand(pattern_of(paths)) == paths): runs
+    of consecutive, equally wide numbers as {first..last}, runs joined with webdataset's "::" list syntax."""
+    runs = []                                            # [head, first, last, width, tail]; first None: no number
+    for p in paths:
+        head, digits, tail = re.fullmatch(r"(.*?)(\d*)(\D*)", p, re.S).groups()   # the last number in the path
+        n = int(digits) if digits else None
+        if runs and n is not None and runs[-1][1] is not None and runs[-1][2] + 1 == n and \
+                (runs[-1][0], runs[-1][3], runs[-1][4]) == (head, len(digits), tail):
+            runs[-1][2] = n
+        else:
+            runs.append([head, n, n, len(digits), tail])
+    escape = lambda s: re.sub(r"([\\{}])", r"\\\1", s)   # noqa: E731  literal braces for braceexpand
+    return "::".join(escape(h) + ("" if a is None else f"{a:0{w}d}" if a == b else f"{{{a:0{w}d}..{b:0{w}d}}}")
+                     + escape(t) for h, a, b, w, t in runs)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -293,6 +363,27 @@ def read_pages(url, status=None, quiet=False):
             continue
         yield {"key": sample["__key__"], "url": url, "meta": meta, "names": [k for _, k in found],
                "images": [sample[k] for _, k in found], "arrays": arrays}
+
+
+def read_index(urls):
+    """Each url's shards.json entry, or None: a remote url, no readable shards.json in its folder, no entry,
+    or a file whose size is not the recorded one (rewritten since)."""
+    indexes, entries = {}, []
+    for url in urls:
+        folder = os.path.dirname(url)
+        if folder not in indexes and not url.startswith(REMOTE):
+            try:
+                with open(os.path.join(folder, INDEX)) as f:
+                    index = json.load(f)
+                indexes[folder] = index["shards"] if index.get("format") == INDEX_FORMAT else {}
+            except (OSError, ValueError, KeyError, AttributeError):
+                indexes[folder] = {}
+        entry = indexes.get(folder, {}).get(os.path.basename(url))
+        try:
+            entries.append(entry if entry is not None and os.path.getsize(url) == entry["bytes"] else None)
+        except OSError:
+            entries.append(None)
+    return entries
 
 
 def first_page(urls, limit=PROBE_SHARDS, quiet=False):

@@ -1,30 +1,42 @@
 """Streaming training pairs from page shards (Semantica §5 at web scale), with an exactly resumable position.
 
-`train.py --data 'shards/{000000..000999}.tar'` trains from shards.py's page shards without listing or
-opening them up front (the brace pattern is only expanded). The stream is split into READERS: reader
-u = rank x W + worker of U = world x W (W = DataLoader workers, at least 1). For each (seed, epoch) the shard
-order is a permutation, and reader u takes shards u, u + U, ... of it (no shard on two readers, none lost;
-U may not exceed the number of shards). A reader reads its shards in windows of WINDOW_SHARDS; within a
-window its items pass a shuffle buffer (`shuffle_buffer` items, DESIGN) whose random numbers come from
-(seed, epoch, reader, window), and the buffer is emptied at the window's end. Items, as the folder path
-(data.PagePairs): `--pairs page` = one pair of two different images per page per epoch (Eq. 3, §5; drawn
-from (seed, epoch, reader, window, page)), or the filter pass's kept pairs when the run filters (§5, App. C);
+`train.py --data 'shards/{000000..000999}.tar'` trains from shards.py's page shards; the brace pattern is only
+expanded, and before the first item each shard's number of training items is read from the shards.json next
+to it (shards.write_index: `data.py shard` and `data.py filter` write one; a local shard without it is
+counted by reading it once). The stream is split into READERS: reader u = rank x W + worker of U = world x W
+(W = DataLoader workers, at least 1). A global epoch e is one order of all items: the shards in a (seed, e)
+permutation, each shard's items in shard order; reader u reads the ((u + e) mod U)-th of U equal slices of it
+(sizes differ by at most one item; the rotation evens that out over epochs), so one global epoch draws every
+item once and the readers keep step (an epoch ends within U x batch items everywhere). DESIGN: contiguous
+slices keep reading sequential (a shard on a slice boundary is read by both of its readers, each taking its
+own items); the shuffle buffer below mixes within a reader. Shards that cannot be counted (remote shards
+without a shards.json) are said in one logged line, and the stream falls back to shards u, u + U, ... of the
+permutation per reader, each reader on its own epochs (U may not exceed the number of shards).
+A reader reads its shards in windows of WINDOW_SHARDS; within a window its items pass a shuffle buffer
+(`shuffle_buffer` items, DESIGN) whose random numbers come from (seed, epoch, reader, window), and the buffer
+is emptied at the window's end. Items, as the folder path (data.PagePairs): `--pairs page` = one pair of two
+different images per page per epoch (Eq. 3, §5; drawn from (seed, epoch, reader, window, page)), or the
+filter pass's kept pairs when the run filters (§5, App. C; pages filtered with the run's band and encoder);
 `--pairs same` = every image as its own condition (Eq. 2, §4).
 
 Position: each sample carries its reader's state after it (epoch, window, items out of the window's
-buffer, and the counters below); StreamLoader records the state of the last batch each reader delivered,
-and the checkpoint stores it. Resuming skips earlier windows without opening their shards and replays the
-current window's buffer without decoding an image: exact, at the cost of re-reading at most one window.
+buffer, and the counters below); StreamLoader records the state of the last batch each reader delivered and
+the layout (a digest of the item counts), and the checkpoint stores it. Resuming skips earlier windows
+without opening their shards and replays the current window's buffer without decoding an image: exact, at
+the cost of re-reading at most one window; shards whose counts changed since are refused.
 Counted and logged: pages with fewer than 2 usable images (skipped), pages without the run's filter
 result, unreadable members (shards.decode's reason), shards that are missing, unreadable or truncated (the
-pages before the cut are kept). A reader whose epoch yields nothing raises NoUsablePage (one line, also from
-a DataLoader worker).
+pages before the cut are kept). Shards without any item raise NoUsablePage before training; a reader whose
+epoch yields nothing raises it too (one line, also from a DataLoader worker).
 """
+import hashlib
+import json
 import logging
 
 import numpy as np
 import torch
 
+from pages import embeddings
 from pages import shards
 
 log = logging.getLogger("semantica.stream")
@@ -59,12 +71,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     target: float (3, S, S) in [-1, 1]; cond: the condition image (3, S, S), or with cond="tokens" the
     shards' float16 conditioning tokens as float32 (T, D) (shard_filter.filter_shards with a token size, §3.2).
-    band=(low, high): use the kept pairs of pages filtered with exactly that band (§5, App. C); None:
-    unfiltered page pairs. `epochs` ends the stream after that many epochs (tests). ValueError for bad
-    arguments. The position to start from is set by StreamLoader (`start`)."""
+    band=(low, high): use the kept pairs of pages filtered with exactly that band (§5, App. C) and, given the
+    run's `encoder`, by those weights (page.json's encoder_fingerprint: the filter's encoder is the one that
+    conditions, §5); None: unfiltered page pairs. `epochs` ends the stream after that many epochs (tests).
+    ValueError for bad arguments. The position to start from is set by StreamLoader (`start`)."""
 
     def __init__(self, pattern, image_size, mode="page", band=None, cond="pixels", seed=0, rank=0, world=1,
-                 shuffle_buffer=1000, max_pixels=None, epochs=None):
+                 shuffle_buffer=1000, max_pixels=None, epochs=None, encoder=None):
         if mode not in ("page", "same") or (band is not None and mode != "page"):
             raise ValueError(f"mode must be 'page' (optionally filtered) or 'same', got {mode!r}")
         if cond not in ("pixels", "tokens") or shuffle_buffer < 1:
@@ -72,53 +85,128 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.urls = shards.expand(pattern)
         self.image_size, self.mode, self.band, self.cond, self.seed = image_size, mode, band, cond, seed
         self.rank, self.world, self.shuffle_buffer, self.max_pixels, self.epochs = rank, world, shuffle_buffer, max_pixels, epochs
+        self.filtered_by = None if encoder is None or band is None else embeddings.encoder_fingerprint(encoder)
+        self.counts, self.layout, self.planned = None, None, False   # plan()
         self.start = None  # {"workers": W, "units": [state per worker], "rotation": r} (StreamLoader)
 
+    def items_in(self, stats):
+        """Training items of a shard by its shards.shard_stats: images (mode "same"), pages with >= 2 images
+        (page pairs) or pairs kept with this band (and encoder)."""
+        if self.mode == "same":
+            return stats["images"]
+        if self.band is None:
+            return stats["multi"]
+        kept = stats["pairs"].get(shards.band_key(self.band), {})
+        return kept.get(self.filtered_by, 0) if self.filtered_by else sum(kept.values())
+
+    def plan(self, readers, start=None):
+        """Fix the epoch layout once, before the first item: self.counts (training items per shard, from
+        shards.json or counted by reading a local shard) and self.layout (their digest), or both None when a
+        shard cannot be counted (remote, no shards.json): said in one logged line (rank 0). `start` (a
+        StreamLoader position) keeps its layout: one recorded without (None) continues so, one with other
+        counts is refused (ValueError). NoUsablePage when the shards hold no item; ValueError when there are
+        fewer items than `readers`."""
+        if self.planned:
+            return
+        stats = shards.read_index(self.urls)
+        unindexed = [k for k, e in enumerate(stats) if e is None and not self.urls[k].startswith(shards.REMOTE)]
+        if unindexed and self.rank == 0:
+            log.warning("counting the pages of %d shards without a %s (read once; data.py shard and filter write it)",
+                        len(unindexed), shards.INDEX)
+        for k in unindexed:
+            stats[k] = shards.shard_stats((len(r["images"]), r["meta"].get("filter"))
+                                          for r in shards.read_pages(self.urls[k], quiet=True))
+        remote = sum(e is None for e in stats)
+        counts = None if remote else np.array([self.items_in(e) for e in stats], np.int64)
+        layout = None if remote else hashlib.sha1(json.dumps([self.urls, counts.tolist()]).encode()).hexdigest()[:16]
+        why = f"{remote} of {len(self.urls)} shards are remote without a {shards.INDEX}" if remote else None
+        if start is not None and start.get("layout") != layout:
+            if start.get("layout") is not None:
+                raise ValueError("the shards' training items changed since the checkpoint (another pattern, other "
+                                 f"shards or another {shards.INDEX}): the stream cannot continue its epochs exactly")
+            counts, layout, why = None, None, "the checkpoint's position was recorded without balanced epochs"
+        if counts is not None and counts.sum() == 0:
+            pages, multi = (sum(e[k] for e in stats) for k in ("pages", "multi"))
+            band = "; none filtered with this band and encoder, or the band kept no pair" if self.band else ""
+            raise NoUsablePage(f"no usable page in the {len(self.urls)} shards ({pages} pages, {pages - multi} pages "
+                               f"with < 2 images{band})")
+        if counts is not None and counts.sum() < readers:
+            raise ValueError(f"{counts.sum()} training items cannot feed {readers} readers (world x workers): use "
+                             "fewer workers")
+        if why and self.rank == 0:
+            log.warning("data stream not balanced (%s): each reader runs its own epochs over its own shards, so one "
+                        "global pass can draw some pages twice and others not at all", why)
+        self.counts, self.layout, self.planned = counts, layout, True
+
     def reader_shards(self, unit, units, epoch):
-        """Shard URLs of reader `unit` of `units` in `epoch`: a (seed, epoch) permutation, every units-th."""
+        """Reader `unit`'s shards in `epoch` as [(url, lo, hi)]: its items are those numbered lo <= j < hi (hi
+        None: to the end) in each shard's order. Balanced: the ((unit + epoch) mod units)-th of `units` equal
+        slices of the epoch's items (shards in a (seed, epoch) permutation); a shard without items goes to the
+        reader whose slice holds its place. Fallback (no counts): shards unit, unit + units, ... of the
+        permutation, whole."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-        return [self.urls[i] for i in order[unit::units]]
+        if self.counts is None:
+            return [(self.urls[i], 0, None) for i in order[unit::units]]
+        ends = np.cumsum(self.counts[order]).tolist()
+        n, k = ends[-1], (unit + epoch) % units
+        a, b = n * k // units, n * (k + 1) // units
+        pieces = []
+        for i, end in zip(order, ends):
+            first = end - int(self.counts[i])
+            if (a < end and first < b) if end > first else (a <= first < b or first == b == n):
+                pieces.append((self.urls[i], max(a - first, 0), None if end <= b else b - first))
+        return pieces
 
-    def expand_pages(self, urls, counters):
-        """Items (page record, cond index, target index, draw) of the pages of `urls`, in shard order; a page
-        pair to draw later has indices None and draw = its number in the window."""
-        for j, rec in enumerate(self.read(urls, counters)):
-            n = len(rec["images"])
-            if self.mode == "same":                      # Eq. 2: every image is its own condition
-                yield from ((rec, i, i, None) for i in range(n))
-            elif n < 2:
-                counters[3] += 1                         # a page pair needs two images
-            elif self.band is None:
-                yield rec, None, None, j                 # Eq. 3: a pair drawn when decoded
+    def expand_pages(self, pieces, counters):
+        """Items (page record, cond index, target index, record number in the window) of `pieces`
+        (reader_shards), in order; a page pair to draw later has indices None. Item j of a shard is this
+        reader's when lo <= j < hi; a page that gives no item (fewer than 2 images, not filtered with this
+        band and encoder) and a shard's read error are counted by the reader of the next item number."""
+        number = 0
+        for url, lo, hi in pieces:
+            own, status, j = range(lo, hi if hi is not None else 1 << 62), {}, 0
+            records = shards.read_pages(url, status)
+            for rec in records:
+                if j >= own.stop:
+                    break
+                n, f = len(rec["images"]), rec["meta"].get("filter") or {}
+                if self.mode == "same":                  # Eq. 2: every image is its own condition
+                    items = [(i, i) for i in range(n)]
+                elif n < 2:
+                    items, counters[3] = [], counters[3] + (j in own)   # a page pair needs two images
+                elif self.band is None:
+                    items = [(None, None)]               # Eq. 3: a pair drawn when decoded
+                elif [f.get("low"), f.get("high")] != list(self.band) or \
+                        self.filtered_by not in (None, f.get("encoder_fingerprint")):
+                    items = []
+                    if j in own:
+                        counters[4] += 1
+                        log.warning("page %s of %s skipped: not filtered with [%s, %s] by this encoder (data.py "
+                                    "filter)", rec["key"], rec["url"], *self.band)
+                else:
+                    items = f["pairs"]                   # §5: the kept pairs
+                for c, t in items:
+                    if j in own:
+                        yield rec, c, t, number
+                    j += 1
+                number += 1
             else:
-                f = rec["meta"].get("filter") or {}
-                if [f.get("low"), f.get("high")] != list(self.band):
-                    counters[4] += 1
-                    log.warning("page %s of %s skipped: not filtered with [%s, %s] (data.py filter)", rec["key"],
-                                rec["url"], *self.band)
-                    continue
-                yield from ((rec, c, t, None) for c, t in f["pairs"])   # §5: the kept pairs
-
-    def read(self, urls, counters):
-        """The page records of `urls` in order; a shard that ends with an error (missing, corrupt, truncated:
-        logged by shards.read_tar) is counted."""
-        for url in urls:
-            status = {}
-            yield from shards.read_pages(url, status)
-            counters[6] += "error" in status
+                counters[6] += "error" in status and j in own   # missing, corrupt or truncated (read_tar logged it)
+            records.close()
 
     def items(self, unit, units, state):
         """(record, cond, target, draw, counters) of reader `unit` from `state` (STATE values) on; counters is
         the reader's live STATE list (sample() adds to it; copy it after). The first window is replayed
         without decoding up to state's `out`."""
+        self.plan(units)
         state = list(state) + [0] * (len(STATE) - len(state))      # a position from before bad_shards was counted
         epoch, window, done = state[:3]
         counters = list(state)
         while self.epochs is None or epoch < self.epochs:
-            urls, produced = self.reader_shards(unit, units, epoch), False
-            for w in range(window, -(-len(urls) // WINDOW_SHARDS)):
+            pieces, produced = self.reader_shards(unit, units, epoch), False
+            for w in range(window, -(-len(pieces) // WINDOW_SHARDS)):
                 rng = np.random.default_rng([self.seed, epoch, unit, w])
-                items = self.expand_pages(urls[w * WINDOW_SHARDS:(w + 1) * WINDOW_SHARDS], counters)
+                items = self.expand_pages(pieces[w * WINDOW_SHARDS:(w + 1) * WINDOW_SHARDS], counters)
                 for out, (rec, c, t, j) in enumerate(shuffled(items, self.shuffle_buffer, rng), 1):
                     produced = True
                     if w == window and out <= done:     # replay after a resume: no decoding
@@ -129,7 +217,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield rec, c, t, (epoch, unit, w, j), counters   # the caller adds its decoding counts
             if not produced and not (window or done):
                 raise NoUsablePage(
-                    f"reader {unit} of {units} got no usable page from its {len(urls)} shards in epoch {epoch} (so far "
+                    f"reader {unit} of {units} got no usable page from its {len(pieces)} shards in epoch {epoch} (so far "
                     f"{counters[6]} unreadable shards, {counters[3]} pages with < 2 images, {counters[4]} pages not "
                     f"filtered with this band{'' if self.band is None else '; or the band kept no pair'})")
             epoch, window, done = epoch + 1, 0, 0
@@ -205,17 +293,19 @@ class StreamLoader:
 
     Batch k of a DataLoader over an IterableDataset comes from worker k % W, so StreamLoader knows which
     reader each batch came from and records that reader's state. `start` = a position() of the same rank
-    and the same W: on resume, worker j continues reader (j + batches) % W, so the batch order continues."""
+    and the same W: on resume, worker j continues reader (j + batches) % W, so the batch order continues.
+    The epoch layout is fixed here, before training (ShardStream.plan: its refusals are ValueErrors)."""
 
     def __init__(self, dataset, batch_size, num_workers=0, start=None):
         workers = max(1, num_workers)
-        if len(dataset.urls) < dataset.world * workers:
-            raise ValueError(f"{len(dataset.urls)} shards cannot feed {dataset.world * workers} readers "
-                             f"(world {dataset.world} x {workers} workers): write smaller shards or use fewer workers")
         if start is not None and start["workers"] != workers:
             raise ValueError(f"cannot resume a streaming run with another --num-workers (checkpoint "
                              f"{start['workers']}, now {workers}): readers own the shards")
-        self.workers, self.batches = workers, (start or {}).get("batches", 0)
+        dataset.plan(dataset.world * workers, start)
+        if dataset.counts is None and len(dataset.urls) < dataset.world * workers:
+            raise ValueError(f"{len(dataset.urls)} shards cannot feed {dataset.world * workers} readers "
+                             f"(world {dataset.world} x {workers} workers): write smaller shards or use fewer workers")
+        self.workers, self.batches, self.layout = workers, (start or {}).get("batches", 0), dataset.layout
         self.units = [list(u) + [0] * (len(STATE) - len(u)) for u in start["units"]] if start else \
             [[0] * len(STATE) for _ in range(workers)]
         dataset.start = {"workers": workers, "units": self.units, "rotation": self.batches % workers}
@@ -234,8 +324,10 @@ class StreamLoader:
             raise NoUsablePage(last.partition("NoUsablePage: ")[2] or last) from None
 
     def position(self):
-        """This rank's position: {"format", "workers", "batches", "units": [STATE values per worker]}."""
-        return {"format": FORMAT, "workers": self.workers, "batches": self.batches, "units": [list(u) for u in self.units]}
+        """This rank's position: {"format", "workers", "batches", "units": [STATE values per worker], "layout"
+        (ShardStream.plan's digest; None: unbalanced)}."""
+        return {"format": FORMAT, "workers": self.workers, "batches": self.batches,
+                "units": [list(u) for u in self.units], "layout": self.layout}
 
 
 def summary(positions):

@@ -131,6 +131,22 @@ def test_folder_and_manifest_layouts_agree(tmp_path):
         data.scan(str(tmp_path / "nowhere"))
 
 
+def test_manifest_page_ids_7_and_7_0_are_one_page_and_a_nan_id_is_a_bad_row(tmp_path, capsys):
+    """A pandas export: an int id column with gaps is upcast to float (7.0), a missing id is NaN (json.dumps
+    writes NaN): 7 and 7.0 name one page; a row whose id is NaN has no page, as a null one."""
+    files = [os.path.relpath(f, tmp_path) for f in write_pages(tmp_path / "root", [3])["page0"]]
+    rows = [{"page": 7, "path": files[0]}, {"page": 7.0, "path": files[1]}, {"page": 8.0, "path": files[2]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pages, _ = data.scan(str(tmp_path / "m.jsonl"))
+    assert {k: [os.path.basename(f) for f in v] for k, v in pages.items()} == {"7": ["0.png", "1.png"], "8": ["2.png"]}
+    (tmp_path / "nan.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [{"page": float("nan"),
+                                                                                       "path": files[0]}]))
+    line = _user_error(["scan", str(tmp_path / "nan.jsonl")], capsys)
+    assert "nan.jsonl:4: a row needs `page` (not null, NaN or blank)" in line
+    (tmp_path / "gap.csv").write_text(f"page,path\n7,{files[0]}\n,{files[1]}\n")      # pandas' NaN in a CSV
+    assert "gap.csv:3: a row needs `page`" in _user_error(["scan", str(tmp_path / "gap.csv")], capsys)
+
+
 def _png(path, size=(8, 8), value=128):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", size, (value,) * 3).save(path)
@@ -489,6 +505,8 @@ def test_torchrun_encode_matches_one_process(tmp_path):
     for k in ("tokens", "global", "valid"):
         a, b = (np.asarray(c.arrays()[k], dtype=np.float32) for c in (one, two))
         assert a.shape == b.shape and np.allclose(a, b, rtol=2e-3, atol=2e-3)
+    a, b = (c.filter_embeddings()[0].float().numpy() for c in (one, two))     # the §5 filter's second pass
+    assert a.shape == b.shape and np.allclose(a, b, rtol=2e-3, atol=2e-3)
 
 
 def test_pairs_touching_an_undecodable_image_are_never_kept():

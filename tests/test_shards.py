@@ -1,10 +1,11 @@
-"""Page shards (shards.py), streaming (stream.py) and train.py on shards: issue 21.
+"""Page shards (shards.py), streaming (stream.py) and train.py on shards (§5 at web scale).
 
 Expected values come from outside the code under test: the page folders and the fake img2dataset output
 this file writes itself (page ids, image bytes), the folder path's data.build_pairs (§5, App. C), and an
 uninterrupted stream / training run for exact resume.
 """
 import collections
+import dataclasses
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ from PIL import Image
 
 import data
 import encoders
+from pages import embeddings
 from pages import images
 from pages import pairs
 from pages import shard_filter
@@ -369,7 +371,15 @@ def singles(tmp_path, n=4):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_stream_without_a_usable_page_ends_in_one_line_even_from_a_worker(tmp_path, workers):
-    loader = stream.StreamLoader(stream.ShardStream(singles(tmp_path), SIZE, "page"), 2, workers)
+    pattern = singles(tmp_path)                          # 4 shards of one one-image page each
+    with pytest.raises(stream.NoUsablePage) as e:        # before training: shards.json counts no page pair
+        stream.StreamLoader(stream.ShardStream(pattern, SIZE, "page"), 2, workers)
+    assert str(e.value) == "no usable page in the 4 shards (4 pages, 4 pages with < 2 images)"
+    index = json.load(open(tmp_path / "s" / shards.INDEX))
+    for entry in index["shards"].values():
+        entry["multi"] = 1                                # counts that promise a pair the pages do not hold
+    json.dump(index, open(tmp_path / "s" / shards.INDEX, "w"))
+    loader = stream.StreamLoader(stream.ShardStream(pattern, SIZE, "page"), 2, workers)
     with pytest.raises(stream.NoUsablePage) as e:
         next(iter(loader))
     readers = max(1, workers)
@@ -528,3 +538,204 @@ def test_unfiltered_training_on_filtered_shards_warns_and_scan_reports_shards(wr
     data.main(["scan", filtered[0]])
     assert json.loads(capsys.readouterr().out)["filtered"] == {"[0.3, 0.9] tiny": len(counts)}
     assert "filter.json" in data_error(capsys, "scan", pattern, "--encoder", "tiny")
+
+
+# ----------------------------------------------------------------------------- shard sets joined with "::"
+
+def test_filter_of_sets_joined_with_colons_prints_a_pattern_of_exactly_its_shards(written, tmp_path, capsys):
+    """webdataset's list syntax A::B: the filter pass writes every shard of both sets, and the pattern it prints
+    and stores names exactly the shards written (none for the missing input 000005.tar), so scan of it counts
+    every page: the 7 copied shards of 3 pages each (the fixture's --per-shard 3)."""
+    _, pattern, _ = written
+    a = copy_shards(pattern, str(tmp_path / "a"), ["000000.tar", "000001.tar", "000002.tar"])
+    b = copy_shards(pattern, str(tmp_path / "b"), [None, None, None, "000003.tar", "000004.tar", None, "000006.tar",
+                                                   "000007.tar"])
+    data.main(["filter", f"{a}/{{000000..000002}}.tar::{b}/{{000003..000007}}.tar", str(tmp_path / "out"), *FILTER])
+    printed = json.loads(capsys.readouterr().out)["pattern"]
+    wrote = sorted(str(tmp_path / "out" / f) for f in os.listdir(tmp_path / "out") if f.endswith(".tar"))
+    assert sorted(shards.expand(printed)) == wrote and len(wrote) == 7
+    assert json.load(open(tmp_path / "out" / "filter.json"))["pattern"] == printed
+    data.main(["scan", printed])
+    got = json.loads(capsys.readouterr().out)
+    assert (got["shards"], got["unreadable_shards"], got["pages"]) == (7, 0, 7 * 3)
+
+
+def test_a_pattern_of_paths_expands_to_exactly_them():
+    paths = ["o/000000.tar", "o/000001.tar", "o/000003.tar", "p/7.tar", "p/8.tar", "p/9.tar", "p/10.tar", "q{x}/a.tar"]
+    assert shards.expand(shards.pattern_of(paths)) == paths
+    assert shards.pattern_of(paths[:2]) == "o/{000000..000001}.tar"
+
+
+# ----------------------------------------------------------------------------- balanced global epochs
+
+def unequal_sets(tmp_path):
+    """Two shard sets joined with "::": one shard of 15 pages, nine of one page; page p has 2 + p % 2 images
+    -> (pattern, {page: images}): 24 page pairs, 60 images."""
+    pages = {f"p{p:02d}": 2 + p % 2 for p in range(24)}
+    records = [(name, [jpeg(100 * p + i) for i in range(n)], [f"{name}/{i}.jpg" for i in range(n)])
+               for p, (name, n) in enumerate(pages.items())]
+    shards.write_shards(records[:15], str(tmp_path / "big"), per_shard=15)
+    shards.write_shards(records[15:], str(tmp_path / "small"), per_shard=1)
+    return f"{tmp_path}/big/000000.tar::{tmp_path}/small/{{000000..000008}}.tar", pages
+
+
+def draw(pattern, world, workers, batches, **kw):
+    """Page ids of the first `batches` batches of size 1 of every rank -> Counter."""
+    drawn = collections.Counter()
+    for rank in range(world):
+        ds = stream.ShardStream(pattern, SIZE, rank=rank, world=world, **kw)
+        it = iter(stream.StreamLoader(ds, 1, workers).loader)
+        for _ in range(batches):
+            drawn.update(next(it)[3])
+    return drawn
+
+
+@pytest.mark.parametrize("mode", ["page", "same"])
+@pytest.mark.parametrize("world, workers", [(2, 2), (3, 0), (5, 0)])
+def test_global_epochs_draw_every_item_once_whatever_the_shard_sizes(tmp_path, mode, world, workers):
+    """Readers = world x workers; over two global epochs (each reader draws ceil(2 N / readers) items) every item
+    (page pair or image) is drawn twice, plus at most one item per reader at the boundary (5 readers: 24 and
+    60 are not multiples of 5). Readers with unequal shares of the shards would draw some pages 0 or 4 times."""
+    pattern, pages = unequal_sets(tmp_path)
+    expected = {p: 1 if mode == "page" else n for p, n in pages.items()}
+    readers = world * max(1, workers)
+    per_reader = -(-2 * sum(expected.values()) // readers)
+    drawn = draw(pattern, world, workers, per_reader * max(1, workers), mode=mode, shuffle_buffer=4, seed=3)
+    assert sum(drawn.values()) == readers * per_reader
+    assert all(drawn[p] >= 2 * n for p, n in expected.items()), drawn
+    if 2 * sum(expected.values()) % readers == 0:
+        assert drawn == collections.Counter({p: 2 * n for p, n in expected.items()})
+
+
+def test_a_filtered_stream_over_3_readers_draws_every_kept_pair_once(filtered):
+    kept = collections.Counter({rec["meta"]["page"]: len(rec["meta"]["filter"]["pairs"])
+                                for url in shards.expand(filtered[0]) for rec in shards.read_pages(url)})
+    per_reader = -(-sum(kept.values()) // 3)
+    drawn = draw(filtered[0], 3, 0, per_reader, band=(0.3, 0.9))
+    assert sum(drawn.values()) == 3 * per_reader and all(drawn[p] >= n for p, n in kept.items())
+
+
+def test_a_balanced_stream_resumes_exactly_across_boundary_shards(tmp_path):
+    pattern, _ = unequal_sets(tmp_path)
+    make = lambda: stream.ShardStream(pattern, SIZE, "page", seed=5, rank=1, world=2, shuffle_buffer=3)  # noqa: E731
+    full = batches(stream.StreamLoader(make(), 3, 2), 14)             # 21 items a reader: 3.5 epochs
+    first = stream.StreamLoader(make(), 3, 2)
+    batches(first, 5)
+    position = json.loads(json.dumps(first.position()))
+    rest = batches(stream.StreamLoader(make(), 3, 2, start=position), 9)
+    for (c1, t1), (c2, t2) in zip(full[5:], rest):
+        assert torch.equal(c1, c2) and torch.equal(t1, t2)
+    other = stream.ShardStream(pattern.split("::")[1], SIZE, "page", seed=5, rank=1, world=2)
+    with pytest.raises(ValueError, match="changed since the checkpoint"):
+        stream.StreamLoader(other, 3, 2, start=position)
+
+
+def test_shards_that_cannot_be_counted_are_said_in_one_line(written, caplog):
+    _, pattern, counts = written
+    remote = "pipe:cat " + pattern                        # read through a pipe: no shards.json is looked for
+    with caplog.at_level(logging.WARNING):
+        ds = stream.ShardStream(remote, SIZE, "page", epochs=1)
+        loader = stream.StreamLoader(ds, 1)
+    assert "data stream not balanced (8 of 8 shards are remote without a shards.json)" in caplog.text
+    assert loader.position()["layout"] is None
+    assert collections.Counter(page for *_, page in ds) == {p: 1 for p, n in counts.items() if n >= 2}
+
+
+def test_a_stream_uses_only_pages_filtered_by_the_runs_encoder(filtered):
+    other = encoders.load_encoder("tiny", seed=1)                 # same preset, other weights
+    ds = stream.ShardStream(filtered[0], SIZE, "page", band=(0.3, 0.9), encoder=other)
+    with pytest.raises(stream.NoUsablePage, match="none filtered with this band and encoder"):
+        stream.StreamLoader(ds, 2)
+    ds = stream.ShardStream(filtered[0], SIZE, "page", band=(0.3, 0.9), encoder=encoders.load_encoder("tiny", seed=0))
+    next(iter(stream.StreamLoader(ds, 2)))
+
+
+# ----------------------------------------------------------------------------- page ids that are not clean
+
+def test_img2dataset_nan_page_ids_are_skipped_and_7_and_7_0_are_one_page(tmp_path, capsys):
+    """pandas writes a missing id as NaN (json.dumps: NaN) and upcasts an int column with gaps to float (7.0)."""
+    rows = [[(7, 0), (float("nan"), 1), (8, 2)], [(7.0, 3), (float("nan"), 4), (None, 5), (float("inf"), 6), (8.0, 7)]]
+    (tmp_path / "raw").mkdir()
+    for s, part in enumerate(rows):
+        with wds.TarWriter(str(tmp_path / "raw" / f"{s:05d}.tar"), encoder=False) as w:
+            for doc, i in part:
+                meta = {"url": f"http://x/{i}.jpg", "key": f"{i:09d}", "doc_id": doc}
+                w.write({"__key__": f"{i:09d}", "jpg": jpeg(i), "json": json.dumps(meta).encode()})
+    data.main(["shard", str(tmp_path / "raw"), str(tmp_path / "out"), "--page-key", "doc_id"])
+    summary = json.loads(capsys.readouterr().out)
+    got = {rec["meta"]["page"]: rec["images"] for url in shards.expand(summary["pattern"])
+           for rec in shards.read_pages(url)}
+    assert got == {"7": [jpeg(0), jpeg(3)], "8": [jpeg(2), jpeg(7)]}
+    assert summary["skipped"] == {"00000.tar/000000001": "doc_id is NaN", "00001.tar/000000004": "doc_id is NaN",
+                                  "00001.tar/000000005": "doc_id is null", "00001.tar/000000006": "doc_id is Infinity"}
+
+
+# ----------------------------------------------------------------------------- one §5 filter for every path
+
+def test_the_filters_candidate_subsets_do_not_depend_on_a_runs_seed(tmp_path, capsys):
+    """A page of 10 images has 90 ordered pairs, more than MAX_PAIRS_PER_PAGE (64): its seeded subset is the
+    same in the folder path (train --seed) and the shard pass (filter --seed, also the random encoder's)."""
+    sp = synthetic.SyntheticPages(2, 24, seed=4)
+    for p, n in enumerate((10, 3)):
+        os.makedirs(tmp_path / "pages" / f"page{p}")
+        for i in range(n):
+            images.save_png(sp.image(p, i % sp.count(p)), str(tmp_path / "pages" / f"page{p}" / f"{i}.png"))
+    data.main(["shard", str(tmp_path / "pages"), str(tmp_path / "s")])
+    data.main(["filter", str(tmp_path / "s" / "000000.tar"), str(tmp_path / "f"), *FILTER, "--seed", "5",
+               "--filter-low", "-1", "--filter-high", "0.999"])
+    capsys.readouterr()
+    got = {(rec["meta"]["page"], c, t) for rec in shards.read_pages(str(tmp_path / "f" / "000000.tar"))
+           for c, t in rec["meta"]["filter"]["pairs"]}
+    pages, _ = data.open_pages(str(tmp_path / "pages"), 32)
+    kept, report = data.build_pairs(pages, encoders.load_encoder("tiny", seed=5), str(tmp_path / "c"), -1.0, 0.999)
+    assert report["pairs_before"] == 64 + 6 and got == {(pages.names[p], c, t) for p, c, t in kept.tolist()}
+
+
+def cropping_encoder():
+    """A random ViT with DINOv2's eval transform at a small size: Resize(32) + CenterCrop(28) (224 / 256)."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(encoders.ENCODER_PRESETS["tiny"], image_size=28, pos_grid=7, crop_ratio=224 / 256)
+    return encoders.VisionEncoder(config, name="dinov2-crop").eval()
+
+
+def official_embedding(path, encoder):
+    """The upstream eval transform by hand on the PIL image (a square source: Resize(32, bicubic) = 32 x 32),
+    CenterCrop(28), then the encoder's global embedding (float32)."""
+    im = Image.open(path).convert("RGB").resize((32, 32), Image.BICUBIC).crop((2, 2, 30, 30))
+    with torch.no_grad():
+        return encoder(torch.from_numpy(np.asarray(im, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1)[0][0]
+
+
+def test_one_filter_embedding_in_the_folder_cache_and_shard_paths(tmp_path):
+    """§5 filter embeddings are the encoder's global embedding of the official transform of the source image
+    (one resize), in the folder pass, the conditioning cache made at another training size (16 px) and the
+    shard pass; so the three keep the pairs a brute force over those embeddings keeps (band [0.55, 0.9]: no
+    cosine within 0.02 of an edge)."""
+    enc, low, high = cropping_encoder(), 0.55, 0.9
+    counts = {"page0": 3, "page1": 4, "page2": 2, "page3": 5}
+    sp = synthetic.SyntheticPages(4, 24, seed=0)
+    for p, (name, n) in enumerate(counts.items()):
+        os.makedirs(tmp_path / "pages" / name)
+        for i in range(n):
+            images.save_png(sp.image(p, i % sp.count(p)), str(tmp_path / "pages" / name / f"{i}.png"))
+    paths = {name: [str(tmp_path / "pages" / name / f"{i}.png") for i in range(n)] for name, n in counts.items()}
+    ref = {name: torch.stack([official_embedding(f, enc) for f in files]) for name, files in paths.items()}
+    want = set()
+    for name, e in ref.items():
+        cos = torch.nn.functional.cosine_similarity(e[:, None], e[None], dim=-1)
+        want |= {(name, c, t) for c in range(len(e)) for t in range(len(e)) if c != t and low <= cos[c, t] <= high}
+    fp = data.FilePages(paths, 16)
+    emb, _ = embeddings.filter_embeddings(fp, enc)
+    assert emb.dtype == np.float16 and torch.allclose(torch.from_numpy(emb).float(), torch.cat(list(ref.values())),
+                                                      atol=2e-3)
+    embeddings.encode_cache(fp, enc, str(tmp_path / "cond"))
+    data.main(["shard", str(tmp_path / "pages"), str(tmp_path / "s")])
+    shard_filter.filter_shards_torchrun(str(tmp_path / "s" / "000000.tar"), str(tmp_path / "f"), enc, low, high)
+    folder, _ = data.build_pairs(fp, enc, str(tmp_path / "emb"), low, high)
+    cached, _ = data.build_pairs(fp, None, None, low, high, cond_cache=str(tmp_path / "cond"))
+    sharded = {(rec["meta"]["page"], c, t) for rec in shards.read_pages(str(tmp_path / "f" / "000000.tar"))
+               for c, t in rec["meta"]["filter"]["pairs"]}
+    assert 0 < len(want) < sum(n * (n - 1) for n in counts.values())
+    for kept in (folder, cached):
+        assert {(fp.names[p], c, t) for p, c, t in kept.tolist()} == want
+    assert sharded == want
