@@ -90,7 +90,7 @@ class EncoderConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def _dino(d, depth, heads, hidden, swiglu=False):    # dinov2/hub/backbones.py, encoders.md §1.1
+def _dino(d, depth, heads, hidden, swiglu=False):    # facebookresearch/dinov2 dinov2/hub/backbones.py
     return EncoderConfig("dinov2", d, depth, heads, 14, 224, 37, hidden, swiglu=swiglu)
 
 
@@ -259,7 +259,8 @@ class VisionEncoder(nn.Module):
         self.num_patches = c.num_patches
         self.num_tokens = int(cls) + c.registers + c.num_patches
         self.mean, self.std = NORMALISATION[c.family]
-        # Attribute names are the official DINOv2 (= MAE) checkpoint keys (encoders.md §1.3); CLIP and
+        # Attribute names are the official DINOv2 (= MAE) checkpoint keys (facebookresearch/dinov2
+        # dinov2/models/vision_transformer.py); CLIP and
         # SigLIP files are renamed on load (_HF, _OPENAI below).
         if cls:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
@@ -280,7 +281,7 @@ class VisionEncoder(nn.Module):
             self.proj = nn.Parameter(torch.zeros(c.dim, c.embed_dim))  # CLIP: x @ proj
 
     def positions(self, gh, gw):
-        """Position table for a (gh, gw) patch grid (encoders.md §1.4); SigLIP only at its native grid."""
+        """Position table for a (gh, gw) patch grid (facebookresearch/dinov2 vision_transformer.py interpolate_pos_encoding); SigLIP only at its native grid."""
         c = self.config
         if c.family == "siglip":
             if (gh, gw) != (c.pos_grid,) * 2:
@@ -386,7 +387,7 @@ def _freeze(enc):
 
 
 # ---------------------------------------------------------------- checkpoint files
-_HF = [  # HF SiglipVisionModel / CLIPVisionModel names (4.x hub files, encoders.md §2.2) -> ours
+_HF = [  # HF SiglipVisionModel / CLIPVisionModel names (4.x hub files: transformers modeling_siglip.py / modeling_clip.py) -> ours
     (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
     (r"^embeddings\.position_embedding\.weight$", "pos_embed"),
     (r"^embeddings\.class_embedding$", "cls_token"),

@@ -39,7 +39,7 @@ from pages import images
 from uvit import UViT, UViTConfig
 
 P_UNCOND = 0.1  # INTERPRETATION: the paper does not state its condition-dropout rate; 0.1 as in Google's
-#                 guided-diffusion configs and Ho & Salimans (diffusion.md §4)
+#                 ddpm_w_distillation configs (uncond_prob) and Ho & Salimans (arXiv 2207.12598)
 DDPM_STEPS = 256  # DESIGN: the paper names the DDPM sampler (§3.1, §6.1) but gives no step count N
 EMA_YOUNG = 0.25  # DESIGN: warn when the EMA still holds more than this fraction of its initial weights
 #                   (decay^step; ~1/(1 - decay) steps, where decay^step = 1/e)
@@ -72,7 +72,7 @@ class Semantica(nn.Module):
         self.net = UViT(config)
         self.cross = config.conditioning == "cross_attention"
         # DESIGN: one learned null token (broadcast over the T_c tokens) or one null CLS vector
-        # (diffusion.md §4); it passes through the same norm + projection as real conditions.
+        # (as lucidrains/imagen-pytorch imagen_pytorch.py null_text_embed); it passes through the same norm + projection as real conditions.
         self.null_cond = nn.Parameter(0.02 * torch.randn((1, 1, config.cond_dim) if self.cross else (1, config.cond_dim)))
         if encoder is not None:
             encoder.eval().requires_grad_(False)

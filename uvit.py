@@ -10,7 +10,8 @@ UNet lineage google-research `ddpm_w_distillation/unet3.py` (ResBlock, zero-init
       --> transformer levels (self-attention + MLP, residual only) --> lowest-resolution
       transformer (self-attention, cross-attention to the encoder tokens, MLP) --> mirror back up --> v
 
-- The noise level enters as t in [0, 1] itself (diffusion.md §1.4, never inv_cos of the shifted
+- The noise level enters as t in [0, 1] itself (google-research ddpm_w_distillation unet3.py embeds
+  1000 * inv_cos of log-SNR instead; never inv_cos of the shifted
   log-SNR): sinusoidal features of TIME_SCALE * t -> MLP -> `emb`, which modulates every ResBlock
   (GroupNorm scale/shift) and every transformer MLP hidden layer (FiLM).
 - Conditioning (§3.4): "cross_attention": tokens (B, T_c, cond_dim) -> LayerNorm -> Linear ->
@@ -34,7 +35,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-TIME_SCALE = 1000.0   # Google UNet embeds 1000 * u (diffusion.md §1.4): frequencies span t-steps of 1e-3
+TIME_SCALE = 1000.0   # Google UNet (ddpm_w_distillation unet3.py) embeds 1000 * u: frequencies span t-steps of 1e-3
 MAX_PERIOD = 10000.0  # Transformer sinusoid (Vaswani et al. 2017)
 
 
@@ -131,7 +132,7 @@ def time_features(t, dim):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3, GroupNorm with time scale/shift, SiLU-conv3x3 (zero-init) + shortcut.
 
-    Google UNet lineage (diffusion.md §5.2); no dropout (simple diffusion: not at high resolution).
+    Google UNet lineage (google-research ddpm_w_distillation unet3.py ResnetBlock); no dropout (simple diffusion: not at high resolution).
     """
 
     def __init__(self, c_in, c_out, emb_dim):
@@ -153,7 +154,7 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head (self- or cross-) attention with LayerNorm on q and k (ViT-22B, arXiv 2302.05442).
 
-    # DESIGN: the q/k-normalisation flavour (diffusion.md §0); output projection zero-initialised.
+    # DESIGN: the q/k-normalisation flavour (LayerNorm on q and k, as ViT-22B); output projection zero-initialised.
     """
 
     def __init__(self, dim, head_dim, cross=False):
@@ -238,7 +239,7 @@ class UViT(nn.Module):
             self.downsamples.append(nn.Conv2d(ch, out, kernel_size=2, stride=2))
             self.upsamples.append(nn.ConvTranspose2d(out, ch, kernel_size=2, stride=2))
         n_low = c.lowest_size ** 2
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, n_low, c.width))  # DESIGN: learned, small (diffusion.md §0)
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, n_low, c.width))  # DESIGN: learned, small
         self.mid_transformer = nn.ModuleList([
             TransformerBlock(c.width, c.head_dim, c.mlp_ratio, emb_dim, c.dropout, cross=c.conditioning == "cross_attention")
             for _ in range(c.depth)])

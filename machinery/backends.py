@@ -198,7 +198,7 @@ def xla_launch(main, cfg, stop):
             os.kill(child.pid, sig)
 
     # DESIGN: on TPU a persistent compilation cache under OUT, so a resumed run (after a preemption) does not
-    # recompile the step (minutes to half an hour for large models, pytorch/xla #5058); set
+    # recompile the step (minutes to half an hour for large models); set
     # XLA_PERSISTENT_CACHE_PATH to share one between runs. XLA:CPU cannot load one ("Deserializing serialized
     # executable not supported"), so none there. UNTESTED on TPU.
     if os.environ.get("PJRT_DEVICE") == "TPU":
@@ -242,7 +242,8 @@ def xla_reduce(tensors, op, channel):
        channel id or, without one, by the id of the compiled HLO module, which differs between the two
        compilations. xm.all_reduce (and what is built on it: optimizer_step, broadcast_master_param,
        rendezvous, mesh_reduce) sets no channel id, so each replica waits under its own key until XLA aborts
-       the process (pytorch/xla #9089, "collective operations are hanging when using XLA:CPU"). An
+       the process (torch_xla/csrc/cross_replica_reduces.cpp BuildAllReduce: channel_id=nullopt;
+       scripts/xla_cpu_collectives.py reproduces it). An
        xm.all_gather with an explicit channel id is paired: the (float) tensors go as one flat float32 vector,
        gathered from every replica (world x its size: fine for tests), reduced here in replica order, so
        every replica computes bit-identical results.

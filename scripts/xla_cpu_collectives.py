@@ -14,8 +14,8 @@ torch_xla.launch runs one thread per CPU device in one process; each replica sum
   the compiled HLO module's unique id (xla/backends/cpu: GetCollectiveOpParams). torch_xla's all-reduce sets
   no channel id (torch_xla/csrc/cross_replica_reduces.cpp, BuildAllReduce: channel_id=nullopt), so the two
   replicas wait under op_id=0 and op_id=1; XLA logs "waiting for ... op_id=1 ... may be stuck" after 5 s and
-  exits the process after 10 more ("Termination timeout ... exceeded"). pytorch/xla #9089 (open; #5005 before
-  it: "collective operations ... get stuck when PJRT_DEVICE is set to CPU and CPU_NUM_DEVICES is greater than 1").
+  exits the process after 10 more ("Termination timeout ... exceeded"): collective operations hang when
+  PJRT_DEVICE=CPU and CPU_NUM_DEVICES > 1, a known open limitation of torch_xla.
 - all_gather: xm.all_gather with an explicit channel_id (and use_global_device_ids, which channel ids require)
   makes op_id the channel id on both replicas: they meet. The sum is taken over the gathered rows.
 - late: the same all_gather, replica 1 arriving 25 s after replica 0: XLA:CPU's in-process collectives give up
