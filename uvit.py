@@ -10,9 +10,8 @@ UNet lineage google-research `ddpm_w_distillation/unet3.py` (ResBlock, zero-init
       --> transformer levels (self-attention + MLP, residual only) --> lowest-resolution
       transformer (self-attention, cross-attention to the encoder tokens, MLP) --> mirror back up --> v
 
-- The noise level enters as t in [0, 1] itself (google-research ddpm_w_distillation unet3.py embeds
-  1000 * inv_cos of log-SNR instead; never inv_cos of the shifted
-  log-SNR): sinusoidal features of TIME_SCALE * t -> MLP -> `emb`, which modulates every ResBlock
+- The noise level enters as t in [0, 1] itself, never inv_cos of the shifted log-SNR (google-research
+  ddpm_w_distillation unet3.py's input, squashed near 1 under the shift): sinusoidal features of TIME_SCALE * t -> MLP -> `emb`, which modulates every ResBlock
   (GroupNorm scale/shift) and every transformer MLP hidden layer (FiLM).
 - Conditioning (§3.4): "cross_attention": tokens (B, T_c, cond_dim) -> LayerNorm -> Linear ->
   LayerNorm, attended to by a cross-attention block after every self-attention block of the
