@@ -110,7 +110,7 @@ def test_folder_and_manifest_layouts_agree(tmp_path):
     rows = [(p, os.path.relpath(f, tmp_path)) for p, fs in pages.items() for f in fs]
     (tmp_path / "m.csv").write_text("page,path\n" + "".join(f"{p},{r}\n" for p, r in rows))
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"page": p, "path": r}) + "\n" for p, r in rows))
-    # a spreadsheet export: UTF-8 byte-order mark and CRLF line ends (issue 16.6)
+    # a spreadsheet export: UTF-8 byte-order mark and CRLF line ends
     crlf = "".join(f"{p},{r}\r\n" for p, r in rows)
     (tmp_path / "bom.csv").write_bytes(("\ufeffpage,path\r\n" + crlf).encode("utf-8"))
     (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + "".join(json.dumps({"page": p, "path": r}) + "\r\n"
@@ -293,7 +293,7 @@ def _angles_table(n, seed=0):
 @pytest.mark.parametrize("name,band", [("dinov2-b14", (0.3, 0.9)), ("siglip-b16-224", (0.65, 0.9))])
 def test_filter_compares_condition_with_target(tmp_path, name, band):
     """Brute force over every ordered pair of a hand-built page set: keep (c, t) iff
-    low <= cos(E[c], E[t]) <= high, with the band taken from the encoder (issue 16.9). A filter that
+    low <= cos(E[c], E[t]) <= high, with the band taken from the encoder. A filter that
     compares the condition with itself (cos 1 > high) keeps nothing and fails."""
     pages = HandPages([3, 2, 4, 1, 5])
     table, angle = _angles_table(15, seed=4)
@@ -334,7 +334,7 @@ def test_build_pairs_counts_and_embedding_cache_invalidation(tmp_path, capsys):
     enc = tiny_encoder()
     fp = data.FilePages(paths, 16)
     pairs, rep = data.build_pairs(fp, enc, tmp_path / "cache", low=-1.0, high=0.99)
-    assert "filter embeddings [tiny]" in capsys.readouterr().err                 # progress (issue 17)
+    assert "filter embeddings [tiny]" in capsys.readouterr().err                 # progress
     assert rep["pairs_before"] == 6 + 12 + 2
     assert rep["pairs_before"] == rep["pairs_after"] + rep["dropped_low"] + rep["dropped_high"] + rep["unreadable"]
     assert len(pairs) == rep["pairs_after"] and rep["histogram"].count("\n") == 19

@@ -8,7 +8,7 @@ import diffusion as D
 
 
 def test_schedule_endpoints_and_shift_at_256():
-    # Values stated for Semantica @256 with noise resolution 32 (§6.1; diffusion.md §1.2).
+    # Values stated for Semantica @256 with noise resolution 32 (§6.1; simple diffusion's shifted schedule, arXiv 2301.11093 §2).
     lam = D.logsnr_schedule(torch.tensor([0.0, 0.5, 1.0]), image_size=256)
     assert torch.allclose(lam, torch.tensor([10.841, -4.159, -19.159]), atol=1e-3)
     shift = D.logsnr_schedule(torch.tensor(0.3), 256) - D.logsnr_cosine(torch.tensor(0.3))
@@ -91,7 +91,7 @@ def test_variance_interpolation_endpoints_and_worked_example():
     stds = [D.ddpm_posterior(z, z, lt, ls, g)[1].item() for g in (0.0, 0.2, 1.0)]
     assert stds[0] == pytest.approx(math.sqrt((1 - r) * torch.sigmoid(-ls).item()), rel=1e-9)  # posterior
     assert stds[2] == pytest.approx(math.sqrt((1 - r) * torch.sigmoid(-lt).item()), rel=1e-9)  # forward
-    assert stds == pytest.approx([0.337, 0.403, 0.833], abs=1e-3)  # diffusion.md §3.2
+    assert stds == pytest.approx([0.337, 0.403, 0.833], abs=1e-3)  # variance interpolation, gamma 0.2 (§6.1)
 
 
 def _gaussian_v_fn(mu, s, image_size):
@@ -115,7 +115,7 @@ def test_sampler_reproduces_gaussian_data_and_improves_with_steps():
         noise = torch.randn(1, 1, 64, 256, generator=g, dtype=torch.float64)
         x = D.ddpm_sample(v_fn, noise, steps, clip=False, generator=g)
         errors.append((abs(x.mean().item() - mu), abs(x.std().item() - s)))
-    assert errors[1][0] < 0.012 and errors[1][1] < 0.012  # diffusion.md §3.3: 0.467 at N=256 -> 0.498 at N=4096
+    assert errors[1][0] < 0.012 and errors[1][1] < 0.012  # 0.467 at N=256 -> 0.498 at N=4096
     assert errors[1][1] < errors[0][1] / 5
 
 
@@ -304,7 +304,7 @@ def test_loss_draws_t_uniform_and_eps_gaussian_from_the_generator():
 
 
 def _ref_step(z, x_hat, lam_t, lam_s, gamma):
-    """Ancestral step by hand: posterior mean coefficients and the interpolated std (diffusion.md §3)."""
+    """Ancestral step by hand: posterior mean coefficients and the interpolated std (§3.1, §6.1)."""
     a_t, s_t = ref_alpha_sigma(lam_t)
     a_s, s_s = ref_alpha_sigma(lam_s)
     r = math.exp(lam_t - lam_s)                               # SNR_t / SNR_s
@@ -396,7 +396,7 @@ def test_guidance_direction_by_hand():
 
 def test_ddpm_sample_with_one_generator_per_row_draws_each_row_alone():
     """generator=[g_0, ..., g_{B-1}]: row r's step noise comes from g_r only, so a batch of rows equals each
-    row sampled on its own with a batch of one and the same generator (per-image noise, issue 17)."""
+    row sampled on its own with a batch of one and the same generator (per-image noise)."""
     weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
 
     def v_fn(z, t):                                                 # any smooth function of (z, t)

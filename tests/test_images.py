@@ -31,7 +31,7 @@ def test_find_images_follows_links_once_sorted(tmp_path):
         _png(other / f"{i}.JPG" if i == 4 else other / f"{i}.png")
     (other / "notes.txt").write_text("not an image")
     (other / ".hidden.png").write_bytes(b"")
-    os.symlink(other, root / "linked")                    # a symlinked sub-folder of 5 images (issue 16.3)
+    os.symlink(other, root / "linked")                    # a symlinked sub-folder of 5 images
     os.symlink(other, root / "linked-again")              # the same folder twice: its files count once
     os.symlink(root, other / "loop")                      # a loop back to the root
     os.symlink(other / "0.png", root / "z.png")           # a link to a file already found

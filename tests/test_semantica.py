@@ -2,7 +2,7 @@
 loss, guidance direction / null pass / w = 0 (Ho & Salimans), float32 guidance under bf16 autocast, noise that
 does not depend on the batch, argument checks, the EMA, and the one checkpoint format and loader.
 
-Expected values are computed here independently: binomial bounds, the closed-form schedule (diffusion.md §1),
+Expected values are computed here independently: binomial bounds, the closed-form schedule (§3.1, §6.1),
 stub networks whose conditional and null outputs are known, hand-written float32 combinations."""
 import argparse
 import copy
@@ -40,7 +40,7 @@ def images(b, size, seed):
 
 
 def closed_form_alpha_sigma(t, image_size, noise_size=32):
-    """diffusion.md §1.1-1.2 in float64: clipped cosine in log-SNR (±15), shifted by 2 ln(noise/image)."""
+    """The §3.1 / §6.1 schedule in float64: clipped cosine in log-SNR (±15), shifted by 2 ln(noise/image)."""
     t_min, t_max = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
     lam = -2 * np.log(np.tan(t_min + np.asarray(t, np.float64) * (t_max - t_min))) + 2 * math.log(noise_size / image_size)
     return np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
@@ -210,7 +210,7 @@ def test_sample_batches_conditional_and_null_passes(encoder):
 
 
 def test_guidance_and_sampler_updates_are_float32_under_bf16_autocast():
-    """The network runs in bf16; guidance must combine its outputs in float32 (issue 16.10)."""
+    """The network runs in bf16; guidance must combine its outputs in float32."""
     model = randomize(Semantica(MICRO), seed=2)
     seen = []
     model.net.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))

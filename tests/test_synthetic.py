@@ -81,7 +81,7 @@ def test_object_count_and_size_follow_the_style(monkeypatch):
                     assert scale[0] - 0.04 <= r <= scale[1] + 0.04, (max_objects, scale, n, r)
         assert below_max > 0 or max_objects == (1, 1)    # images draw 1..page max, not always the max
     a = synthetic.SyntheticPages(5, 16)
-    assert (a.max_objects, a.object_scale) == ((1, 1), (0.55, 0.85))   # the default style (issue 20 study)
+    assert (a.max_objects, a.object_scale) == ((1, 1), (0.55, 0.85))   # the default style (docs/study.md)
     for kw in (dict(max_objects=(1, 3)), dict(object_scale=(0.35, 0.6))):
         assert synthetic.SyntheticPages(5, 16, **kw).fingerprint() != a.fingerprint(), kw   # caches never mix styles
 

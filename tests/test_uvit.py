@@ -138,7 +138,7 @@ def test_bad_config_is_rejected():
 
 
 def test_position_embedding_is_learned_and_small_at_init():
-    # DESIGN (diffusion.md §0): a learned absolute embedding of the lowest-resolution tokens, initialised small.
+    # DESIGN: a learned absolute embedding of the lowest-resolution tokens, initialised small.
     torch.manual_seed(0)
     net = uvit.UViT(REF)
     assert net.pos_embed.requires_grad and net.pos_embed.shape == (1, REF.lowest_size ** 2, REF.width)
@@ -366,7 +366,7 @@ def test_timestep_conditioning_scalar_t_and_per_example_t():
 
 
 def test_every_residual_branch_starts_as_the_identity():
-    # Google UNet lineage (diffusion.md §5.2): the last layer of every residual branch is zero-initialised.
+    # Google UNet lineage (ddpm_w_distillation unet3.py): the last layer of every residual branch is zero-initialised.
     torch.manual_seed(0)
     net = uvit.UViT(dataclasses.replace(REF, channels=(16, 32), blocks=(1, 1)))
     g = torch.Generator().manual_seed(1)
