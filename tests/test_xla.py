@@ -206,7 +206,7 @@ def test_sampler_on_xla_draws_the_cpu_noise_and_compiles_each_step_kind_once(tmp
 
 def _replica(index, out):
     """`python tests/test_xla.py replicas OUT`, in each of 2 replica threads: train.main for 2 steps (what
-    train.xla_launch runs), then one averaged gradient on rows 4r..4r+3 of fixed_batch(); saves what it holds."""
+    backends.xla_launch runs), then one averaged gradient on rows 4r..4r+3 of fixed_batch(); saves what it holds."""
     cfg = train.parse_args(FAST + ["--out", out, "--steps", "2", "--sample-steps", "3"])
     res = train.main(cfg)
     model, d = res["model"], res["dist"]
