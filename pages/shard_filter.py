@@ -141,7 +141,8 @@ def check_filter_inputs(pattern, out, low, high):
     urls = expand(pattern)
     names = [os.path.basename(u) for u in urls]
     if len(set(names)) != len(names):
-        twice = [u for u in urls if names.count(os.path.basename(u)) > 1][:2]
+        name = next(n for n in names if names.count(n) > 1)
+        twice = [u for u in urls if os.path.basename(u) == name][:2]
         raise ValueError(f"{pattern}: two shards share a file name ({twice[0]}, {twice[1]}); the outputs would "
                          f"overwrite each other: filter each set into its own folder and join the outputs with ::")
     if os.path.isdir(out) and any(f.endswith(".tar") for f in os.listdir(out)):

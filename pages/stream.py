@@ -102,7 +102,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def plan(self, readers, start=None):
         """Fix the epoch layout once, before the first item: self.counts (training items per shard, from
         shards.json or counted by reading a local shard) and self.layout (their digest), or both None when a
-        shard cannot be counted (remote, no shards.json): said in one logged line (rank 0). `start` (a
+        shard cannot be counted (remote): said in one logged line (rank 0). `start` (a
         StreamLoader position) keeps its layout: one recorded without (None) continues so, one with other
         counts is refused (ValueError). NoUsablePage when the shards hold no item; ValueError when there are
         fewer items than `readers`."""
@@ -119,7 +119,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         remote = sum(e is None for e in stats)
         counts = None if remote else np.array([self.items_in(e) for e in stats], np.int64)
         layout = None if remote else hashlib.sha1(json.dumps([self.urls, counts.tolist()]).encode()).hexdigest()[:16]
-        why = f"{remote} of {len(self.urls)} shards are remote without a {shards.INDEX}" if remote else None
+        why = f"{remote} of {len(self.urls)} shards are remote (their items are not counted)" if remote else None
         if start is not None and start.get("layout") != layout:
             if start.get("layout") is not None:
                 raise ValueError("the shards' training items changed since the checkpoint (another pattern, other "

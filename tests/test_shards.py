@@ -636,7 +636,7 @@ def test_shards_that_cannot_be_counted_are_said_in_one_line(written, caplog):
     with caplog.at_level(logging.WARNING):
         ds = stream.ShardStream(remote, SIZE, "page", epochs=1)
         loader = stream.StreamLoader(ds, 1)
-    assert "data stream not balanced (8 of 8 shards are remote without a shards.json)" in caplog.text
+    assert "data stream not balanced (8 of 8 shards are remote (their items are not counted))" in caplog.text
     assert loader.position()["layout"] is None
     assert collections.Counter(page for *_, page in ds) == {p: 1 for p, n in counts.items() if n >= 2}
 
