@@ -330,7 +330,8 @@ def main(argv=None):
     fi.add_argument("--encoder-weights", "--weights", dest="weights", help="local encoder weights file")
     for p in (sh, fi):
         p.add_argument("--max-pixels", type=int, help="decompression-bomb limit (default: Pillow's; 0 = none)")
-        p.add_argument("--seed", type=int, default=0, help="synthetic pages' seed (and a random encoder's)")
+    sh.add_argument("--seed", type=int, default=0, help="synthetic pages' seed")
+    fi.add_argument("--seed", type=int, default=0, help="a random encoder's seed (--random-encoder)")
     sy.add_argument("out")
     sy.add_argument("--pages", type=int, default=100)
     sy.add_argument("--size", type=int, default=64)
