@@ -8,7 +8,8 @@ with its conditioning image in CLIP B/16 and DINOv2 space), App. H (FID per guid
     python sample.py --ckpt runs/tiny/ckpt.pt --images A.png B.jpg --n 8 --guidance 0.5 --out grid.png
     python sample.py --ckpt CKPT --images A.png --n 1 --guidance 0,0.1,0.2,0.5,1.0 --out fig14.png
     python sample.py --ckpt CKPT --few-shot 1 --data DIR --per-group 10 --guidance 0,0.5,1 --out eval/ \
-        --alignment dinov2-b14=dinov2_vitb14_pretrain.pth,clip-b16=clip-vit-base-patch16/
+        --features inception --feature-weights pt_inception-2015-12-05-6726825d.pth \
+        --alignment dinov2-b14=dinov2_vitb14_pretrain.pth,clip-b16=clip-vit-base-patch16/    # the paper's networks
     torchrun --nproc_per_node=8 sample.py --few-shot 1 ...      # the same numbers, split over 8 processes
 
 The model comes from `Semantica.from_checkpoint` (EMA weights unless --no-ema). Sampling: DDPM with
@@ -17,9 +18,12 @@ guidance block; its samples are also saved one by one in OUT_STEM/img{i}_w{w}_s{
 DESIGN (noise): sample j of image k (grid: the k-th --images file; K-shot: the k-th conditioning image
 of the plan) gets its noise from (seed, k, j) alone, through Semantica.sample's first_index / first_sample,
 and the same noise for every guidance value; so any --batch, any split of one image's samples across
-calls, any number of processes and a resumed run give the same images. K-shot samples on disk
-(OUT/samples_w{w}/cond{test image}_s{j}.png) are read back instead of redrawn; features are always taken
-from the 8-bit images as written, so a resumed run gives the same numbers (bookkeeping: machinery/runs.py).
+calls, any number of processes and a resumed run give the same images: exactly on CPUs; on GPUs up to float
+rounding (TF32 convolutions, kernels picked by shape), and --deterministic makes reruns bit-identical there.
+K-shot samples on disk (OUT/samples_w{w}/cond{test image}_s{j}.png) are read back instead of redrawn when
+the weights are the same (their fingerprint); features are always taken from the 8-bit images as written,
+so a resumed run gives the same numbers. Reports say in one line when their networks are not the paper's
+(Inception-v3 for FID, §7; CLIP B/16 and DINOv2 B for alignment, §8.2). Bookkeeping: machinery/runs.py.
 """
 import argparse
 import os
@@ -53,13 +57,14 @@ class SampleConfig:
     few_shot: int = 0                  # K > 0: K-shot evaluation on --data (§7): K conditioning images per page/class
     data: str = ""                     # test images: ROOT/<page or class>/<image>, a .csv/.jsonl manifest, or synthetic
     per_group: int = 0                 # test images drawn per page/class (§8.2: 10 per ImageNet class); 0 = all
-    features: str = "encoder"          # FID/P/R features: encoder (the checkpoint's), inception, or an encoders.py name
+    features: str = "encoder"          # FID/P/R features: encoder (the checkpoint's; DESIGN: needs no weight file, not the paper's), inception (§7, the paper's FID), or an encoders.py name
     feature_weights: str = ""          # weights file of --features (inception: pt_inception-2015-12-05-6726825d.pth)
-    alignment: str = "encoder"         # §8.2 alignment spaces NAME=WEIGHTS,... (dinov2-b14=PATH,clip-b16=PATH); encoder = the checkpoint's
+    alignment: str = "encoder"         # alignment spaces NAME=WEIGHTS,...; encoder = the checkpoint's (DESIGN: needs no weight file); the paper's (§8.2): dinov2-b14=PATH,clip-b16=PATH
     encoder_weights: str = ""          # the checkpoint's encoder weights, where they are not at the stored path
     ema: bool = True                   # sample from the EMA weights (--no-ema: the raw weights)
     batch: int = 64                    # samples per sampling call (with guidance the network sees at most 2x)
     device: str = ""                   # cpu, cuda, cuda:1; default cuda when available (torchrun: cuda:LOCAL_RANK)
+    deterministic: bool = False        # GPUs: no TF32, deterministic kernels (slower): a rerun gives bit-identical samples and numbers
     max_pixels: int = -1               # decompression-bomb limit per image in pixels; -1 = Pillow's Image.MAX_IMAGE_PIXELS at call time, 0 = no limit
 
 
@@ -318,7 +323,8 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
         print(f"guidance {w}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if k in ("fid", "precision", "recall"))
               + "".join(f", alignment [{k}] {v:.4g}" for k, v in res["alignment"].items()), flush=True)
     if rank == 0:
-        runs.kshot_report(cfg, results, len(items), feat_name, list(spaces))
+        runs.kshot_report(cfg, results, len(items), feat_name, list(spaces),
+                          runs.networks_warning(cfg.features, spaces.values()))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -327,6 +333,8 @@ def main(cfg):
     plan = kshot_plan(cfg) if cfg.few_shot else None   # user errors in the data before the model loads
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.few_shot:
         fail("grids run in one process; torchrun is for --few-shot")
+    if cfg.deterministic:
+        runs.deterministic()                            # before the first CUDA call
     d = backends.setup_distributed(cfg.device)
     try:
         model = load_model(cfg, d.device)
@@ -346,4 +354,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    runs.survive_lost_output()  # `| head`, a killed `| tee`: sampling goes on
     main(parse_args())

@@ -349,7 +349,7 @@ def filter_report(cfg, encoder_path, size):
                                                    if cfg["data"] == "synthetic" else {}))
     encoder = encoders.from_checkpoint(encoder_path)     # loaded as a user loads DINOv2
     _, rep = data.build_pairs(pages, encoder, os.path.join(cfg["out"], "cache"), cfg["filter_low"],
-                              cfg["filter_high"], seed=cfg["seed"])
+                              cfg["filter_high"])
     return rep
 
 
@@ -765,4 +765,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from machinery import runs
+    runs.survive_lost_output()  # `| head`, a killed `| tee`: the run goes on
     main()

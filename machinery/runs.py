@@ -4,14 +4,18 @@ Machinery, not the paper (§6.1 trains for ~300K steps on 256 TPUv3 chips: a run
 resumed and watched). Validation: the flags nothing can be computed with, the pair filter band (App. C),
 paths, inputs and optional packages, all refused before any work as one-line `UserError`s. Checkpoints:
 the state of semantica.py's format ("semantica-ckpt/2") plus train-only keys, and every check that makes
---resume exact (same config, world size, synthetic pages, stream readers). Logs: stdout lines above the
-progress bar, log.jsonl, TensorBoard, loss.png. Signals: SIGTERM / SIGINT ask the loop to save and stop.
-train.py's `main` calls these in order; the loop itself stays in train.py.
+--resume exact (same config, world size, synthetic pages, stream readers). Logs: every command's stdout and
+stderr surviving a vanished reader, stdout lines above the progress bar, log.jsonl, TensorBoard, loss.png.
+Signals: SIGTERM / SIGINT ask the loop to save and stop. train.py's `main` calls these in order; the loop
+itself stays in train.py.
 The last section is the same bookkeeping for sample.py: its flag and --out checks, the K-shot samples on
-disk that a resumed evaluation reads back instead of redrawing (OUT/run.json), its progress and report.
+disk that a resumed evaluation reads back instead of redrawing (OUT/run.json: same run, same weights),
+--deterministic, its progress and its report (saying when its networks are not the paper's).
 """
 import dataclasses
 import datetime
+import errno
+import hashlib
 import importlib.util
 import json
 import math
@@ -260,14 +264,50 @@ def stream_position(loader, d):
 
 # ----------------------------------------------------------------------------- logs
 
+class LostReaderStream:
+    """sys.stdout / sys.stderr of a CLI whose reader may go away (`| head`, a killed `| tee`, a closed
+    terminal: EPIPE or EIO on write). The first failed write or flush points the file descriptor at os.devnull
+    (the Python docs' SIGPIPE recipe), so it and every later write succeed silently: prints, progress bars,
+    C code writing to the descriptor and Python's flush at exit (no "Exception ignored ... BrokenPipeError",
+    the normal exit status) while the work goes on and checkpoints are still written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):                        # fileno, isatty, encoding, ... of the real stream
+        return getattr(self.stream, name)
+
+    def write(self, text):
+        return self._survive(self.stream.write, text) or len(text)
+
+    def flush(self):
+        self._survive(self.stream.flush)
+
+    def _survive(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+            return None
+
+
+def survive_lost_output():
+    """Every CLI calls this first: stdout and stderr become LostReaderStreams (progress bars, made later, write
+    through them too), so no command dies or loses work because its output went away."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, LostReaderStream):
+            setattr(sys, name, LostReaderStream(stream))
+
+
 def say(*args):
-    """print to stdout (above the progress bar); a closed pipe (`| head`, a killed `tee`) silences stdout
-    instead of stopping the run."""
-    try:
-        tqdm.write(" ".join(map(str, args)), file=sys.stdout)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python docs' SIGPIPE recipe
+    """print to stdout, above the progress bar."""
+    tqdm.write(" ".join(map(str, args)), file=sys.stdout)
+    sys.stdout.flush()
 
 
 class Logger:
@@ -432,25 +472,53 @@ def alignment_spaces(spec):
     return spaces
 
 
+def weights_fingerprint(model):
+    """sha256 (hex) of the weights that draw the samples: the model's state dict and its frozen encoder's, each
+    tensor's name, dtype, shape and bytes. A model retrained to the same path and step has another one."""
+    h = hashlib.sha256()
+    for part in (model, model.encoder):
+        for name, t in part.state_dict().items():
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())       # the raw bytes, whatever the dtype (bf16 too)
+    return h.hexdigest()
+
+
 def check_sample_resume(cfg, model, rank, world):
-    """sample.py --few-shot: samples on disk are reused only if they were drawn by the same run (else a
-    UserError: a new --out); rank 0 then records the run in OUT/run.json."""
+    """sample.py --few-shot: samples on disk are reused only if they were drawn by the same run, weights
+    included (else a UserError: a new --out); rank 0 then records the run in OUT/run.json."""
     run = {"ckpt": os.path.abspath(cfg.ckpt), "step": getattr(model, "checkpoint_step", None), "ema": cfg.ema,
-           "steps": cfg.steps, "gamma": cfg.gamma, "seed": cfg.seed, "data": cfg.data, "per_group": cfg.per_group,
-           "few_shot": cfg.few_shot, "image_size": model.config.image_size}
+           "weights_sha256": weights_fingerprint(model), "steps": cfg.steps, "gamma": cfg.gamma, "seed": cfg.seed,
+           "data": cfg.data, "per_group": cfg.per_group, "few_shot": cfg.few_shot,
+           "image_size": model.config.image_size}
     path = os.path.join(cfg.out, "run.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         differ = [k for k in run if old.get(k) != run[k]]
         if differ:
-            raise UserError(f"--out {cfg.out} holds samples of another run (differs in {', '.join(differ)}); "
-                            "use a new --out")
+            retrained = ": another model at the same path and step" if differ == ["weights_sha256"] else ""
+            raise UserError(f"--out {cfg.out} holds samples of another run (differs in {', '.join(differ)}"
+                            f"{retrained}); use a new --out")
     if world > 1:
         dist.barrier()                                   # every rank has read run.json before it is written
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         write_text(path, json.dumps(run, indent=1))
+
+
+def deterministic():
+    """sample.py --deterministic: GPU results that do not change between reruns, at some speed. By default cuDNN
+    convolutions run in TF32 (10-bit mantissa) and kernels are picked per shape and run, some with atomic
+    (unordered) sums; on CPUs results are deterministic already. Turns TF32 off (matmuls and convolutions),
+    cuDNN autotuning off, and makes torch use deterministic algorithms only (an op without one raises);
+    cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before its first call."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # PyTorch docs, "Reproducibility"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
 
 
 def save_sample(image, path):
@@ -482,14 +550,35 @@ def sample_progress(total, what):
                 disable=None if tty else False, dynamic_ncols=True)
 
 
-def kshot_report(cfg, results, n, feat_name, spaces):
-    """sample.py --few-shot's results: OUT/kshot.json and the App. H-style OUT/kshot.md table; both name every
-    network."""
-    summary = {"ckpt": cfg.ckpt, "data": cfg.data, "features": feat_name, "alignment_spaces": spaces, "n": n,
-               "k": cfg.few_shot, "steps": cfg.steps, "gamma": cfg.gamma, "seed": cfg.seed, "results": results}
+PAPER_FEATURES = "inception"                 # §7: FID (Heusel et al. 2017), defined on Inception-v3 pool3 features
+PAPER_ALIGNMENT = ("clip-b16", "dinov2-b14")  # §8.2, App. F: alignment in CLIP B/16 and DINOv2 B space
+
+
+def networks_warning(features, alignment):
+    """One line naming the networks of a K-shot report that are not the paper's, None when all are.
+    features: --features ("encoder", "inception" or a preset); alignment: the alignment encoders (.name,
+    .weights: None for a random init, which is never the paper's)."""
+    wrong = []
+    if features != PAPER_FEATURES:
+        source = "the checkpoint's encoder" if features == "encoder" else features
+        wrong.append(f"FID / precision / recall on {source} features, not Inception-v3 (§7: --features inception)")
+    names = sorted(e.name if e.weights else f"{e.name} (random init)" for e in alignment)
+    if names != sorted(PAPER_ALIGNMENT):
+        wrong.append(f"alignment in {', '.join(names)}, not CLIP B/16 and DINOv2 B (§8.2, App. F: "
+                     f"--alignment clip-b16=PATH,dinov2-b14=PATH)")
+    return "NOT THE PAPER'S NETWORKS, numbers not comparable with its: " + "; ".join(wrong) if wrong else None
+
+
+def kshot_report(cfg, results, n, feat_name, spaces, warning):
+    """sample.py --few-shot's results: OUT/kshot.json and the App. H-style OUT/kshot.md table, also printed;
+    all name every network, and carry `warning` (networks_warning) as one line when it is not None."""
+    summary = {"ckpt": cfg.ckpt, "data": cfg.data, "features": feat_name, "alignment_spaces": spaces,
+               "not_the_papers_networks": warning, "n": n, "k": cfg.few_shot, "steps": cfg.steps,
+               "gamma": cfg.gamma, "seed": cfg.seed, "results": results}
     write_text(os.path.join(cfg.out, "kshot.json"), json.dumps(summary, indent=1))
     table = [f"{cfg.few_shot}-shot on {cfg.data}: N = {n} test images and N samples, {cfg.steps} DDPM steps, "
-             f"gamma {cfg.gamma}, seed {cfg.seed}", f"FID / precision / recall features: {feat_name}"]
+             f"gamma {cfg.gamma}, seed {cfg.seed}", *([warning] if warning else []),
+             f"FID / precision / recall features: {feat_name}"]
     table += [f"alignment {i + 1}: mean cosine of each sample with its conditioning image in {s} (§8.2)"
               for i, s in enumerate(spaces)]
     table += ["", "| guidance | FID | precision | recall |" + "".join(f" alignment {i + 1} |" for i in range(len(spaces))),

@@ -1,6 +1,8 @@
 """sample.py: argument and output checks before any work, grids with labels and saved samples, the K-shot
 plan really run (§7), alignment against each sample's own conditioning image (§8.2), --batch bounding
-every call, and identical results for any --batch, any number of processes and a resumed run.
+every call, and identical results for any --batch, any number of processes and a resumed run (of the same
+weights only). Reports say when their networks are not the paper's; a closed output pipe loses nothing;
+--deterministic sets PyTorch's reproducibility flags.
 
 Most tests use StubModel, a copying "model" (§7's toy example: each sample is its conditioning image,
 plus optional noise drawn from (seed, sample index, w) as Semantica.sample's contract says), whose
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 import encoders
-from machinery import flags
+from machinery import flags, runs
 import sample
 import semantica
 import uvit
@@ -59,6 +61,9 @@ class StubModel:
                 g = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
                 out.append((c + self.noise * torch.randn(c.shape, generator=g) + self.shift * guidance).clamp(-1, 1))
         return torch.stack(out).view(len(cond_images), num_samples, *cond_images.shape[1:])
+
+    def state_dict(self):                     # its "weights", fingerprinted in OUT/run.json
+        return {"noise": torch.tensor(self.noise), "shift": torch.tensor(self.shift)}
 
 
 def write_pages(root, counts, seed=0):
@@ -293,7 +298,7 @@ def test_batch_splits_one_images_samples_and_resume_redraws_nothing(tmp_path):
         run([*args, "--batch", "4", "--seed", "1", "--out", str(tmp_path / "small")], StubModel(0.5))
 
 
-# ------------------------------------------------------------------------- processes (issue 18.2)
+# ------------------------------------------------------------------------------------ processes
 DRIVER = """import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import sample, test_sample
@@ -330,22 +335,26 @@ def test_two_gloo_processes_give_the_features_of_one(tmp_path):
 
 
 # ------------------------------------------------------------------- the real model (checkpoint)
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny-32 Semantica with a random tiny encoder, saved in train.py's format (semantica.py contract)."""
-    torch.manual_seed(0)
+def save_tiny_checkpoint(path, seed=0):
+    """A tiny-32 Semantica (init seeded by `seed`) with a random tiny encoder, saved at step 1000 in train.py's
+    format (semantica.py contract)."""
+    torch.manual_seed(seed)
     model = semantica.Semantica(uvit.PRESETS["tiny-32"], encoder=encoders.load_encoder("tiny", seed=3))
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
     state = model.state_dict()
     semantica.save_checkpoint(path, {**semantica.checkpoint_header(model), "model": state, "ema": state,
                                      "step": 1000, "ema_decay": 0.9})
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+
+
 @pytest.mark.filterwarnings("ignore:FID with")
 def test_real_model_batch_bounds_the_network_and_does_not_change_samples(ckpt, tmp_path):
     """One page of 5 images, K = 1 (5 samples of one image): --batch 2 keeps every network call <= 2 x 2
-    (guidance doubles it) and gives the samples of --batch 5 (issue 16.11)."""
+    (guidance doubles it) and gives the samples of --batch 5."""
     pages = write_pages(tmp_path / "d", [5])
     seen = {}
     for batch in (5, 2):
@@ -362,7 +371,7 @@ def test_real_model_batch_bounds_the_network_and_does_not_change_samples(ckpt, t
 
 @pytest.mark.slow                             # ~2 min on a loaded 2-core machine (20 s idle)
 def test_real_model_grid_does_not_depend_on_batch(ckpt, tmp_path):
-    """Issue 17: an image's variations do not depend on which other images share its call."""
+    """An image's variations do not depend on which other images share its call."""
     pages = write_pages(tmp_path / "d", [2])
     grid_a, grid_b = tmp_path / "a.png", tmp_path / "b.png"
     images = [str(pages / "page0" / f"{i}.png") for i in range(2)]
@@ -384,3 +393,98 @@ def test_missing_encoder_weights_is_a_one_line_error(tmp_path, capsys):
         sample.load_model(sample.parse_args(["--ckpt", str(path), "--images", "a.png"]), "cpu")
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--encoder-weights" in err[0] and str(path) in err[0]
+
+
+@pytest.mark.filterwarnings("ignore:FID with")
+def test_samples_of_a_model_retrained_to_the_same_path_and_step_are_not_reused(tmp_path, capsys):
+    """The default job writes runs/tiny/ckpt.pt at its last step whatever it learnt: a rerun into the same --out
+    must not score the old model's samples. Other weights at the same path and step: refused in one line,
+    nothing drawn; the same weights written again: accepted, its samples read back."""
+    pages, path, out = write_pages(tmp_path / "d", [4]), tmp_path / "ckpt.pt", tmp_path / "o"
+    args = ["--ckpt", str(path), "--few-shot", "1", "--data", str(pages), "--guidance", "0.5", "--steps", "1",
+            "--device", "cpu", "--out", str(out)]
+    save_tiny_checkpoint(path, seed=0)
+    sample.main(sample.parse_args(args))
+    drawn = {f.name: f.read_bytes() for f in (out / "samples_w0.5").iterdir()}
+    save_tiny_checkpoint(path, seed=1)                  # retrained: same path, same step, other weights
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.main(sample.parse_args(args))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "another run" in last and "weights" in last and "new --out" in last
+    assert {f.name: f.read_bytes() for f in (out / "samples_w0.5").iterdir()} == drawn
+    save_tiny_checkpoint(path, seed=0)                  # the first weights, in a new file
+    sample.main(sample.parse_args(args))
+    assert {f.name: f.read_bytes() for f in (out / "samples_w0.5").iterdir()} == drawn
+
+
+@pytest.mark.filterwarnings("ignore:FID with")
+def test_reports_say_in_one_line_when_their_networks_are_not_the_papers(tmp_path, capsys):
+    """The defaults (the checkpoint's encoder for FID and alignment) are neither §7's Inception-v3 nor §8.2's
+    CLIP B/16 and DINOv2 B: kshot.json, kshot.md and the console each carry one line saying so. Only
+    Inception features with both alignment spaces, with weights, are the paper's."""
+    pages = write_pages(tmp_path / "d", [4, 4])
+    run(["--few-shot", "1", "--data", str(pages), "--guidance", "0.5", "--steps", "1", "--out", str(tmp_path / "o")],
+        StubModel())
+    line = json.loads((tmp_path / "o" / "kshot.json").read_text())["not_the_papers_networks"]
+    assert "Inception-v3" in line and "CLIP B/16 and DINOv2 B" in line and "stub-pool" in line
+    assert (tmp_path / "o" / "kshot.md").read_text().splitlines().count(line) == 1
+    assert capsys.readouterr().out.splitlines().count(line) == 1
+    net = lambda name, weights="w.pth": SimpleNamespace(name=name, weights=weights)  # noqa: E731
+    assert runs.networks_warning("inception", [net("dinov2-b14"), net("clip-b16")]) is None
+    only_fid = runs.networks_warning("dinov2-l14", [net("clip-b16"), net("dinov2-b14")])
+    assert "dinov2-l14 features" in only_fid and "alignment" not in only_fid
+    for spaces in ([net("dinov2-b14")], [net("dinov2-b14", None), net("clip-b16")],
+                   [net("dinov2-l14"), net("clip-b16")]):
+        warning = runs.networks_warning("inception", spaces)
+        assert "alignment in" in warning and "Inception" not in warning
+
+
+@pytest.mark.parametrize("mode", ["grid", "few-shot"])
+def test_a_closed_output_pipe_loses_no_samples(ckpt, tmp_path, mode):
+    """`sample.py ... 2>&1 | head -0` (or a killed `tee`): prints, progress bars and the report go nowhere, the
+    run ends normally (status 0) with every sample and its report written."""
+    pages = write_pages(tmp_path / "d", [4])
+    out = ["--images", str(pages / "page0" / "0.png"), "--n", "2", "--out", str(tmp_path / "g.png")] \
+        if mode == "grid" else ["--few-shot", "1", "--data", str(pages), "--out", str(tmp_path / "o")]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--steps", "2",
+                          "--device", "cpu", *out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p.stdout.close()                                    # the reader is gone before the first write
+    assert p.wait(timeout=300) == 0
+    if mode == "grid":
+        assert (tmp_path / "g.png").exists() and len(list((tmp_path / "g").glob("img0_w0.5_s*.png"))) == 2
+    else:
+        assert json.loads((tmp_path / "o" / "kshot.json").read_text())["n"] == 4
+        assert len(list((tmp_path / "o" / "samples_w0.5").glob("*.png"))) == 4
+
+
+@pytest.fixture
+def torch_flags(monkeypatch):
+    """Restores the torch settings --deterministic changes (and CUBLAS_WORKSPACE_CONFIG) after a test."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")   # recorded as unset: removed again afterwards
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.are_deterministic_algorithms_enabled(), matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark,
+             cudnn.deterministic)
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[1:]
+
+
+def test_deterministic_turns_tf32_off_and_deterministic_algorithms_on(ckpt, tmp_path, torch_flags):
+    """--deterministic (GPUs): no TF32 matmuls or convolutions, no cuDNN autotuning, deterministic kernels only
+    and cuBLAS's fixed workspace (PyTorch's reproducibility settings). On a CPU the grid is the same image."""
+    image = str(write_pages(tmp_path / "d", [1]) / "page0" / "0.png")
+    grids = []
+    for flag in ("--no-deterministic", "--deterministic"):
+        out = tmp_path / f"{flag}.png"
+        sample.main(sample.parse_args(["--ckpt", ckpt, "--images", image, "--n", "2", "--steps", "2",
+                                       "--device", "cpu", flag, "--out", str(out)]))
+        grids.append(np.asarray(Image.open(out)))
+        if flag == "--no-deterministic":
+            assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 or torch.backends.cudnn.benchmark)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert np.array_equal(*grids)

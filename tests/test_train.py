@@ -1,5 +1,5 @@
-"""train.py: the default job's code path, §6.1 recipe (Adam, EMA), exact resume, reshard, signals, closed pipes,
-NaN stop, user errors (exit 2), conditioning cache, DDP and FSDP on gloo.
+"""train.py: the default job's code path, §6.1 recipe (Adam, EMA), exact resume, reshard, signals, closed pipes
+(train.py, data.py, metrics.py), NaN stop, user errors (exit 2), conditioning cache, DDP and FSDP on gloo.
 
 Expected values come from outside the code under test: hand-written Adam and EMA updates, the paper's
 constants typed in here, a single-process gradient on the full batch, uninterrupted runs.
@@ -203,6 +203,39 @@ def test_closed_pipe_then_ctrl_c_still_saves(tmp_path):
     step = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"]
     assert 1 <= step < 1000
     assert json.loads(open(tmp_path / "log.jsonl").readlines()[-1])["step"] == step
+
+
+def closed_pipe_run(*args):
+    """`python ARGS 2>&1 | head -0`: stdout and stderr go to one pipe whose reader is gone before the first
+    write (a killed `tee` is the same from its next write on) -> exit status."""
+    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p.stdout.close()
+    return p.wait(timeout=300)
+
+
+def test_a_closed_stdout_and_stderr_pipe_costs_no_checkpoint(tmp_path):
+    """Training, its prints and its progress bar on a vanished reader: the run ends normally (status 0) with
+    the checkpoint of its last step, the log of every step and the end-of-run files."""
+    assert closed_pipe_run("train.py", *FAST, "--steps", "2", "--out", str(tmp_path)) == 0
+    assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2]
+    assert (tmp_path / "variations_0000002.png").exists()
+
+
+@pytest.mark.parametrize("command", ["data", "metrics"])
+def test_data_and_metrics_commands_survive_a_closed_pipe(tmp_path, command):
+    """data.py encode (progress bar, then a JSON line) and metrics.py (a JSON report) with stdout and stderr on
+    a vanished reader: status 0 and the cache complete (meta.json is written last)."""
+    if command == "data":
+        args = ["data.py", "encode", "synthetic", str(tmp_path / "cache"), "--encoder", "tiny", "--random-encoder",
+                "--image-size", "32", "--pages", "4"]
+    else:
+        for name in ("real", "fake"):
+            np.save(tmp_path / f"{name}.npy", np.random.default_rng(len(name)).normal(size=(8, 3)))
+        args = ["metrics.py", str(tmp_path / "real.npy"), str(tmp_path / "fake.npy")]
+    assert closed_pipe_run(*args) == 0
+    assert command != "data" or (tmp_path / "cache" / "meta.json").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
