@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -370,6 +371,9 @@ def few_shot(cc, ckpt, test_source, k, guidances, out):
         if s["steps"] == cc.sample_steps and set(s["results"]) == {str(float(w)) for w in guidances} and \
                 os.path.getmtime(summary) > os.path.getmtime(ckpt):
             return s
+    run = os.path.join(out, "run.json")                  # samples of a checkpoint rewritten since (a retrained
+    if os.path.exists(run) and os.path.getmtime(run) < os.path.getmtime(ckpt):   # model): redrawn, not refused
+        shutil.rmtree(out)
     run_script("sample.py", ckpt=ckpt, few_shot=k, data=test_source, per_group=cc.per_page,
                guidance=tuple(float(w) for w in guidances), steps=cc.sample_steps, seed=cc.seed, out=out,
                batch=cc.sample_batch)

@@ -889,3 +889,32 @@ def test_a_rerun_over_the_cache_reports_the_computing_time(tmp_path):
     note = claims_report._reuse_note({"invocation": {"seconds": 12.0, "reused": ["networks", "train x"],
                                               "unrecorded": ["train x"]}})
     assert "0.2 min" in note and "reused 2 phase(s)" in note and "1 of them with no recorded computing time" in note
+
+
+def test_few_shot_redraws_the_samples_of_a_retrained_checkpoint_and_resumes_its_own(tmp_path, monkeypatch):
+    """sample.py refuses samples of other weights at the same path and step; claims.few_shot therefore clears an
+    eval folder whose run.json predates the checkpoint (a retrained model), and keeps one that does not (an
+    interrupted evaluation of this checkpoint, which sample.py resumes)."""
+    import claims
+    cc, ckpt, out = claims.PRESETS["quick"], tmp_path / "ckpt.pt", tmp_path / "eval"
+    calls = []
+
+    def fake_sample(script, **flags):                    # stands in for `python sample.py --few-shot ...`
+        calls.append(sorted(os.listdir(out)) if out.exists() else [])
+        out.mkdir(exist_ok=True)
+        (out / "kshot.json").write_text(json.dumps({"steps": cc.sample_steps, "results": {"0.0": {}}}))
+
+    monkeypatch.setattr(claims, "run_script", fake_sample)
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (out / "sample_0.png").write_text("old")
+    ckpt.write_text("new weights")
+    os.utime(out / "run.json", (1, 1))                   # samples started before the checkpoint was written
+    claims.few_shot(cc, str(ckpt), "test", 1, (0.0,), str(out))
+    assert calls == [[]]                                 # the old model's samples were gone before sampling
+
+    (out / "kshot.json").unlink()
+    (out / "run.json").write_text("{}")                  # this checkpoint's own, interrupted evaluation
+    (out / "sample_0.png").write_text("mine")
+    claims.few_shot(cc, str(ckpt), "test", 1, (0.0,), str(out))
+    assert calls[1] == ["run.json", "sample_0.png"]      # kept for sample.py to resume
