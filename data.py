@@ -328,6 +328,10 @@ def main(argv=None):
     fi.add_argument("--image-size", type=int, help="also store float16 conditioning tokens at this training size (§3.2)")
     fi.add_argument("--batch-size", type=int, default=64)
     fi.add_argument("--encoder-weights", "--weights", dest="weights", help="local encoder weights file")
+    for p in (sc, en, fi):
+        p.add_argument("--encoder-act", choices=encoders.CLIP_ACTIVATIONS, help="MLP activation of a CLIP weights file "
+                       "that does not record it (OpenCLIP visual.* state dicts): quick_gelu (OpenAI weights) or gelu "
+                       "(LAION, DataComp); default: from the file or the family")
     for p in (sh, fi):
         p.add_argument("--max-pixels", type=int, help="decompression-bomb limit (default: Pillow's; 0 = none)")
     sh.add_argument("--seed", type=int, default=0, help="synthetic pages' seed")
@@ -370,7 +374,8 @@ def main(argv=None):
         if is_pattern(args.source):                      # scan of page shards: counts, no image decoded
             return print(json.dumps(scan_shards(expand(args.source)), indent=1))
         kw = {"num_pages": args.pages, "seed": args.seed} if args.source == "synthetic" else {}
-        encoder = None if not args.encoder else encoders.load_encoder(args.encoder, args.weights, seed=args.seed)
+        encoder = None if not args.encoder else encoders.load_encoder(args.encoder, args.weights, seed=args.seed,
+                                                                      act=args.encoder_act)
         if args.cmd == "encode":
             pages, skipped = open_pages(args.source, args.image_size, max_pixels=args.max_pixels, **kw)
             if encode_cache_torchrun(pages, encoder, args.out, args.batch_size) == 0:
@@ -405,7 +410,7 @@ def shard_commands(args):
             kw = {"num_pages": args.pages, "seed": args.seed} if args.source == "synthetic" else {}
             records = records_from_pages(open_pages(args.source, args.size, max_pixels=args.max_pixels, **kw)[0])
         return print(json.dumps(write_shards(records, args.out, args.per_shard, skipped), indent=1))
-    encoder = encoders.load_encoder(args.encoder, args.weights, seed=args.seed)
+    encoder = encoders.load_encoder(args.encoder, args.weights, seed=args.seed, act=args.encoder_act)
     band = filter_band(encoder.name) if args.filter_low is None or args.filter_high is None else None
     low = args.filter_low if args.filter_low is not None else band[0]
     high = args.filter_high if args.filter_high is not None else band[1]

@@ -418,6 +418,7 @@ _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gel
 _JIT_ACT = {"QuickGELU": "quick_gelu", "GELU": "gelu"}  # class of the MLP's `gelu` module: clip/model.py, open_clip
 _FAMILY_ACT = {"dinov2": "gelu", "mae": "gelu", "siglip": "gelu_tanh"}  # every release of these families; CLIP: two
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+CLIP_ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI weights (QuickGELU); open_clip's nn.GELU (LAION, DataComp)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile's OptimizedModule
 
 
@@ -470,8 +471,8 @@ def _activation(family, hf, act, file):
         raise ValueError(f"{file}: this {FAMILY_NAMES[family]} file runs activation {known}, not act={act!r}")
     if known is None and act is None:
         raise ValueError(f"{file}: a CLIP image tower whose file does not record its MLP activation (an OpenCLIP "
-                         f"visual.* state dict, or no config.json): state it, act='quick_gelu' (OpenAI weights, "
-                         f"open_clip -quickgelu models) or act='gelu' (open_clip's nn.GELU: LAION, DataComp)")
+                         f"visual.* state dict, or no config.json): state it, act= / --encoder-act: quick_gelu (OpenAI "
+                         f"weights, open_clip -quickgelu models) or gelu (open_clip's nn.GELU: LAION, DataComp)")
     return known or act
 
 

@@ -23,7 +23,7 @@ rounding (TF32 convolutions, kernels picked by shape), and --deterministic makes
 K-shot samples on disk (OUT/samples_w{w}/cond{test image}_s{j}.png) are read back instead of redrawn when
 the weights are the same (their fingerprint); features are always taken from the 8-bit images as written,
 so a resumed run gives the same numbers. Reports say in one line when their networks are not the paper's
-(Inception-v3 for FID, §7; CLIP B/16 and DINOv2 B for alignment, §8.2). Bookkeeping: machinery/runs.py.
+(Inception-v3 for FID, §7; CLIP B/16 and DINOv2 B for alignment, §8.2). Bookkeeping: machinery/sample_runs.py.
 """
 import argparse
 import os
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
-from machinery import backends, flags, runs
+from machinery import backends, flags, runs, sample_runs
 import data
 from pages import images
 import diffusion
@@ -61,6 +61,7 @@ class SampleConfig:
     feature_weights: str = ""          # weights file of --features (inception: pt_inception-2015-12-05-6726825d.pth)
     alignment: str = "encoder"         # alignment spaces NAME=WEIGHTS,...; encoder = the checkpoint's (DESIGN: needs no weight file); the paper's (§8.2): dinov2-b14=PATH,clip-b16=PATH
     encoder_weights: str = ""          # the checkpoint's encoder weights, where they are not at the stored path
+    encoder_act: str = ""              # MLP activation of the clip-* files of --features / --alignment that do not record it (OpenCLIP visual.* state dicts): quick_gelu (OpenAI weights) or gelu (LAION, DataComp); none: from the file
     ema: bool = True                   # sample from the EMA weights (--no-ema: the raw weights)
     batch: int = 64                    # samples per sampling call (with guidance the network sees at most 2x)
     device: str = ""                   # cpu, cuda, cuda:1; default cuda when available (torchrun: cuda:LOCAL_RANK)
@@ -78,12 +79,13 @@ def parse_args(argv=None):
     """Flags from SampleConfig (help = the field comments); numbers and --out are checked here, before
     any model is loaded. Errors: argparse's one-line message, exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    flags.add_flags(parser, SampleConfig, os.path.abspath(__file__), vars(SampleConfig()), types=TYPES)
+    flags.add_flags(parser, SampleConfig, os.path.abspath(__file__), vars(SampleConfig()),
+                    {"encoder_act": encoders.CLIP_ACTIVATIONS}, TYPES)
     args = vars(parser.parse_args(argv))
     if args["guidance"] is not SampleConfig.guidance:  # nargs="+" of comma lists -> one flat tuple
         args["guidance"] = tuple(v for vs in args["guidance"] for v in vs)
     cfg = SampleConfig(**{**args, "images": tuple(args["images"])})
-    problem = runs.check_sample_config(cfg)
+    problem = sample_runs.check_config(cfg)
     if problem:
         parser.error(problem)  # before any model loads: one line, exit 2
     return cfg
@@ -104,18 +106,6 @@ def load_model(cfg, device):
     except (OSError, ValueError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(message if cfg.ckpt in message else f"{cfg.ckpt}: {message}")
-
-
-def describe(encoder):
-    """A network's name and where its weights came from, for tables."""
-    src = os.path.basename(encoder.weights.rstrip("/")) if encoder.weights else \
-        f"random init, seed {getattr(encoder, 'seed', None)}"
-    return f"{encoder.name} ({src})"
-
-
-def quantize(x):
-    """[-1, 1] -> the values an 8-bit PNG of x reads back as (images.save_png's rounding)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
 def calls(rows):
@@ -142,7 +132,7 @@ def draw(model, rows, cond_of, guidance, cfg, device):
     for ks, s0, m in calls(rows):
         x = model.sample(cond_of(ks).to(device), num_samples=m, steps=cfg.steps, guidance=guidance, gamma=cfg.gamma,
                          seed=cfg.seed, first_index=ks[0], first_sample=s0)     # (len(ks), m, 3, S, S)
-        out.append(quantize(x.flatten(0, 1)).cpu())
+        out.append(sample_runs.quantize(x.flatten(0, 1)).cpu())
     return torch.cat(out)
 
 
@@ -159,7 +149,7 @@ def grid(cfg, model, device):
     cond = torch.stack(cond).to(device)                                    # (B, 3, S, S)
     rows = [(i, j) for i in range(len(cond)) for j in range(cfg.n)]        # noise of sample j of image i: (seed, i, j)
     out = torch.empty(len(cond), len(cfg.guidance), cfg.n, 3, size, size)
-    with runs.sample_progress(len(rows) * len(cfg.guidance), "sampling") as bar:
+    with sample_runs.progress(len(rows) * len(cfg.guidance), "sampling") as bar:
         for g, w in enumerate(cfg.guidance):
             for a in range(0, len(rows), cfg.batch):
                 chunk = rows[a:a + cfg.batch]
@@ -170,10 +160,10 @@ def grid(cfg, model, device):
     stem = os.path.splitext(cfg.out)[0]
     os.makedirs(stem, exist_ok=True)
     for i in range(len(cond)):
-        runs.save_sample(cond[i], os.path.join(stem, f"img{i}_cond.png"))
+        sample_runs.save_sample(cond[i], os.path.join(stem, f"img{i}_cond.png"))
         for g, w in enumerate(cfg.guidance):
             for j in range(cfg.n):
-                runs.save_sample(out[i, g, j], os.path.join(stem, f"img{i}_w{w}_s{j}.png"))
+                sample_runs.save_sample(out[i, g, j], os.path.join(stem, f"img{i}_w{w}_s{j}.png"))
     tmp = f"{stem}.tmp{os.getpid()}{os.path.splitext(cfg.out)[1]}"
     labeled_grid(cond.cpu(), out, cfg.guidance).save(tmp)
     os.replace(tmp, cfg.out)
@@ -250,29 +240,30 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
     features and writes OUT/kshot.json, OUT/kshot.md and OUT/features_*.npy."""
     pages, items, plan = plan
     size = model.config.image_size
-    runs.check_sample_resume(cfg, model, rank, world)
+    sample_runs.check_resume(cfg, model, rank, world)
     load = lambda idx: torch.stack([pages.image(*items[j], size) for j in idx])
+    act = lambda name: (cfg.encoder_act or None) if name.startswith("clip-") else None   # --encoder-act: CLIP files
     if cfg.features == "encoder":                      # DESIGN: the checkpoint's frozen encoder (global embedding)
-        feat_name, features = f"{describe(model.encoder)} global embedding", lambda x: embed(model.encoder, x)
+        feat_name, features = f"{sample_runs.describe(model.encoder)} global embedding", lambda x: embed(model.encoder, x)
     else:
         try:
-            net = metrics.feature_network(cfg.features, cfg.feature_weights or None, device)
+            net = metrics.feature_network(cfg.features, cfg.feature_weights or None, device, act=act(cfg.features))
         except (OSError, ValueError, KeyError) as e:
             fail(f"--features {cfg.features}: {e}")
         feat_name, features = net.name, net
     spaces = {}                                         # label -> encoder: the §8.2 alignment columns
-    for name, weights in runs.alignment_spaces(cfg.alignment):
+    for name, weights in sample_runs.alignment_spaces(cfg.alignment):
         try:
-            enc = model.encoder if name == "encoder" else encoders.load_encoder(name, weights).to(device).eval()
+            enc = model.encoder if name == "encoder" else encoders.load_encoder(name, weights, act=act(name)).to(device).eval()
         except (OSError, ValueError, KeyError) as e:
             fail(f"--alignment {name}={weights}: {e}")
-        spaces[describe(enc) + (", the checkpoint's encoder" if name == "encoder" else "")] = enc
+        spaces[sample_runs.describe(enc) + (", the checkpoint's encoder" if name == "encoder" else "")] = enc
     conds, counts = [c for c, _ in plan], [n for _, n in plan]
     rows = [(k, s) for k, n in enumerate(counts) for s in range(n)]   # sample s of conditioning image k
     lo, hi = rank * len(rows) // world, (rank + 1) * len(rows) // world
     if rank == 0:
         real = []
-        with runs.sample_progress(len(items), "test image features") as bar:
+        with sample_runs.progress(len(items), "test image features") as bar:
             for a in range(0, len(items), cfg.batch):
                 real.append(features(load(range(a, min(a + cfg.batch, len(items)))).to(device)).cpu().numpy())
                 bar.update(len(real[-1]))
@@ -287,7 +278,7 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
         folder = os.path.join(cfg.out, f"samples_w{w}")
         os.makedirs(folder, exist_ok=True)
         feats, embs = [], {k: [] for k in spaces}
-        with runs.sample_progress(hi - lo, f"guidance {w}" + (f" rank {rank}" if world > 1 else "")) as bar:
+        with sample_runs.progress(hi - lo, f"guidance {w}" + (f" rank {rank}" if world > 1 else "")) as bar:
             for a in range(lo, hi, cfg.batch):
                 chunk = rows[a:min(a + cfg.batch, hi)]
                 paths = [os.path.join(folder, f"cond{conds[k]:06d}_s{s}.png") for k, s in chunk]
@@ -295,14 +286,14 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
                 todo = []
                 for k, p in enumerate(paths):
                     if os.path.exists(p):
-                        x[k] = runs.read_sample(p)              # resumed: not redrawn
+                        x[k] = sample_runs.read_sample(p)       # resumed: not redrawn
                     else:
                         todo.append(k)
                 if todo:                                # noise of row (k, s): (seed, k, s), whatever the split
                     x[todo] = draw(model, [rows[a + k] for k in todo], lambda ks: load([conds[k] for k in ks]),
                                    w, cfg, device)
                     for k in todo:
-                        runs.save_sample(x[k], paths[k])
+                        sample_runs.save_sample(x[k], paths[k])
                 feats.append(features(x.to(device)).cpu())
                 for k, e in spaces.items():
                     embs[k].append(embed(e, x.to(device)).cpu())
@@ -323,8 +314,8 @@ def few_shot(cfg, model, device, plan, rank=0, world=1):
         print(f"guidance {w}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items() if k in ("fid", "precision", "recall"))
               + "".join(f", alignment [{k}] {v:.4g}" for k, v in res["alignment"].items()), flush=True)
     if rank == 0:
-        runs.kshot_report(cfg, results, len(items), feat_name, list(spaces),
-                          runs.networks_warning(cfg.features, spaces.values()))
+        sample_runs.kshot_report(cfg, results, len(items), feat_name, list(spaces),
+                                 sample_runs.networks_warning(cfg.features, spaces.values()))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -334,19 +325,19 @@ def main(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.few_shot:
         fail("grids run in one process; torchrun is for --few-shot")
     if cfg.deterministic:
-        runs.deterministic()                            # before the first CUDA call
+        sample_runs.deterministic()                     # before the first CUDA call
     d = backends.setup_distributed(cfg.device)
     try:
         model = load_model(cfg, d.device)
         if d.rank == 0:
             print(f"{cfg.ckpt}: step {getattr(model, 'checkpoint_step', '?')}, {model.config.image_size} px, "
-                  f"{'EMA' if cfg.ema else 'raw'} weights, encoder {describe(model.encoder)}, {cfg.steps} DDPM steps, "
-                  f"{d.world} process(es) on {d.device}", flush=True)
+                  f"{'EMA' if cfg.ema else 'raw'} weights, encoder {sample_runs.describe(model.encoder)}, "
+                  f"{cfg.steps} DDPM steps, {d.world} process(es) on {d.device}", flush=True)
         if cfg.few_shot:
             few_shot(cfg, model, d.device, plan, d.rank, d.world)
         else:
             grid(cfg, model, d.device)
-    except runs.UserError as e:             # samples of another run in --out (runs.check_sample_resume)
+    except runs.UserError as e:             # samples of another run in --out (sample_runs.check_resume)
         fail(str(e))
     finally:
         if dist.is_initialized():

@@ -6,7 +6,7 @@ Recipe (§6.1): Adam (beta1 0.9, beta2 0.99, eps 1e-12), lr 2e-4, batch 2048, EM
 averaging") 0.9999, v-prediction with eps-space loss, ~300K steps; pairs filtered by encoder
 cosine similarity (§5, App. C: DINOv2 [0.3, 0.9], SigLIP/CLIP 0.65).
 
-    python train.py                                            # tiny-32 on synthetic pages, CPU, < 10 min
+    python train.py                                            # tiny-32 on synthetic pages, CPU, 3-11 min
     python train.py --res 256 --data DIR --encoder-weights dinov2_vitb14_pretrain.pth   # §6.1 baseline
     torchrun --standalone --nproc_per_node=8 train.py --res 256 --data DIR --encoder-weights ...
     torchrun --standalone --nproc_per_node=8 train.py --res 512 --data DIR --encoder-weights ...  # FSDP
@@ -57,6 +57,7 @@ class TrainConfig:
     conditioning: str = "cross_attention"  # cross_attention (encoder tokens) or film (global feature); §6.2: cross-attention wins
     encoder: str = "dinov2-b14"        # frozen encoder preset (encoders.ENCODER_PRESETS); dinov2-b14 is the §6.1 baseline
     encoder_weights: str = ""          # the encoder's official weight file (required for real encoders)
+    encoder_act: str = ""              # MLP activation of an --encoder-weights file that does not record it (OpenCLIP visual.* state dicts): quick_gelu (OpenAI weights) or gelu (LAION, DataComp); none: from the file or the family
     random_encoder: bool = False       # allow a randomly initialised encoder (smoke runs only)
     data: str = "synthetic"            # image folder ROOT/<page>/<image>, manifest (.jsonl/.csv), "synthetic", or page shards 'DIR/{000000..000999}.tar' (streamed)
     cond_cache: str = ""               # precomputed conditioning (python data.py encode): train without running the encoder (§3.2); "shards": the tokens in the --data shards (data.py filter --image-size)
@@ -99,7 +100,7 @@ class TrainConfig:
 # Applied before explicit flags. Unlisted fields keep the paper defaults above.
 RES_PRESETS = {
     # DEVIATION: CPU default job. A 32 px model, a random tiny encoder and 512 synthetic pages so that
-    # `python train.py` learns visibly in < 10 min on 2 cores: batch 32 instead of 2048, lr 1e-3, and
+    # `python train.py` learns visibly in 3-11 min on 2 cores: batch 32 instead of 2048, lr 1e-3, and
     # EMA 0.99 because the run is 600 steps (with 0.995 the EMA at step 350 still holds 0.995^350 = 17 %
     # of the random init and samples are noise, while the raw weights already draw objects). No filter.
     32: dict(model="tiny-32", encoder="tiny", random_encoder=True, num_pages=512, filter_low=-1.0,
@@ -116,7 +117,7 @@ RES_PRESETS = {
               out="runs/semantica-512", log_every=100, ckpt_every=2000, sample_every=20_000),
 }
 CHOICES = {"conditioning": ("cross_attention", "film"), "pairs": ("page", "same"),
-           "backend": ("auto", "single", "ddp", "xla")}
+           "backend": ("auto", "single", "ddp", "xla"), "encoder_act": encoders.CLIP_ACTIVATIONS}
 
 
 def parse_args(argv=None):
@@ -166,10 +167,10 @@ def load_frozen_encoder(cfg, identity=None):
         if identity is not None:
             return semantica.build_encoder(identity, weights=cfg.encoder_weights or None)
         if cfg.encoder_weights:
-            return encoders.load_encoder(cfg.encoder, weights=cfg.encoder_weights)
+            return encoders.load_encoder(cfg.encoder, weights=cfg.encoder_weights, act=cfg.encoder_act or None)
+        return encoders.load_encoder(cfg.encoder, seed=cfg.seed, act=cfg.encoder_act or None)  # --random-encoder (check_paths)
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"encoder {cfg.encoder}: {e}") from e
-    return encoders.load_encoder(cfg.encoder, seed=cfg.seed)  # --random-encoder (check_paths)
 
 
 def build_model(cfg, encoder):
@@ -229,7 +230,7 @@ def stream_dataset(cfg, image_size, encoder, d):
     try:
         dataset = stream.ShardStream(cfg.data, image_size, cfg.pairs, (cfg.filter_low, cfg.filter_high) if filtered
                                      else None, "tokens" if tokens else "pixels", cfg.seed, d.rank, d.world,
-                                     cfg.shuffle_buffer, max_pixels(cfg.max_pixels))
+                                     cfg.shuffle_buffer, max_pixels(cfg.max_pixels), encoder=encoder)
         _, first = shards.first_page(dataset.urls, shards.PROBE_SHARDS, quiet=True)   # logged by check_paths
     except ValueError as e:
         raise UserError(f"--data {cfg.data}: {e}") from e
@@ -323,20 +324,13 @@ def main(cfg):
     if ckpt is not None:
         backends.load_optimizer(model, opt, ckpt["optimizer"], d)
 
-    # Data: page pairs filtered with the frozen encoder (on d.device). Inputs known good: only now does OUT
-    # get the run's files (a refused run leaves no folder, config or log).
+    # Data: page pairs filtered with the frozen encoder (on d.device). Per-rank, infinite; each rank skips the
+    # batches it consumed: step x accumulation. With the same world that is exact; resharded it continues from
+    # the same number of global samples (step x batch). A stream continues from its recorded per-reader position
+    # (no XLA device loader: it would read ahead); its refusals (no usable page, changed shards) come here.
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)
     pages_id = runs.check_resume_pages(ckpt, cfg, dataset, tell)
     header = {**header, "train_pages": pages_id} if pages_id else header  # train-only: the synthetic pages drawn
-    os.makedirs(cfg.out, exist_ok=True)
-    window = ckpt.get("log_window") if ckpt is not None else None   # a log window cut short by a stop
-    logger = runs.Logger(cfg, d, start_step, cut_window=window is not None)
-    if d.is_main:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-    # Per-rank, infinite; each rank skips the batches it consumed: step x accumulation. With the same world
-    # that is exact; resharded it continues from the same number of global samples (step x batch). A stream
-    # continues from its recorded per-reader position (no XLA device loader: it would read ahead).
     data_position, streaming = start_step * accum, isinstance(dataset, stream.ShardStream)
     start = ckpt["data_position"]["ranks"][d.rank] if streaming and ckpt is not None else data_position
     try:
@@ -345,6 +339,13 @@ def main(cfg):
         raise UserError(f"--data {cfg.data}: {e}") from e
     batches = iter(backends.xla_loader(loader, d) if d.kind == "xla" and not streaming else loader)
     grid = grid_inputs(dataset, cfg, d.device)
+    # Inputs known good: only now does OUT get the run's files (a refused run leaves no folder, config or log).
+    os.makedirs(cfg.out, exist_ok=True)
+    window = ckpt.get("log_window") if ckpt is not None else None   # a log window cut short by a stop
+    logger = runs.Logger(cfg, d, start_step, cut_window=window is not None)
+    if d.is_main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
     del ckpt
 
     # Loop: one optimiser step = `accum` micro-steps (Eq. 3 loss, backward), gradient reduction, Adam, EMA.

@@ -258,13 +258,23 @@ def preprocess(images):
     return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
 
 
+def strip_prefixes(key):
+    """encoders.strip_prefixes, the one key rule of every file the project reads, repeated (this module imports
+    no project module: scripts/make_inception_goldens.py runs in a venv without einops): "module." /
+    "_orig_mod." prefixes of a wrapped or compiled model, in any order and number, are removed."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def load_inception(path, map_location="cpu"):
     """Build `InceptionV3FID` from a local `pt_inception-2015-12-05-6726825d.pth`, strictly.
 
     Raises FileNotFoundError / ValueError naming the file and the mismatch (missing, unexpected
     or mis-shaped keys) for anything that is not that network's state dict. The only tolerated
     difference is absent BatchNorm `num_batches_tracked` counters (an older-PyTorch state dict;
-    the counter has no effect in eval mode, and PyTorch itself accepts such files)."""
+    the counter has no effect in eval mode, and PyTorch itself accepts such files); "module." / "_orig_mod."
+    key prefixes are stripped (strip_prefixes)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights not found: {path} (get pytorch-fid's {WEIGHTS_FILE} "
                                 f"from {WEIGHTS_URL}; nothing is downloaded automatically)")
@@ -279,6 +289,7 @@ def load_inception(path, map_location="cpu"):
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors ({WEIGHTS_FILE}), got "
                          f"{type(state).__name__} with keys {list(state)[:5] if isinstance(state, dict) else ''}")
+    state = {strip_prefixes(k): v for k, v in state.items()}
     net = InceptionV3FID()
     expected = net.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]

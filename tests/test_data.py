@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -487,6 +488,27 @@ def test_cli_encode_writes_a_cache_train_can_check(tmp_path, capsys):
     assert "encode [tiny]" in out.err                                            # progress bar
     embeddings.CondCache(tmp_path / "c").check(synthetic.SyntheticPages(4, 16, seed=3), encoders.load_encoder("tiny", seed=3))
     assert "--overwrite" in _user_error(argv, capsys)                            # nothing replaced silently
+
+
+def test_cli_encode_takes_the_activation_an_openclip_file_does_not_record(tmp_path, capsys):
+    """An OpenCLIP `visual.*` state dict (the tiny OpenAI-layout CLIP of tests/data/encoders, re-saved as open_clip
+    does) cannot say QuickGELU from GELU: refused in one line naming --encoder-act, encoded once it is given."""
+    with warnings.catch_warnings():                               # torch 2.13: "torch.jit.load is deprecated"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sd = torch.jit.load(os.path.join(ROOT, "tests", "data", "encoders", "clip_openai.pt")).state_dict()
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    argv = ["encode", "synthetic", str(tmp_path / "c"), "--encoder", "clip-custom", "--encoder-weights",
+            str(tmp_path / "open_clip_pytorch_model.bin"), "--image-size", "16", "--pages", "2"]
+    assert "act= / --encoder-act: quick_gelu" in _user_error(argv, capsys)
+    assert not (tmp_path / "c").exists()
+    data.main(argv + ["--encoder-act", "gelu"])
+    assert json.loads(capsys.readouterr().out)["encoder"] == "clip-custom"
+    x = synthetic.SyntheticPages(2, 16).image(0, 0)[None]                 # the pages `encode synthetic` reads
+    cached = embeddings.CondCache(tmp_path / "c").get(0, 0, "global")
+    towers = [encoders.from_checkpoint(tmp_path / "open_clip_pytorch_model.bin", act=act) for act in ("gelu", "quick_gelu")]
+    with torch.no_grad():   # the towers as stated (tests/test_encoders.py checks both against a hand-built CLIP)
+        gelu, quick = (t(t.preprocess(x))[0][0] for t in towers)
+    assert torch.allclose(cached, gelu, atol=1e-5) and not torch.allclose(cached, quick, atol=1e-3)
 
 
 @pytest.mark.slow

@@ -62,6 +62,19 @@ def test_state_dict_without_bn_counters_loads(state, tmp_path):
                        state["Mixed_6e.branch7x7dbl_5.bn.running_var"])
 
 
+def test_wrapper_prefixes_load_the_same_network(net, state, tmp_path):
+    """A file saved from a DDP-wrapped or compiled model ("module." / "_orig_mod." in any order, the one key
+    rule of every file read): the same network, the same pytorch-fid golden features."""
+    g = np.load(GOLDENS)
+    x = _to_signed(g["images_64"])
+    for prefix in ("_orig_mod.module.", "module.module."):
+        path = tmp_path / f"{prefix}pth"
+        torch.save({prefix + k: v for k, v in state.items()}, path)
+        out = inception.load_inception(str(path))(x)
+        assert torch.equal(out, net(x))
+        assert (out - torch.from_numpy(g["features_64"])).abs().max() <= 1e-4
+
+
 def test_wrong_files_give_clear_errors(state, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         inception.load_inception(str(tmp_path / "nowhere.pth"))

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import encoders
-from machinery import flags, runs
+from machinery import flags, sample_runs
 import sample
 import semantica
 import uvit
@@ -431,12 +431,12 @@ def test_reports_say_in_one_line_when_their_networks_are_not_the_papers(tmp_path
     assert (tmp_path / "o" / "kshot.md").read_text().splitlines().count(line) == 1
     assert capsys.readouterr().out.splitlines().count(line) == 1
     net = lambda name, weights="w.pth": SimpleNamespace(name=name, weights=weights)  # noqa: E731
-    assert runs.networks_warning("inception", [net("dinov2-b14"), net("clip-b16")]) is None
-    only_fid = runs.networks_warning("dinov2-l14", [net("clip-b16"), net("dinov2-b14")])
+    assert sample_runs.networks_warning("inception", [net("dinov2-b14"), net("clip-b16")]) is None
+    only_fid = sample_runs.networks_warning("dinov2-l14", [net("clip-b16"), net("dinov2-b14")])
     assert "dinov2-l14 features" in only_fid and "alignment" not in only_fid
     for spaces in ([net("dinov2-b14")], [net("dinov2-b14", None), net("clip-b16")],
                    [net("dinov2-l14"), net("clip-b16")]):
-        warning = runs.networks_warning("inception", spaces)
+        warning = sample_runs.networks_warning("inception", spaces)
         assert "alignment in" in warning and "Inception" not in warning
 
 

@@ -394,6 +394,7 @@ def test_train_with_no_usable_page_is_a_one_line_error(filtered, tmp_path, caplo
     with pytest.raises(train.UserError, match="no usable page") as e:
         run(tmp_path / "single_run", pattern, "--steps", "1", "--random-encoder", "--num-workers", "0")
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "single_run").exists()         # refused when the stream is planned: no folder, config or log
     nothing = copy_shards(filtered[0], str(tmp_path / "none"), [f"{s:06d}.tar" for s in range(8)],
                           lambda meta, members: meta["filter"].update(pairs=[]))     # a band that kept no pair
     with pytest.raises(train.UserError, match="no usable page.*the band kept no pair"):
@@ -648,6 +649,18 @@ def test_a_stream_uses_only_pages_filtered_by_the_runs_encoder(filtered):
         stream.StreamLoader(ds, 2)
     ds = stream.ShardStream(filtered[0], SIZE, "page", band=(0.3, 0.9), encoder=encoders.load_encoder("tiny", seed=0))
     next(iter(stream.StreamLoader(ds, 2)))
+
+
+def test_train_refuses_shards_filtered_by_another_encoder(written, tmp_path):
+    """§5: the filter's encoder is the one that conditions. Shards filtered by the tiny encoder of random seed 5
+    give a run with the seed-0 tiny encoder no pair: one line before training, no OUT; seed 5 trains on them."""
+    _, pattern, _ = written
+    data.main(["filter", pattern, str(tmp_path / "f5"), *FILTER, "--seed", "5"])
+    seed5, band = os.path.join(str(tmp_path / "f5"), os.path.basename(pattern)), ["--filter-low", "0.3", "--filter-high", "0.9"]
+    with pytest.raises(train.UserError, match="no usable page.*none filtered with this band and encoder") as e:
+        run(tmp_path / "other", seed5, "--steps", "1", "--num-workers", "0", *band)
+    assert "\n" not in str(e.value) and not (tmp_path / "other").exists()
+    assert run(tmp_path / "same", seed5, "--steps", "1", "--num-workers", "0", "--seed", "5", *band)["step"] == 1
 
 
 # ----------------------------------------------------------------------------- page ids that are not clean
