@@ -423,6 +423,6 @@ def shard_commands(args):
 
 
 if __name__ == "__main__":
-    from machinery import runs
-    runs.survive_lost_output()  # `| head`, a killed `| tee`: the command goes on
+    from machinery import flags
+    flags.survive_lost_output()  # `| head`, a killed `| tee`: the command goes on
     main()

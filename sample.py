@@ -345,5 +345,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    runs.survive_lost_output()  # `| head`, a killed `| tee`: sampling goes on
+    flags.survive_lost_output()  # `| head`, a killed `| tee`: sampling goes on
     main(parse_args())

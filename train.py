@@ -409,7 +409,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    runs.survive_lost_output()  # `| head`, a killed `| tee`: training goes on
+    flags.survive_lost_output()  # `| head`, a killed `| tee`: training goes on
     cfg = parse_args()
     try:
         if cfg.backend == "xla":  # one process per TPU device; XLA devices are touched only inside

@@ -769,6 +769,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from machinery import runs
-    runs.survive_lost_output()  # `| head`, a killed `| tee`: the run goes on
+    from machinery import flags
+    flags.survive_lost_output()  # `| head`, a killed `| tee`: the run goes on
     main()

@@ -1,4 +1,5 @@
-"""Command-line flags from a config dataclass, the one helper of train.py and sample.py.
+"""The command line: flags from a config dataclass (the one helper of train.py and sample.py), and output
+that survives its reader (every command's first call).
 
 Machinery, not the paper: one flag per field of a config dataclass (`TrainConfig`, `SampleConfig`),
 `--field-name`, whose help text is the field's end-of-line comment in the source (the one place each setting
@@ -6,8 +7,11 @@ is described) followed by its default; bools as --x / --no-x, tuples as one or m
 typed, ranged numbers whose bad values are argparse's one-line errors (exit status 2).
 """
 import argparse
+import errno
 import math
+import os
 import re
+import sys
 from dataclasses import fields
 from typing import Optional
 
@@ -64,3 +68,43 @@ def device(text):
     if not re.fullmatch(r"|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+class LostReaderStream:
+    """sys.stdout / sys.stderr of a CLI whose reader may go away (`| head`, a killed `| tee`, a closed
+    terminal: EPIPE or EIO on write). The first failed write or flush points the file descriptor at os.devnull
+    (the Python docs' SIGPIPE recipe), so it and every later write succeed silently: prints, progress bars,
+    C code writing to the descriptor and Python's flush at exit (no "Exception ignored ... BrokenPipeError",
+    the normal exit status) while the work goes on and checkpoints are still written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):                        # fileno, isatty, encoding, ... of the real stream
+        return getattr(self.stream, name)
+
+    def write(self, text):
+        return self._survive(self.stream.write, text) or len(text)
+
+    def flush(self):
+        self._survive(self.stream.flush)
+
+    def _survive(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+            return None
+
+
+def survive_lost_output():
+    """Every CLI calls this first: stdout and stderr become LostReaderStreams (progress bars, made later, write
+    through them too), so no command dies or loses work because its output went away."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, LostReaderStream):
+            setattr(sys, name, LostReaderStream(stream))

@@ -12,7 +12,6 @@ Shared: `UserError` (sample_runs.py raises it too) and `survive_lost_output`, wh
 """
 import dataclasses
 import datetime
-import errno
 import importlib.util
 import json
 import math
@@ -29,10 +28,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from machinery import backends
-import data
 from pages import embeddings
 import encoders
 from pages import images
+from pages import pairs
 import semantica
 from pages import shards
 from pages import stream
@@ -81,14 +80,14 @@ def filter_band(cfg):
     a band pairs.check_band refuses (one flag given, the other's default on its wrong side)."""
     if cfg.filter_low is None or cfg.filter_high is None:
         try:
-            low, high = data.filter_band(cfg.encoder)
+            low, high = pairs.filter_band(cfg.encoder)
         except (KeyError, ValueError) as e:
             raise UserError(f"no App. C filter band for --encoder {cfg.encoder} ({e}): pass --filter-low and "
                             f"--filter-high") from e
         cfg = dataclasses.replace(cfg, filter_low=low if cfg.filter_low is None else cfg.filter_low,
                                   filter_high=high if cfg.filter_high is None else cfg.filter_high)
     try:
-        data.check_band(cfg.filter_low, cfg.filter_high)
+        pairs.check_band(cfg.filter_low, cfg.filter_high)
     except ValueError as e:
         raise UserError(f"--filter-low/--filter-high: {e}") from e
     return cfg
@@ -266,46 +265,6 @@ def stream_position(loader, d):
 
 
 # ----------------------------------------------------------------------------- logs
-
-class LostReaderStream:
-    """sys.stdout / sys.stderr of a CLI whose reader may go away (`| head`, a killed `| tee`, a closed
-    terminal: EPIPE or EIO on write). The first failed write or flush points the file descriptor at os.devnull
-    (the Python docs' SIGPIPE recipe), so it and every later write succeed silently: prints, progress bars,
-    C code writing to the descriptor and Python's flush at exit (no "Exception ignored ... BrokenPipeError",
-    the normal exit status) while the work goes on and checkpoints are still written."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __getattr__(self, name):                        # fileno, isatty, encoding, ... of the real stream
-        return getattr(self.stream, name)
-
-    def write(self, text):
-        return self._survive(self.stream.write, text) or len(text)
-
-    def flush(self):
-        self._survive(self.stream.flush)
-
-    def _survive(self, call, *args):
-        try:
-            return call(*args)
-        except OSError as e:
-            if e.errno not in (errno.EPIPE, errno.EIO):
-                raise
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self.stream.fileno())
-            os.close(null)
-            return None
-
-
-def survive_lost_output():
-    """Every CLI calls this first: stdout and stderr become LostReaderStreams (progress bars, made later, write
-    through them too), so no command dies or loses work because its output went away."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, LostReaderStream):
-            setattr(sys, name, LostReaderStream(stream))
-
 
 def say(*args):
     """print to stdout, above the progress bar."""
