@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import encoders
 from machinery import inception
 from machinery import metrics_fast
-from pages.images import find_images, iter_images
+from pages.images import find_images, image_batch, iter_images
 
 K_NN = 3                # Kynkäänniemi et al. 2019 (nhood_sizes=[3]); §7 "Kth nearest neighbor"
 CHUNK = 1 << 24         # DESIGN: float64 elements per distance chunk of the plain path (128 MiB)
@@ -164,7 +165,8 @@ def kshot_select(groups, k, seed=0):
 
     groups: one group id per test image. §7's ungrouped form ("select K of N"): groups = [0] * N;
     §8.2's one-shot ImageNet: groups = class labels, k = 1. k=None: the full-dataset protocol
-    (every test image conditions one sample)."""
+    (every test image conditions one sample). The seed is part of the plan's definition (which test images
+    condition), hence a fixed default: every model compared is evaluated on the same plan."""
     rng, plan = np.random.default_rng(seed), []
     for g, idx in _members(groups).items():
         kg = len(idx) if k is None else k
@@ -188,7 +190,7 @@ def kshot_metrics(real_feats, fake_feats, k_nn=K_NN):
 
 def balanced_subset(groups, per_group, seed=0):
     """Sorted indices of `per_group` random images of every group (§8.2: "ten images randomly
-    per-class ... a ground truth set of 10000 images")."""
+    per-class ... a ground truth set of 10000 images"). The seed defines the subset, hence a fixed default."""
     rng, members = np.random.default_rng(seed), _members(groups)
     small = {g: len(idx) for g, idx in members.items() if len(idx) < per_group}
     if small:
@@ -275,11 +277,12 @@ class FeatureNetwork(torch.nn.Module):
         return self.features(self.preprocess(images) if self.preprocess is not None else images)
 
 
-def feature_network(name, weights=None, device="cpu", allow_random=False):
+def feature_network(name, weights=None, device="cpu", allow_random=False, act=None):
     """"inception": FID's Inception-v3 pool3 (2048-d, inception.py, weights file
     pt_inception-2015-12-05-6726825d.pth). Any encoders.py preset ("dinov2-l14", ...): its global
     embedding after its eval preprocessing (FD-DINOv2 uses dinov2-l14, dgm-eval). Without weights
-    the features are random and meaningless: refused unless allow_random (smoke tests)."""
+    the features are random and meaningless: refused unless allow_random (smoke tests). act: the MLP
+    activation of a CLIP file that does not record it ("quick_gelu" | "gelu", encoders.load_encoder)."""
     if weights is None and not allow_random:
         hint = (f"{inception.WEIGHTS_FILE} from {inception.WEIGHTS_URL}" if name == "inception"
                 else f"the official {name} weights file")
@@ -290,21 +293,26 @@ def feature_network(name, weights=None, device="cpu", allow_random=False):
         net = inception.load_inception(weights) if weights else inception.random_inception(0)
         net = FeatureNetwork(f"inception-v3 pool3 ({src})", net, inception.preprocess)
     else:
-        enc = encoders.load_encoder(name, weights)
+        enc = encoders.load_encoder(name, weights, act=act)
         net = FeatureNetwork(f"{name} global embedding ({src})", enc, enc.preprocess)
     return net.to(device).eval()
 
 
 def extract_features(net, images, batch_size=64, device="cpu", progress=True, max_pixels=None):
     """Features (N, D) float32 numpy of an image folder (images.find_images: recursive, follows links;
-    unreadable files skipped with a logged reason) or of an iterable of (3, H, W) / (B, 3, H, W)
-    tensors in [-1, 1]. Every image is brought to the network's input size on its own (its
-    `preprocess`), then batched. max_pixels: images.py's decompression-bomb limit (None = Pillow's
-    setting, 0 = none). Raises ValueError for an empty folder or no readable image."""
+    unreadable files skipped with a logged reason), or of images given in Python: one image or batch, or an
+    iterable of them, each converted by images.image_batch (PIL of any mode; numpy uint8 HWC, 0..255;
+    tensors (3, H, W) / (B, 3, H, W), uint8 in 0..255 or float in [-1, 1]). Every image is brought to the
+    network's input size on its own (its `preprocess`), then batched by batch_size. max_pixels:
+    images.py's decompression-bomb limit (None = Pillow's setting, 0 = none). Raises ValueError (one line)
+    for an empty folder, no readable image, or an input image_batch refuses (e.g. [0, 1] float tensors)."""
     total = None
     if isinstance(images, (str, Path)):
         paths = find_images(images)
-        images, total = iter_images(paths, max_pixels=max_pixels), len(paths)
+        batches, total = (x[None] for x in iter_images(paths, max_pixels=max_pixels)), len(paths)
+    else:
+        one = isinstance(images, (torch.Tensor, np.ndarray, Image.Image))   # one image or batch, not an iterable
+        batches = (image_batch(x) for x in ([images] if one else images))
     prepare = getattr(net, "preprocess", None)
     run = net.features if isinstance(net, FeatureNetwork) else net
     feats, batch = [], []
@@ -316,8 +324,8 @@ def extract_features(net, images, batch_size=64, device="cpu", progress=True, ma
 
     with torch.no_grad(), tqdm(total=total, desc=f"features [{getattr(net, 'name', 'net')}]",
                                unit="img", disable=not progress) as bar:
-        for img in images:
-            x = (img[None] if img.ndim == 3 else img).to(device)
+        for x in (chunk for b in batches for chunk in b.split(batch_size)):
+            x = x.to(device)
             x = prepare(x) if prepare is not None else x
             if batch and batch[0].shape[1:] != x.shape[1:]:
                 flush()                        # no preprocess and a new size: batch same sizes only
@@ -356,6 +364,8 @@ def main(argv=None):
     ap.add_argument("--weights", help=f"weights file of the feature network (inception: {inception.WEIGHTS_FILE})")
     ap.add_argument("--random-weights", action="store_true",
                     help="allow a feature network without weights (smoke tests; the numbers are meaningless)")
+    ap.add_argument("--encoder-act", choices=("quick_gelu", "gelu"),
+                    help="MLP activation of a CLIP weights file that does not record it (OpenCLIP visual.* files)")
     ap.add_argument("--batch-size", type=_positive_int, default=64, help="images per network call")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="decompression-bomb limit per image in pixels (default: Pillow's Image.MAX_IMAGE_PIXELS; 0 = none)")
@@ -367,7 +377,7 @@ def main(argv=None):
             ap.error(f"{p}: no such file or folder")
     try:
         if all(p.is_dir() for p in paths):
-            net = feature_network(args.features, args.weights, args.device, args.random_weights)
+            net = feature_network(args.features, args.weights, args.device, args.random_weights, args.encoder_act)
             real, fake = (extract_features(net, p, args.batch_size, args.device, max_pixels=args.max_pixels) for p in paths)
             source = net.name
         elif all(p.suffix == ".npy" for p in paths):
@@ -384,4 +394,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from machinery import flags
+    flags.survive_lost_output()  # `| head`, a killed `| tee`: the command goes on
     main()

@@ -6,8 +6,8 @@
 
 FID: ours (row-blocked float64 covariance in torch, Cholesky + eigvalsh trace term) vs the standard
 path (np.cov + pytorch-fid's scipy.linalg.sqrtm(Σ₁Σ₂)). Precision/recall (k = 3): ours (metrics_fast:
-float32 GEMM tiles screened under a per-pair error bound, bf16 cross tiles where that is fast, the
-undecided pairs recomputed exactly)
+bf16 GEMM tiles where bf16 is measured faster, else float32, each distance an interval under a
+per-pair error bound, radii as intervals, undecided pairs and the radii they need recomputed exactly)
 vs one full N×N distance matrix per pair of sets
 (torch.cdist + kthvalue, torch-fidelity's save_cpu_ram=False), which holds a 4N²-byte float32
 matrix (10 GB at N = 50k); above --naive-max-n it is not run and its figures are extrapolated
@@ -17,7 +17,7 @@ M×N matrix and a bool mask), marked "est.".
 Every case runs in a fresh subprocess. Peak memory = peak RSS (VmHWM, reset via /proc/self/clear_refs
 after the features are built) minus the RSS with the features resident; on CUDA,
 torch.cuda.max_memory_allocated above the features. Features: float32, x = z (I + W/√D), z ~ N(0, I);
-fake = 1.1·x' + 0.05 for an independent x' (reference/metrics.md §5).
+fake = 1.1·x' + 0.05 for an independent x'.
 """
 import argparse
 import json

@@ -276,13 +276,30 @@ def test_k_numpy_int_and_k_too_large():
 
 
 def test_fast_path_fallbacks(monkeypatch):
-    """Force every exact fallback of metrics_fast: few radius candidates (whole rows recomputed) and
-    undecided pairs resolved after every tile; the answer stays the brute-force one."""
-    monkeypatch.setattr(metrics_fast, "CANDIDATES", 1)
+    """Force every exact fallback of metrics_fast: undecided pairs resolved after every tile, exact
+    radii recomputed for the near-ties; the answer stays the brute-force one."""
     monkeypatch.setattr(metrics_fast, "MAX_PENDING", 0)
     for case in ("centre of a sphere (many equal distances)", "lattice ties", "copies", "gaussian"):
         real, fake = pr_cases()[case]
         assert metrics.precision_recall(real, fake, fast=True, block=50) == brute_force_pr(real, fake, 3), case
+
+
+def test_fast_path_ignores_reduced_precision_float32_matmuls():
+    """torch.set_float32_matmul_precision("medium") lets float32 GEMMs run in bf16/TF32 (oneDNN, cuBLAS),
+    outside the float32 bound: the fast path computes in full float32 anyway and restores the setting
+    (and the thread count: it runs all but its GEMMs on one thread)."""
+    previous, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
+    torch.set_float32_matmul_precision("medium")
+    backends = torch.backends.mkldnn.matmul, torch.backends.cuda.matmul
+    user = [b.fp32_precision for b in backends]
+    try:
+        for case in ("centre of a sphere (many equal distances)", "jittered copies", "class means"):
+            real, fake = pr_cases()[case]
+            assert metrics.precision_recall(real, fake, fast=True, bf16=False) == brute_force_pr(real, fake, 3), case
+            assert [b.fp32_precision for b in backends] == user != ["ieee", "ieee"]
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @pytest.mark.parametrize("shift, power, lowp", [(0.0, 1, False), (0.0, 1, True), (0.0, 3, True), (30.0, 1, True)])
@@ -290,7 +307,11 @@ def test_tile_error_bound_holds_per_pair(shift, power, lowp):
     """|screened squared distance − exact| <= the per-pair bound metrics_fast decides with."""
     x = torch.tensor(gaussian(256, 512, 56, shift=shift) ** power, dtype=torch.float32)
     y = torch.tensor(gaussian(192, 512, 57, shift=shift) ** power, dtype=torch.float32)
-    d2, err = metrics_fast._tile(x, y, x.norm(dim=1), y.norm(dim=1), lowp)
+    ox, oy = (metrics_fast.operands(t, torch.zeros(512, dtype=torch.float64), 1.0, lowp) for t in (x, y))
+    lo, absg = metrics_fast.lower(ox, slice(None), oy, slice(None), metrics_fast.workspace(ox, 256, 1))
+    i, j = torch.meshgrid(torch.arange(256), torch.arange(192), indexing="ij")
+    lo, hi = lo.double(), (lo + 2 * metrics_fast.err(absg, ox, i, oy, j)).double()   # as the fast path forms them
+    d2, err = (lo + hi) / 2, (hi - lo) / 2                       # the interval's centre and half-width
     exact = torch.cdist(x.double(), y.double(), compute_mode="donot_use_mm_for_euclid_dist").square()
     assert ((d2.double() - exact).abs() <= err.double()).all()
     if not shift and power == 1:                  # centred data: tight enough to decide most pairs
@@ -514,3 +535,24 @@ def test_cli_on_image_folders(tmp_path, capsys, network):
     out = json.loads(capsys.readouterr().out)
     assert out["n_real"] == out["n_fake"] == 6 and np.isfinite(out["fid"])
     assert out["features"].startswith("inception-v3 pool3" if network == "inception" else "tiny")
+
+
+def test_extract_features_converts_each_image_kind():
+    """uint8 tensors (once all-NaN: the encoder's mean/std took the uint8 dtype), numpy uint8 HWC and PIL images
+    give the features of the hand-converted [-1, 1] tensor x / 127.5 - 1; a (B, 3, H, W) tensor is batched by
+    batch_size; [0, 1] floats are refused in one line."""
+    net = metrics.feature_network("tiny", allow_random=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (4, 40, 56, 3), dtype=np.uint8)
+    hand = torch.from_numpy(pixels.astype(np.float64) / 127.5 - 1).permute(0, 3, 1, 2).float()
+    want = np.concatenate([net(x[None]).numpy() for x in hand])               # each image alone, float32
+    u8 = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    calls = []
+    net.net.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    for given in (u8, list(u8), pixels, list(pixels), [Image.fromarray(p) for p in pixels], hand):
+        calls.clear()
+        got = metrics.extract_features(net, given, batch_size=3, progress=False)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert max(calls) <= 3
+    with pytest.raises(ValueError, match="no value below 0") as e:
+        metrics.extract_features(net, hand / 2 + 0.5, progress=False)
+    assert "\n" not in str(e.value)
