@@ -112,7 +112,7 @@ def test_centre_crop_is_the_centred_square(tmp_path):
 
 
 def test_thin_image_memory_stays_small(tmp_path):
-    """Issue 16.5: a 1 x 3000 palette GIF at 512 px costs O(512²) extra memory (peak RSS of a fresh
+    """A 1 x 3000 palette GIF at 512 px costs O(512²) extra memory (peak RSS of a fresh
     process; resize-then-crop would allocate a 512 x 1.5M image, ~2.3 GB)."""
     Image.new("P", (1, 3000), 7).save(tmp_path / "thin.gif")
     Image.new("RGB", (40, 30), "red").save(tmp_path / "warm.png")
@@ -133,7 +133,7 @@ def test_thin_image_memory_stays_small(tmp_path):
 
 
 def test_iter_images_each_image_on_its_own(tmp_path, caplog):
-    """Issue 16.2: a file's tensor does not depend on the other files (a 16 px thumbnail sorting first)."""
+    """A file's tensor does not depend on the other files (a 16 px thumbnail sorting first)."""
     a = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(a).save(tmp_path / "b.png")
     Image.new("RGB", (16, 16), "blue").save(tmp_path / "a_thumb.png")

@@ -188,7 +188,7 @@ def pr_cases():
         "duplicates in both sets": (np.repeat(real[:100], 3, axis=0), np.repeat(real[50:150], 2, axis=0)),
         "heavy tails": (gaussian(400, 64, 36) ** 3, gaussian(400, 64, 37) ** 3),
         "class means": (real, means[labels] + 0.9 * gaussian(len(real), 64, 38)),
-        "outlier + shifted cluster (issue 16.1)": (np.concatenate([cluster, np.full((1, 64), 100.0)]), cluster + 0.05),
+        "outlier + shifted cluster": (np.concatenate([cluster, np.full((1, 64), 100.0)]), cluster + 0.05),
         "lattice ties": (lattice, np.random.default_rng(44).integers(0, 3, (250, 6)).astype(np.float64)),
         "centre of a sphere (many equal distances)": (sphere, axis),
         "float32 input": (gaussian(300, 48, 45).astype(np.float32), gaussian(250, 48, 46, 1.2, 0.1).astype(np.float32)),
@@ -229,7 +229,7 @@ def test_fast_equals_plain_on_random_mixtures(seed):
 
 
 def test_one_far_point_does_not_change_recall():
-    """Issue 16.1: a tolerance taken from the largest norm (the old global floor) made the shifted
+    """A tolerance taken from the largest norm (the old global floor) made the shifted
     cluster's reals count as inside (recall 0.9975); brute force says 0.0."""
     cluster = 1e-3 * gaussian(400, 64, 50)
     real, fake = np.concatenate([cluster, np.full((1, 64), 100.0)]), cluster + 0.05
@@ -246,7 +246,7 @@ def test_exact_duplicates_are_inside():
 
 
 def test_huge_finite_features_are_computed_not_overflowed():
-    """Issue 23.3: float32 features ~1e20 (squared distances overflow float32) must give the float64
+    """Float32 features ~1e20 (squared distances overflow float32) must give the float64
     answer. Reals: a tight cluster; fakes: a sparse ring far around it -> P = 0, R = 1."""
     cluster = 0.01 * gaussian(200, 16, 51)
     ring = gaussian(60, 16, 52)
@@ -463,7 +463,7 @@ def write_folder(folder, seed, n, size=(40, 48)):
 
 
 def test_cli_user_errors_are_one_liners(tmp_path):
-    """Issue 17 / 23.1 / 16.3: bad k, empty folder, random weights without the flag, missing
+    """Bad k, empty folder, random weights without the flag, missing
     Inception weights -> one-line argparse errors (exit 2), nothing computed."""
     np.save(tmp_path / "real.npy", gaussian(20, 4, 60)), np.save(tmp_path / "fake.npy", gaussian(20, 4, 61))
     assert_usage_error(run_cli(tmp_path / "real.npy", tmp_path / "fake.npy", "--k", "0"), "positive integer")
@@ -496,7 +496,7 @@ def test_cli_k_flag(tmp_path, capsys):
 
 
 def test_folder_features_do_not_depend_on_the_other_files(tmp_path):
-    """Issue 16.2: each image reaches the network on its own; a 16x16 thumbnail that sorts first
+    """Each image reaches the network on its own; a 16x16 thumbnail that sorts first
     (it used to set every image's size) changes no other file's features."""
     net = metrics.feature_network("tiny", allow_random=True)
     write_folder(tmp_path / "a", 0, 4, size=(40, 56))
@@ -511,7 +511,7 @@ def test_folder_features_do_not_depend_on_the_other_files(tmp_path):
 
 
 def test_folder_walk_follows_symlinks(tmp_path):
-    """Issue 16.3: one walk for the project (data.find_images): a symlinked sub-folder counts."""
+    """One walk for the project (data.find_images): a symlinked sub-folder counts."""
     write_folder(tmp_path / "a", 0, 1)
     write_folder(tmp_path / "elsewhere", 1, 5)
     (tmp_path / "a" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)

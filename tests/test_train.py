@@ -59,7 +59,7 @@ def test_default_job_leaves_checkpoint_log_config_and_grid(tiny_run):
     assert log[0]["time"].endswith("+00:00")  # an ISO UTC timestamp
     assert json.load(open(out / "config.json"))["model"] == "tiny-32"
     ckpt = runs.load_checkpoint(str(out / "ckpt.pt"))
-    # PLAN.md's one checkpoint format
+    # the one checkpoint format (semantica.checkpoint_header)
     assert ckpt["format"] == "semantica-ckpt/2" and ckpt["step"] == 3 and ckpt["ema_decay"] == 0.99
     assert {"model_config", "p_uncond", "encoder", "model", "ema", "train_config", "optimizer"} <= set(ckpt)
     assert ckpt["encoder"]["name"] == "tiny" and "state" in ckpt["encoder"]  # a random encoder travels along
