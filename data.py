@@ -300,6 +300,7 @@ def main(argv=None):
         p.add_argument("--max-pixels", type=int, help="decompression-bomb limit (default: Pillow's; 0 = none)")
         p.add_argument("--seed", type=int, default=0, help="synthetic pages' seed (and a random encoder's)")
     sc.add_argument("--encoder", help="encoders.py preset name: also count pairs before/after filtering")
+    sc.add_argument("--random-encoder", action="store_true", help="allow random weights (smoke runs only)")
     sc.add_argument("--decode", action="store_true", help="fully decode every file (catches truncation)")
     sc.add_argument("--cache-dir", default=".cache/semantica", help="embedding cache folder")
     sc.add_argument("--cond-cache", help="read the filter's embeddings from this `encode` folder")
@@ -360,7 +361,8 @@ def main(argv=None):
         ap.error("--histogram needs --encoder or --cond-cache (the similarities come from an encoder)")
     if getattr(args, "histogram", None) and importlib.util.find_spec("matplotlib") is None:
         ap.error("--histogram needs matplotlib: pip install matplotlib (or drop --histogram)")
-    if args.cmd in ("encode", "filter") and not (args.weights or args.random_encoder):
+    if (args.cmd in ("encode", "filter") or args.cmd == "scan" and args.encoder) and not (args.weights or
+                                                                                        args.random_encoder):
         ap.error(f"--encoder {args.encoder} without --encoder-weights has random weights; "
                  "pass --random-encoder to allow it")
     if args.cmd == "encode" and os.path.exists(os.path.join(args.out, "meta.json")) and not args.overwrite:

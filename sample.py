@@ -52,7 +52,7 @@ class SampleConfig:
     guidance: tuple = (diffusion.GUIDANCE,)  # guidance w, one or several (0,0.5,1); §6.1: 0.5; Fig. 14: 0,0.1,0.2,0.5,1
     steps: int = 256                   # DDPM steps (DESIGN: the paper does not state them)
     gamma: float = diffusion.GAMMA     # DDPM variance interpolation in [0, 1]; §6.1: 0.2
-    seed: int = 0                      # noise seed; a sample's noise depends on (seed, its index, w) only
+    seed: int = 0                      # seed of the noise (sample j of image i: (seed, i, j), the same for every w) and of the K-shot picks
     out: str = "grid.png"              # grid image (.png, .jpg, ...), or the output folder with --few-shot
     few_shot: int = 0                  # K > 0: K-shot evaluation on --data (§7): K conditioning images per page/class
     data: str = ""                     # test images: ROOT/<page or class>/<image>, a .csv/.jsonl manifest, or synthetic

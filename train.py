@@ -122,13 +122,18 @@ CHOICES = {"conditioning": ("cross_attention", "film"), "pairs": ("page", "same"
 
 def parse_args(argv=None):
     """Flags generated from TrainConfig; `--res` picks a RES_PRESETS entry applied before explicit flags."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--res", type=int, default=TrainConfig.res, choices=sorted(RES_PRESETS))
-    res = pre.parse_known_args(argv)[0].res
+    pre.add_argument("--random-encoder", action="store_true")
+    known = pre.parse_known_args(argv)[0]
+    res = known.res
     defaults = {**asdict(TrainConfig()), **RES_PRESETS[res], "res": res}
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     flags.add_flags(parser, TrainConfig, os.path.abspath(__file__), defaults, CHOICES, {"device": flags.device})
     cfg = TrainConfig(**vars(parser.parse_args(argv)))  # unknown flags: argparse error, exit 2
+    preset = RES_PRESETS[res]
+    if preset.get("random_encoder") and cfg.encoder != preset["encoder"] and not known.random_encoder:
+        cfg = dataclasses.replace(cfg, random_encoder=False)  # the preset allows its own random encoder only
     problem = runs.check_numbers(cfg)
     if problem:
         parser.error(problem)  # before any work: one line, exit 2

@@ -141,7 +141,8 @@ def image_batch(pictures, size=None, what="images"):
                              f"(0..255 floats: x / 127.5 - 1; or pass uint8)")
         if lo >= 0:
             raise ValueError(f"{what}: float tensors must be in [-1, 1]; these have no value below 0, as [0, 1] "
-                             f"images do (torchvision ToTensor): pass x * 2 - 1, or uint8 images")
+                             f"images do (torchvision ToTensor): pass x * 2 - 1 if they are [0, 1], or uint8 images "
+                             f"(exact for 8-bit sources, and for [-1, 1] images that are truly all bright)")
     return x
 
 

@@ -451,7 +451,7 @@ def test_cli_synth_then_scan(tmp_path, capsys):
 
 
 def test_cli_scan_with_encoder_reports_pair_counts(tmp_path, capsys):
-    data.main(["scan", "synthetic", "--pages", "6", "--encoder", "tiny", "--cache-dir", str(tmp_path)])
+    data.main(["scan", "synthetic", "--pages", "6", "--encoder", "tiny", "--random-encoder", "--cache-dir", str(tmp_path)])
     out = capsys.readouterr()
     summary = json.loads(out.out)
     assert summary["pairs_before"] == summary["pairs_after"] + summary["dropped_low"] + summary["dropped_high"]
@@ -470,12 +470,14 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "nowhere" in _user_error(["scan", str(tmp_path / "nowhere")], capsys)
     (tmp_path / "empty").mkdir()
     assert "no images under" in _user_error(["scan", str(tmp_path / "empty")], capsys)
-    assert "unknown encoder" in _user_error(["scan", "synthetic", "--pages", "2", "--encoder", "nope"], capsys)
+    assert "unknown encoder" in _user_error(["scan", "synthetic", "--pages", "2", "--encoder", "nope", "--random-encoder"], capsys)
     assert "--random-encoder" in _user_error(["encode", "synthetic", str(tmp_path / "c"), "--encoder", "tiny",
                                               "--image-size", "16"], capsys)
+    # a scan's §5 counts from an encoder without weights would be a random network's: refused like encode's
+    assert "--random-encoder" in _user_error(["scan", "synthetic", "--pages", "2", "--encoder", "dinov2-s14"], capsys)
     assert "--encoder" in _user_error(["scan", "synthetic", "--histogram", str(tmp_path / "h.png")], capsys)
     monkeypatch.setitem(sys.modules, "matplotlib", None)                  # as if not installed
-    line = _user_error(["scan", "synthetic", "--encoder", "tiny", "--histogram", str(tmp_path / "h.png")], capsys)
+    line = _user_error(["scan", "synthetic", "--encoder", "tiny", "--random-encoder", "--histogram", str(tmp_path / "h.png")], capsys)
     assert "matplotlib" in line and not (tmp_path / "h.png").exists()
 
 

@@ -268,6 +268,9 @@ def test_presets_flags_and_help_from_the_config_comments(capsys):
     cfg = train.parse_args(["--res", "256"])
     assert (cfg.model, cfg.encoder, cfg.batch, cfg.lr, cfg.ema_decay) == ("sid-b-256", "dinov2-b14", 2048, 2e-4, 0.9999)
     assert train.parse_args(["--res", "256", "--lr", "1e-3"]).lr == 1e-3  # explicit flags beat the preset
+    assert train.parse_args([]).random_encoder                            # the default job's random tiny encoder
+    assert not train.parse_args(["--encoder", "dinov2-s14"]).random_encoder  # not a random DINOv2 without a word
+    assert train.parse_args(["--encoder", "dinov2-s14", "--random-encoder"]).random_encoder
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -291,6 +294,7 @@ def test_filter_band_defaults_to_the_encoders_appendix_c_values(encoder, low, hi
 @pytest.mark.parametrize("flags, message", [
     (["--data", "/no/such/folder"], "--data /no/such/folder"),
     (["--res", "256"], "--encoder-weights"),
+    (["--encoder", "dinov2-s14"], "--encoder-weights"),     # the 32 px preset allows its own random encoder only
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--resume"], "CUDA is not available|--resume"),
     (["--resume"], "no checkpoint"),
     (["--data", "EMPTY"], "no images under"),                       # found once the data is read, after --out's check
