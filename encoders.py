@@ -424,7 +424,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compil
 
 def strip_prefixes(key):
     """The one key rule for every state dict the project reads (encoder files here, Semantica checkpoints in
-    semantica.py): "module." / "_orig_mod." prefixes of wrapped or compiled models, in any order and number,
+    semantica.py, training checkpoints in machinery/runs.py; machinery/inception.py keeps a commented twin so
+    that it imports no project module): "module." / "_orig_mod." prefixes of wrapped or compiled models, in any order and number,
     are removed: "_orig_mod.module.net.x" -> "net.x"."""
     while key.startswith(WRAPPER_PREFIXES):
         key = key.split(".", 1)[1]
