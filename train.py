@@ -46,6 +46,7 @@ from pages import images
 import semantica
 from pages import shards
 from pages import stream
+from pages import toy_encoder
 import uvit
 
 
@@ -59,8 +60,9 @@ class TrainConfig:
     encoder_weights: str = ""          # the encoder's official weight file (required for real encoders)
     encoder_act: str = ""              # MLP activation of an --encoder-weights file that does not record it (OpenCLIP visual.* state dicts): quick_gelu (OpenAI weights) or gelu (LAION, DataComp); none: from the file or the family
     random_encoder: bool = False       # allow a randomly initialised encoder (smoke runs only)
+    toy_encoder: bool = False          # --encoder tiny trained once on held-out synthetic pages' alt text (pages/toy_encoder.py; committed in weights/, retrained there if its recipe changes): the 32 px job's stand-in for pretrained weights
     data: str = "synthetic"            # image folder ROOT/<page>/<image>, manifest (.jsonl/.csv), "synthetic", or page shards 'DIR/{000000..000999}.tar' (streamed)
-    cond_cache: str = ""               # precomputed conditioning (python data.py encode): train without running the encoder (§3.2); "shards": the tokens in the --data shards (data.py filter --image-size)
+    cond_cache: str = ""               # precomputed conditioning (python data.py encode): train without running the encoder (§3.2); "shards": the tokens in the --data shards (data.py filter --image-size); "encode": encode every training image once into OUT/cond first
     pairs: str = "page"                # page: pairs from one web page (§5, Eq. 3); same: reconstruction (§4, Eq. 2)
     num_pages: int = 2048              # number of synthetic pages (DESIGN)
     filter_low: Optional[float] = None   # pair filter lower cosine threshold; default: the encoder's (App. C: DINOv2 0.3, SigLIP/CLIP 0.65); -1 with 1 = no filter
@@ -99,13 +101,15 @@ class TrainConfig:
 
 # Applied before explicit flags. Unlisted fields keep the paper defaults above.
 RES_PRESETS = {
-    # DEVIATION: CPU default job. A 32 px model, a random tiny encoder and 512 synthetic pages so that
-    # `python train.py` learns visibly in 3-11 min on 2 cores: batch 32 instead of 2048, lr 1e-3, and
-    # EMA 0.99 because the run is 600 steps (with 0.995 the EMA at step 350 still holds 0.995^350 = 17 %
-    # of the random init and samples are noise, while the raw weights already draw objects). No filter.
-    32: dict(model="tiny-32", encoder="tiny", random_encoder=True, num_pages=512, filter_low=-1.0,
-             filter_high=1.0, steps=600, batch=32, lr=1e-3, ema_decay=0.99, sample_steps=64,
-             log_every=25, ckpt_every=100, sample_every=300, num_workers=0, out="runs/tiny"),
+    # DEVIATION: CPU default job (docs/results.md, "The default job"): 32 px, ~9 min on 2 cores. The tiny-32-p2
+    # denoiser (0.31 GFLOP per image forward + backward, 2x2 patchify stem as §6.1's 512 px model), the toy
+    # encoder (pages/toy_encoder.py: the tiny ViT trained SigLIP-style on held-out pages, committed in weights/)
+    # whose tokens are encoded once into OUT/cond (§3.2), 512 synthetic pages, no filter; batch 32 instead of
+    # 2048, lr 1e-3 (2e-3 drew no more kinds at 64 000 images, batch 64 fewer), EMA 0.99 because the run is
+    # short (0.9999 would still hold the random init), 4 000 steps (128 000 images).
+    32: dict(model="tiny-32-p2", encoder="tiny", toy_encoder=True, cond_cache="encode", num_pages=512,
+             filter_low=-1.0, filter_high=1.0, steps=4000, batch=32, lr=1e-3, ema_decay=0.99, sample_steps=64,
+             log_every=25, ckpt_every=500, sample_every=1000, num_workers=0, out="runs/tiny"),
     # §6.1 baseline: SiD-B U-ViT at 256 px, DINOv2-B/14 tokens, filter [0.3, 0.9], batch 2048.
     # DESIGN: micro_batch 32 per GPU (8 GPUs -> accumulation 8); the paper used 256 TPUv3 chips.
     256: dict(model="sid-b-256", encoder="dinov2-b14", micro_batch=32, out="runs/semantica-256",
@@ -124,6 +128,7 @@ def parse_args(argv=None):
     """Flags generated from TrainConfig; `--res` picks a RES_PRESETS entry applied before explicit flags."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--res", type=int, default=TrainConfig.res, choices=sorted(RES_PRESETS))
+    pre.add_argument("--toy-encoder", action="store_true")
     pre.add_argument("--random-encoder", action="store_true")
     known = pre.parse_known_args(argv)[0]
     res = known.res
@@ -132,8 +137,9 @@ def parse_args(argv=None):
     flags.add_flags(parser, TrainConfig, os.path.abspath(__file__), defaults, CHOICES, {"device": flags.device})
     cfg = TrainConfig(**vars(parser.parse_args(argv)))  # unknown flags: argparse error, exit 2
     preset = RES_PRESETS[res]
-    if preset.get("random_encoder") and cfg.encoder != preset["encoder"] and not known.random_encoder:
-        cfg = dataclasses.replace(cfg, random_encoder=False)  # the preset allows its own random encoder only
+    if preset.get("toy_encoder") and (cfg.encoder != preset["encoder"] or cfg.encoder_weights or known.random_encoder) \
+            and not known.toy_encoder:
+        cfg = dataclasses.replace(cfg, toy_encoder=False)  # the preset trains its own tiny encoder only
     problem = runs.check_numbers(cfg)
     if problem:
         parser.error(problem)  # before any work: one line, exit 2
@@ -166,11 +172,15 @@ def make_optimizer(cfg, params, device):
 # ----------------------------------------------------------------------------- model, data, grids
 
 def load_frozen_encoder(cfg, identity=None):
-    """The frozen encoder: rebuilt from a checkpoint's identity, or official weights, or (tiny /
-    --random-encoder) a random init seeded by --seed, identical on every rank."""
+    """The frozen encoder: rebuilt from a checkpoint's identity, or the toy encoder (--toy-encoder), or official
+    weights, or (--random-encoder) a random init seeded by --seed, identical on every rank."""
     try:
         if identity is not None:
             return semantica.build_encoder(identity, weights=cfg.encoder_weights or None)
+        if cfg.toy_encoder:                                     # trained once, then cached by its recipe
+            weights = toy_encoder.pretrained(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"),
+                                             log=runs.say)
+            return encoders.load_encoder(cfg.encoder, weights=weights)
         if cfg.encoder_weights:
             return encoders.load_encoder(cfg.encoder, weights=cfg.encoder_weights, act=cfg.encoder_act or None)
         return encoders.load_encoder(cfg.encoder, seed=cfg.seed, act=cfg.encoder_act or None)  # --random-encoder (check_paths)
@@ -188,6 +198,26 @@ def build_model(cfg, encoder):
 def max_pixels(flag):
     """--max-pixels -> images.py's max_pixels: None = Pillow's setting at call time, 0 = no limit."""
     return None if flag < 0 else flag
+
+
+def encode_conditions(cfg, image_size, encoder, d):
+    """--cond-cache encode: every training image through the frozen encoder once, into OUT/cond (§3.2: "we can
+    precompute representations"; tokens stored float16), reused while it matches the pages and the encoder
+    -> the cache folder. (Page shards carry their own tokens instead: runs.check_paths refuses them here.)"""
+    out = os.path.join(cfg.out, "cond")
+    try:
+        pages, _ = data.open_pages(cfg.data, image_size, max_pixels=max_pixels(cfg.max_pixels), **(
+            dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
+        try:
+            fresh = bool(data.CondCache.open(out, pages, encoder))
+        except (OSError, ValueError):
+            fresh = False
+        backends.barrier(d)                                  # every rank has looked before rank 0 rewrites it
+        if not fresh:
+            data.encode_cache(pages, encoder, out, d.rank, d.world, barrier=lambda: backends.barrier(d))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--data {cfg.data} --cond-cache encode: {e}") from e
+    return out
 
 
 def build_dataset(cfg, image_size, encoder, d):
@@ -333,6 +363,8 @@ def main(cfg):
     # batches it consumed: step x accumulation. With the same world that is exact; resharded it continues from
     # the same number of global samples (step x batch). A stream continues from its recorded per-reader position
     # (no XLA device loader: it would read ahead); its refusals (no usable page, changed shards) come here.
+    if cfg.cond_cache == "encode":
+        cfg = dataclasses.replace(cfg, cond_cache=encode_conditions(cfg, raw.net.config.image_size, encoder, d))
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)
     pages_id = runs.check_resume_pages(ckpt, cfg, dataset, tell)
     header = {**header, "train_pages": pages_id} if pages_id else header  # train-only: the synthetic pages drawn

@@ -78,8 +78,8 @@ def train_classifier(cache_dir, size=32, pages=3000, steps=800, batch=64, lr=2e-
     flips as augmentation (kinds are flip-invariant up to rotation); accuracy measured on pages / 3
     other pages (seed CHECK_PAGES_SEED). Cached by its settings."""
     style = synthetic.SyntheticPages(1, size).style()              # the pages it learns: their drawing style
-    tag = hashlib.sha1(json.dumps([size, pages, steps, batch, lr, width, seed, style["max_objects"],
-                                   style["object_scale"], "v2"]).encode()).hexdigest()[:10]   # v2: init seeded
+    tag = hashlib.sha1(json.dumps([size, pages, steps, batch, lr, width, seed, style, "v3"]).encode()
+                       ).hexdigest()[:10]   # v2: init seeded; v3: the whole style (framed pages)
     path = os.path.join(cache_dir, f"kind_cnn_{tag}.pt")
     if os.path.exists(path):
         net = KindCNN(width=width)

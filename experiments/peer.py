@@ -20,6 +20,7 @@ __init__ imports torchvision, so only its classifier_free_guidance.py file is lo
 import argparse
 import copy
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -71,6 +72,7 @@ def main(argv=None):
     ap.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                     "runs", "kinds"), help="kind classifier cache (runs/kinds)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="", help="also write the rows here (experiments/job_curve.py --peer draws them)")
     a = ap.parse_args(argv)
     try:
         scales = [float(s) for s in a.cond_scales.split(",")]
@@ -102,7 +104,7 @@ def main(argv=None):
           f"{len(x)} training images from 512 pages; threads {torch.get_num_threads()}")
 
     gen = torch.Generator().manual_seed(a.seed)
-    rows, seen, train_s, next_eval = [], 0, 0.0, a.first
+    rows, records, seen, train_s, next_eval = [], [], 0, 0.0, a.first
     header = "| images seen | train wall s | img/s | eval s | load 1 min | " + \
              " | ".join(f"kind accuracy, cond_scale {s:g}" for s in scales) + " |"
     print(header)
@@ -125,11 +127,17 @@ def main(argv=None):
             row = f"| {seen} | {train_s:.0f} | {seen / train_s:.1f} | {time.time() - t1:.0f} | " \
                   f"{os.getloadavg()[0]:.2f} | " + " | ".join(f"{acc:.3f}" for acc in accs) + " |"
             rows.append(row)
+            records.append(dict(images=seen, train_s=round(train_s, 1), accuracy=accs[0],
+                                accuracies=dict(zip(map(str, scales), accs))))
             print(row, f"(loss {loss.item():.4f})", flush=True)
             next_eval = next_eval * 2 if seen >= next_eval else next_eval
         if done:
             break
     print("\n" + header + "\n" + "| --- " * (5 + len(scales)) + "|\n" + "\n".join(rows))
+    if a.json:
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(dict(command=" ".join(sys.argv), cond_scales=scales, rows=records), f, indent=1)
+        os.replace(a.json + ".tmp", a.json)
 
 
 if __name__ == "__main__":

@@ -106,13 +106,20 @@ def check_paths(cfg):
         raise UserError("--reshard only applies with --resume")
     for flag, value in (("--data", cfg.data), ("--encoder-weights", cfg.encoder_weights),
                         ("--cond-cache", cfg.cond_cache)):
-        if value and value not in ("synthetic", "shards") and not shards.is_pattern(value) and not os.path.exists(value):
+        if value and value not in ("synthetic", "shards", "encode") and not shards.is_pattern(value) and not os.path.exists(value):
             raise UserError(f"{flag} {value}: no such file or folder")
     if cfg.encoder not in encoders.ENCODER_PRESETS and not cfg.encoder_weights:
         raise UserError(f"unknown --encoder {cfg.encoder}; presets: {', '.join(sorted(encoders.ENCODER_PRESETS))}")
     if cfg.model not in uvit.PRESETS:
         raise UserError(f"unknown --model {cfg.model}; presets: {', '.join(sorted(uvit.PRESETS))}")
-    if not (cfg.resume or cfg.encoder_weights or cfg.random_encoder):
+    if cfg.cond_cache == "encode" and shards.is_pattern(cfg.data):
+        raise UserError("--cond-cache encode reads a folder, manifest or synthetic --data; page shards carry their "
+                        "tokens (data.py filter --image-size, then --cond-cache shards)")
+    if cfg.toy_encoder and (cfg.encoder != "tiny" or cfg.encoder_weights or cfg.random_encoder):
+        raise UserError("--toy-encoder trains --encoder tiny itself: it takes no --encoder-weights or --random-encoder "
+                        f"(got --encoder {cfg.encoder}{' --encoder-weights' if cfg.encoder_weights else ''}"
+                        f"{' --random-encoder' if cfg.random_encoder else ''}); --no-toy-encoder turns it off")
+    if not (cfg.resume or cfg.encoder_weights or cfg.random_encoder or cfg.toy_encoder):
         name = encoders.OFFICIAL_FILES.get(cfg.encoder, f"the official checkpoint of {cfg.encoder}")
         raise UserError(
             f"--encoder {cfg.encoder} needs its pretrained weights: download {name} and pass --encoder-weights "

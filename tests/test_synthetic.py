@@ -92,3 +92,53 @@ def test_bad_styles_are_one_line_errors():
                dict(object_scale=(-0.5, -0.3)), dict(object_scale=(0.5,)), dict(object_scale=(0.5, 1.5))):
         with pytest.raises(ValueError, match=f"SyntheticPages {next(iter(kw))} must be"):
             synthetic.SyntheticPages(3, **kw)
+
+
+def test_framed_pose_stays_near_the_centre_and_nearly_upright(monkeypatch):
+    """shift bounds the object's centre to shift x (0.9 - radius) of the centre; tilt bounds the rotation in
+    degrees: both read off the renderer's shape coordinates (u, v) at the image centre and one pixel right."""
+    seen = []
+    real_sdf = synthetic._shape_sdf
+    monkeypatch.setattr(synthetic, "_shape_sdf", lambda kind, u, v: seen.append((u.copy(), v.copy())) or real_sdf(kind, u, v))
+    size = 32
+    for shift, tilt in ((0.0, 0.0), (0.15, 15.0), (1.0, 180.0)):
+        pages = synthetic.SyntheticPages(20, size, seed=3, p_outlier=0.0, p_duplicate=0.0, shift=shift, tilt=tilt)
+        centres, angles = [], []
+        for p in range(len(pages)):
+            seen.clear()
+            pages.image(p, 0)
+            u, v = seen[0]
+            x = (np.arange(size) + 0.5) / size * 2 - 1                 # pixel centres (renderer's grid)
+            # u, v are affine in (x, y): solve for the centre and angle from three pixels
+            du, dv = u[0, 1] - u[0, 0], v[0, 1] - v[0, 0]           # one pixel right: (cos th, -sin th) / scale
+            angles.append(np.degrees(np.arctan2(-dv, du)))
+            scale = (2 / size) / np.hypot(du, dv)
+            c, s_ = np.cos(np.radians(angles[-1])), np.sin(np.radians(angles[-1]))
+            cx = x[0] - scale * (c * u[0, 0] - s_ * v[0, 0])
+            cy = x[0] - scale * (s_ * u[0, 0] + c * v[0, 0])
+            centres.append((abs(cx) / max(0.9 - scale, 1e-9), abs(cy) / max(0.9 - scale, 1e-9)))
+        assert np.max(centres) <= shift + 1e-4 and np.max(np.abs(angles)) <= tilt + 1e-3, (shift, tilt)
+        if shift:
+            assert np.max(centres) > shift / 3 and np.max(np.abs(angles)) > tilt / 3   # the range is used
+    assert synthetic.SyntheticPages(2).style()["shift"] == 0.15 and synthetic.SyntheticPages(2).style()["tilt"] == 15.0
+    for kw in (dict(shift=1.5), dict(shift=-0.1), dict(tilt=200), dict(tilt="5")):
+        with pytest.raises(ValueError, match="shift must be in"):
+            synthetic.SyntheticPages(2, **kw)
+
+
+def test_alt_text_names_what_is_drawn():
+    """alt_text's kind is the kind drawn (outliers included), its words come from WORDS, and images of a clean
+    page share their alt text (page semantics)."""
+    pages = synthetic.SyntheticPages(40, 16, seed=7, p_outlier=0.5, p_duplicate=0.2)
+    outliers = 0
+    for p in range(len(pages)):
+        for i in range(pages.count(p)):
+            words = pages.alt_text(p, i)
+            assert len(words) == 4 and set(words) <= set(synthetic.WORDS)
+            assert words[0] == synthetic.KINDS[pages.kind(p, i)] and words[3] in ("dark", "light")
+            outliers += words[0] != synthetic.KINDS[pages.label(p)]
+    assert outliers > 5
+    clean = synthetic.SyntheticPages(20, 16, seed=7, p_outlier=0.0, p_duplicate=0.0)
+    assert all(len({clean.alt_text(p, i) for i in range(clean.count(p))}) == 1 for p in range(20))
+    # the colour word is the object's hue bin: a red page is reddest in its object
+    assert len({clean.alt_text(p, 0)[2] for p in range(20)}) >= 4

@@ -268,9 +268,14 @@ def test_presets_flags_and_help_from_the_config_comments(capsys):
     cfg = train.parse_args(["--res", "256"])
     assert (cfg.model, cfg.encoder, cfg.batch, cfg.lr, cfg.ema_decay) == ("sid-b-256", "dinov2-b14", 2048, 2e-4, 0.9999)
     assert train.parse_args(["--res", "256", "--lr", "1e-3"]).lr == 1e-3  # explicit flags beat the preset
-    assert train.parse_args([]).random_encoder                            # the default job's random tiny encoder
+    job = train.parse_args([])
+    assert (job.toy_encoder, job.random_encoder, job.model) == (True, False, "tiny-32-p2")   # the default job's encoder
+    for flags in (["--encoder", "dinov2-s14"], ["--encoder-weights", "x.pth"], ["--random-encoder"]):
+        assert not train.parse_args(flags).toy_encoder, flags  # the preset trains its own tiny encoder only
     assert not train.parse_args(["--encoder", "dinov2-s14"]).random_encoder  # not a random DINOv2 without a word
     assert train.parse_args(["--encoder", "dinov2-s14", "--random-encoder"]).random_encoder
+    with pytest.raises(runs.UserError, match="--toy-encoder trains --encoder tiny itself"):
+        runs.check_paths(train.parse_args(["--toy-encoder", "--encoder", "dinov2-s14"]))
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -474,3 +479,31 @@ def test_resume_on_other_synthetic_pages_is_refused(tmp_path, monkeypatch, capsy
     capsys.readouterr()
     assert run(tmp_path, "--steps", "2", "--resume", "--sample-every", "100")["step"] == 2
     assert "does not record its synthetic pages" in capsys.readouterr().out
+
+
+def test_the_default_job_conditions_on_the_toy_encoder_through_a_cond_cache_it_encodes_once(tmp_path, monkeypatch):
+    """The 32 px preset: the committed toy encoder (weights/), every training image encoded once into OUT/cond
+    (§3.2), the cached tokens being that encoder's on those images (float16), and a resumed run reusing them."""
+    import encoders
+    from pages import embeddings, synthetic
+    calls = []
+    real = embeddings.encode_cache
+    monkeypatch.setattr(data, "encode_cache", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    flags = ["--batch", "8", "--num-pages", "6", "--sample-steps", "2", "--grid-images", "2", "--grid-n", "2",
+             "--device", "cpu", "--out", str(tmp_path)]
+    result = train.main(train.parse_args(flags + ["--steps", "2"]))
+    assert result["step"] == 2 and len(calls) == 1
+    identity = runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["encoder"]
+    assert os.path.dirname(identity["weights"]) == os.path.join(ROOT, "weights") and "state" not in identity
+    enc = encoders.load_encoder("tiny", weights=identity["weights"])
+    cache = data.CondCache.open(str(tmp_path / "cond"), synthetic.SyntheticPages(6, 32, seed=0), enc)
+    x = synthetic.SyntheticPages(6, 32, seed=0).image(2, 1)[None]
+    want = enc(enc.preprocess(x))[1][0]
+    row = sum(synthetic.SyntheticPages(6, 32, seed=0).count(p) for p in range(2)) + 1
+    got = torch.from_numpy(np.array(cache.arrays()["tokens"][row])).float()
+    assert torch.allclose(got, want, atol=2e-3 * want.abs().max().item())        # float16 storage
+    train.main(train.parse_args(flags + ["--steps", "3", "--resume"]))
+    assert len(calls) == 1                                                       # reused, not re-encoded
+    with pytest.raises(runs.UserError, match="page shards carry their"):
+        train.main(train.parse_args(flags + ["--data", str(tmp_path / "{000000..000001}.tar"), "--out",
+                                             str(tmp_path / "s")]))
