@@ -130,6 +130,7 @@ def parse_args(argv=None):
     pre.add_argument("--res", type=int, default=TrainConfig.res, choices=sorted(RES_PRESETS))
     pre.add_argument("--toy-encoder", action="store_true")
     pre.add_argument("--random-encoder", action="store_true")
+    pre.add_argument("--cond-cache")
     known = pre.parse_known_args(argv)[0]
     res = known.res
     defaults = {**asdict(TrainConfig()), **RES_PRESETS[res], "res": res}
@@ -140,6 +141,8 @@ def parse_args(argv=None):
     if preset.get("toy_encoder") and (cfg.encoder != preset["encoder"] or cfg.encoder_weights or known.random_encoder) \
             and not known.toy_encoder:
         cfg = dataclasses.replace(cfg, toy_encoder=False)  # the preset trains its own tiny encoder only
+    if preset.get("cond_cache") == "encode" and shards.is_pattern(cfg.data) and known.cond_cache is None:
+        cfg = dataclasses.replace(cfg, cond_cache="")      # page shards: tokens in the shards, or the encoder live
     problem = runs.check_numbers(cfg)
     if problem:
         parser.error(problem)  # before any work: one line, exit 2
@@ -200,7 +203,7 @@ def max_pixels(flag):
     return None if flag < 0 else flag
 
 
-def encode_conditions(cfg, image_size, encoder, d):
+def encode_conditions(cfg, image_size, encoder, d, ckpt):
     """--cond-cache encode: every training image through the frozen encoder once, into OUT/cond (§3.2: "we can
     precompute representations"; tokens stored float16), reused while it matches the pages and the encoder
     -> the cache folder. (Page shards carry their own tokens instead: runs.check_paths refuses them here.)"""
@@ -208,13 +211,18 @@ def encode_conditions(cfg, image_size, encoder, d):
     try:
         pages, _ = data.open_pages(cfg.data, image_size, max_pixels=max_pixels(cfg.max_pixels), **(
             dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
+        runs.check_resume_pages(ckpt, cfg, pages, lambda *a: None)   # a refused resume writes nothing
         try:
             fresh = bool(data.CondCache.open(out, pages, encoder))
         except (OSError, ValueError):
             fresh = False
         backends.barrier(d)                                  # every rank has looked before rank 0 rewrites it
         if not fresh:
+            data.PagePairs(pages, mode=cfg.pairs, seed=cfg.seed)    # no training items: one line, before encoding
             data.encode_cache(pages, encoder, out, d.rank, d.world, barrier=lambda: backends.barrier(d))
+            backends.barrier(d)                              # rank 0 writes meta.json last
+    except UserError:
+        raise
     except (OSError, ValueError) as e:
         raise UserError(f"--data {cfg.data} --cond-cache encode: {e}") from e
     return out
@@ -364,9 +372,9 @@ def main(cfg):
     # the same number of global samples (step x batch). A stream continues from its recorded per-reader position
     # (no XLA device loader: it would read ahead); its refusals (no usable page, changed shards) come here.
     if cfg.cond_cache == "encode":
-        cfg = dataclasses.replace(cfg, cond_cache=encode_conditions(cfg, raw.net.config.image_size, encoder, d))
+        cfg = dataclasses.replace(cfg, cond_cache=encode_conditions(cfg, raw.net.config.image_size, encoder, d, ckpt))
     dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)
-    pages_id = runs.check_resume_pages(ckpt, cfg, dataset, tell)
+    pages_id = runs.check_resume_pages(ckpt, cfg, getattr(dataset, "pages", None), tell)
     header = {**header, "train_pages": pages_id} if pages_id else header  # train-only: the synthetic pages drawn
     data_position, streaming = start_step * accum, isinstance(dataset, stream.ShardStream)
     start = ckpt["data_position"]["ranks"][d.rank] if streaming and ckpt is not None else data_position

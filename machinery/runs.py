@@ -224,13 +224,13 @@ def check_world(ckpt, cfg, d):
         f"rank and world size, and gradients are summed in another order.")
 
 
-def check_resume_pages(ckpt, cfg, dataset, tell):
+def check_resume_pages(ckpt, cfg, pages, tell):
     """Synthetic pages: their fingerprint (seed, count, drawing style) -> stored in the checkpoint. A resume on
     other synthetic pages (e.g. a run from before the one-large-object style) is a UserError; a checkpoint
     without the record only gets a warning (it cannot tell)."""
     if cfg.data != "synthetic":
         return None
-    now = dataset.pages.fingerprint()
+    now = pages.fingerprint()
     if ckpt is not None:
         was = ckpt.get("train_pages")
         if was is None:

@@ -698,7 +698,7 @@ def test_a_work_folder_of_other_synthetic_pages_is_refused(tmp_path, monkeypatch
     claims.check_style(str(tmp_path))                    # a fresh folder records the style
     claims.check_style(str(tmp_path))                    # and accepts it again
     monkeypatch.setattr(synthetic.SyntheticPages.__init__, "__defaults__",
-                        synthetic.SyntheticPages.__init__.__defaults__[:-2] + ((1, 3), (0.35, 0.6)))
+                        synthetic.SyntheticPages.__init__.__defaults__[:-2] + (1.0, 180.0))   # the free-pose style
     with pytest.raises(SystemExit, match="other synthetic pages"):
         claims.check_style(str(tmp_path))
     old = tmp_path / "old"
@@ -798,9 +798,9 @@ def test_zero_encoder_steps_is_the_random_encoder():
 
 
 def test_encoder_file_names_keep_their_recipe_hash(monkeypatch, tmp_path):
-    """A network's file is named by a hash of its recipe: the claims run's encoder is still
-    tiny_dinov2_encoder_8b9d5dc466.pth (the name RESULTS.md quotes), its recipe written beside it; another
-    training length is another file."""
+    """A network's file is named by a hash of its recipe: the claims run's encoder on the framed pages is
+    tiny_dinov2_encoder_9c87a0ba39.pth (RESULTS.md, from the free-pose pages, quotes 8b9d5dc466), its recipe
+    written beside it; another training length is another file."""
     import claims
     import encoders
     import features
@@ -809,7 +809,7 @@ def test_encoder_file_names_keep_their_recipe_hash(monkeypatch, tmp_path):
     cc = claims.ClaimsConfig()
     path = features.pretrained_network(str(tmp_path), "encoder", cc.encoder_steps, cc.bank_pages, cc.seed,
                                        log=lambda *a: None)
-    assert os.path.basename(path) == "tiny_dinov2_encoder_8b9d5dc466.pth"
+    assert os.path.basename(path) == "tiny_dinov2_encoder_9c87a0ba39.pth"
     assert json.load(open(path + ".json"))["steps"] == cc.encoder_steps == 250
     other = features.pretrained_network(str(tmp_path), "encoder", 10, cc.bank_pages, cc.seed, log=lambda *a: None)
     assert os.path.basename(other) != os.path.basename(path)

@@ -223,7 +223,7 @@ def test_a_filtered_stream_yields_exactly_the_kept_pairs(filtered):
 # ----------------------------------------------------------------------------- train.py on shards
 
 FAST = ["--res", "32", "--batch", "4", "--log-every", "1", "--sample-every", "1000", "--sample-steps", "2",
-        "--grid-images", "2", "--grid-n", "1", "--device", "cpu", "--ckpt-every", "2"]
+        "--grid-images", "2", "--grid-n", "1", "--device", "cpu", "--ckpt-every", "2", "--random-encoder"]   # the shards' encoder
 
 
 def run(out, pattern, *flags):

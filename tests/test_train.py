@@ -57,12 +57,12 @@ def test_default_job_leaves_checkpoint_log_config_and_grid(tiny_run):
     assert [r["step"] for r in log] == [1, 2, 3]
     assert {"step", "loss", "lr", "img_per_s", "eta_s", "grad_norm", "time", "elapsed_s"} <= set(log[0])
     assert log[0]["time"].endswith("+00:00")  # an ISO UTC timestamp
-    assert json.load(open(out / "config.json"))["model"] == "tiny-32"
+    assert json.load(open(out / "config.json"))["model"] == "tiny-32-p2"
     ckpt = runs.load_checkpoint(str(out / "ckpt.pt"))
     # the one checkpoint format (semantica.checkpoint_header)
     assert ckpt["format"] == "semantica-ckpt/2" and ckpt["step"] == 3 and ckpt["ema_decay"] == 0.99
     assert {"model_config", "p_uncond", "encoder", "model", "ema", "train_config", "optimizer"} <= set(ckpt)
-    assert ckpt["encoder"]["name"] == "tiny" and "state" in ckpt["encoder"]  # a random encoder travels along
+    assert ckpt["encoder"]["name"] == "tiny" and ckpt["encoder"]["weights"].endswith(".pth")  # the toy encoder's file
     assert ckpt["data_position"] == 3 and ckpt["samples"] == 3 * 8
     written = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)     # the file, not the reader
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in [*written["model"], *written["optimizer"]["state"]])
@@ -363,7 +363,7 @@ def test_conditioning_cache_gives_the_on_the_fly_losses(tmp_path):
     pages, _ = data.open_pages("synthetic", 32, num_pages=cfg.num_pages, seed=cfg.seed)
     cache = data.encode_cache(pages, train.load_frozen_encoder(cfg), str(tmp_path / "cond"))  # python data.py encode
     flags = ("--steps", "3", "--sample-every", "3")
-    fly, cached = run(tmp_path / "a", *flags), run(tmp_path / "b", *flags, "--cond-cache", cache)
+    fly, cached = run(tmp_path / "a", *flags, "--cond-cache", ""), run(tmp_path / "b", *flags, "--cond-cache", cache)
     # float16 storage of the tokens is the only difference
     torch.testing.assert_close(losses(cached), losses(fly), rtol=2e-3, atol=0)
     a, b = fly["model"].state_dict(), cached["model"].state_dict()
@@ -468,10 +468,12 @@ def test_resume_on_other_synthetic_pages_is_refused(tmp_path, monkeypatch, capsy
     assert ckpt["train_pages"] == synthetic.SyntheticPages(32, 32, seed=0).fingerprint()
     before = path.read_bytes()
     monkeypatch.setattr(synthetic.SyntheticPages.__init__, "__defaults__",
-                        synthetic.SyntheticPages.__init__.__defaults__[:-2] + ((1, 3), (0.35, 0.6)))
+                        synthetic.SyntheticPages.__init__.__defaults__[:-2] + (1.0, 180.0))   # free pose
+    cond = {f: os.path.getmtime(tmp_path / "cond" / f) for f in os.listdir(tmp_path / "cond")}
     with pytest.raises(train.UserError, match="other synthetic pages"):
         run(tmp_path, "--steps", "2", "--resume", "--sample-every", "100")
     assert path.read_bytes() == before
+    assert {f: os.path.getmtime(tmp_path / "cond" / f) for f in os.listdir(tmp_path / "cond")} == cond  # not re-encoded
     monkeypatch.undo()
     state = torch.load(path, map_location="cpu", weights_only=True)   # not mmapped: the file is rewritten
     del state["train_pages"]                              # as written before the record existed
@@ -505,5 +507,6 @@ def test_the_default_job_conditions_on_the_toy_encoder_through_a_cond_cache_it_e
     train.main(train.parse_args(flags + ["--steps", "3", "--resume"]))
     assert len(calls) == 1                                                       # reused, not re-encoded
     with pytest.raises(runs.UserError, match="page shards carry their"):
-        train.main(train.parse_args(flags + ["--data", str(tmp_path / "{000000..000001}.tar"), "--out",
-                                             str(tmp_path / "s")]))
+        train.main(train.parse_args(flags + ["--data", str(tmp_path / "{000000..000001}.tar"), "--cond-cache", "encode",
+                                             "--out", str(tmp_path / "s")]))
+    assert train.parse_args(["--data", "d/{000000..000001}.tar"]).cond_cache == ""   # the preset's, not for shards
