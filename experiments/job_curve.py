@@ -39,6 +39,7 @@ def plot(rows, peer, path, peer_rate=0.0):
                 label="peer: CFG Unet, kind given outright")
     ax.axhline(0.125, color="grey", lw=0.8, ls=":", label="chance (1/8)")
     ax.axhline(0.6, color="grey", lw=0.8, ls="-.", label="goal 0.6")
+    ax.axvline(10, color="black", lw=0.8, ls=":", label="the default job's budget (10 min)")
     ax.set(xlabel="training wall minutes (2 CPU cores)", ylabel="kind accuracy at w = 0.5", ylim=(0, 1))
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
