@@ -203,44 +203,40 @@ def max_pixels(flag):
     return None if flag < 0 else flag
 
 
-def encode_conditions(cfg, image_size, encoder, d, ckpt):
-    """--cond-cache encode: every training image through the frozen encoder once, into OUT/cond (§3.2: "we can
+def encode_conditions(cfg, pages, encoder, d):
+    """--cond-cache encode: every image of `pages` through the frozen encoder once, into OUT/cond (§3.2: "we can
     precompute representations"; tokens stored float16), reused while it matches the pages and the encoder
     -> the cache folder. (Page shards carry their own tokens instead: runs.check_paths refuses them here.)"""
     out = os.path.join(cfg.out, "cond")
     try:
-        pages, _ = data.open_pages(cfg.data, image_size, max_pixels=max_pixels(cfg.max_pixels), **(
-            dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
-        runs.check_resume_pages(ckpt, cfg, pages, lambda *a: None)   # a refused resume writes nothing
-        try:
-            fresh = bool(data.CondCache.open(out, pages, encoder))
-        except (OSError, ValueError):
-            fresh = False
-        backends.barrier(d)                                  # every rank has looked before rank 0 rewrites it
-        if not fresh:
-            data.PagePairs(pages, mode=cfg.pairs, seed=cfg.seed)    # no training items: one line, before encoding
-            data.encode_cache(pages, encoder, out, d.rank, d.world, barrier=lambda: backends.barrier(d))
-            backends.barrier(d)                              # rank 0 writes meta.json last
-    except UserError:
-        raise
-    except (OSError, ValueError) as e:
-        raise UserError(f"--data {cfg.data} --cond-cache encode: {e}") from e
+        fresh = data.CondCache.open(out, pages, encoder) is not None
+    except (OSError, ValueError):
+        fresh = False
+    backends.barrier(d)                                  # every rank has looked before rank 0 rewrites it
+    if not fresh:
+        data.PagePairs(pages, mode=cfg.pairs, seed=cfg.seed)    # no training items: one line, before encoding
+        data.encode_cache(pages, encoder, out, d.rank, d.world, barrier=lambda: backends.barrier(d))
+        backends.barrier(d)                              # rank 0 writes meta.json last
     return out
 
 
-def build_dataset(cfg, image_size, encoder, d):
-    """(cond, target) pairs from pages (§5), similarity-filtered with the frozen encoder (App. C); with
-    --cond-cache the conditions (and the filter's embeddings) come from the precomputed cache (§3.2).
-    A missing or empty source, or a cache of other images or another encoder: UserError. Page shards
-    (--data PATTERN.tar) are streamed instead (stream_dataset)."""
+def build_dataset(cfg, image_size, encoder, d, ckpt):
+    """-> ((cond, target) pairs from pages (§5), similarity-filtered with the frozen encoder (App. C), the
+    synthetic pages' fingerprint or None). With --cond-cache the conditions (and the filter's embeddings) come
+    from the precomputed cache (§3.2; `encode`: made here first). A missing or empty source, a cache of other
+    images or another encoder, a resume on other synthetic pages (refused before anything is written):
+    UserError. Page shards (--data PATTERN.tar) are streamed instead (stream_dataset)."""
     if shards.is_pattern(cfg.data):
-        return stream_dataset(cfg, image_size, encoder, d)
+        return stream_dataset(cfg, image_size, encoder, d), None
     cache, kind = cfg.cond_cache or None, "tokens" if cfg.conditioning == "cross_attention" else "global"  # §3.4
     if cache == "shards":
         raise UserError("--cond-cache shards reads tokens stored in page shards: --data must be a shard pattern")
     try:
         pages, skipped = data.open_pages(cfg.data, image_size, max_pixels=max_pixels(cfg.max_pixels), **(
             dict(num_pages=cfg.num_pages, seed=cfg.seed) if cfg.data == "synthetic" else {}))
+        pages_id = runs.check_resume_pages(ckpt, cfg, pages, runs.say if d.is_main else (lambda *a: None))
+        if cache == "encode":
+            cache = encode_conditions(cfg, pages, encoder, d)
         pairs = None
         if cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1):
             for turn in ((0, 1) if d.kind == "ddp" and d.world > 1 else (0,)):  # rank 0 fills the cache first
@@ -252,11 +248,13 @@ def build_dataset(cfg, image_size, encoder, d):
                 runs.say({k: v for k, v in report.items() if k != "histogram"}, "\n" + report["histogram"])
         dataset = data.PagePairs(pages, mode=cfg.pairs, pairs=pairs, seed=cfg.seed, cond_cache=cache,
                                  cond_kind=kind, encoder=encoder)
+    except UserError:
+        raise
     except (OSError, ValueError) as e:
         raise UserError(f"--data {cfg.data}{' --cond-cache ' + cache if cache else ''}: {e}") from e
     if d.is_main and skipped:
         runs.say(f"skipped {len(skipped)} unreadable files, e.g. {next(iter(skipped.items()))}")
-    return dataset
+    return dataset, pages_id
 
 
 def stream_dataset(cfg, image_size, encoder, d):
@@ -371,10 +369,7 @@ def main(cfg):
     # batches it consumed: step x accumulation. With the same world that is exact; resharded it continues from
     # the same number of global samples (step x batch). A stream continues from its recorded per-reader position
     # (no XLA device loader: it would read ahead); its refusals (no usable page, changed shards) come here.
-    if cfg.cond_cache == "encode":
-        cfg = dataclasses.replace(cfg, cond_cache=encode_conditions(cfg, raw.net.config.image_size, encoder, d, ckpt))
-    dataset = build_dataset(cfg, raw.net.config.image_size, encoder, d)
-    pages_id = runs.check_resume_pages(ckpt, cfg, getattr(dataset, "pages", None), tell)
+    dataset, pages_id = build_dataset(cfg, raw.net.config.image_size, encoder, d, ckpt)
     header = {**header, "train_pages": pages_id} if pages_id else header  # train-only: the synthetic pages drawn
     data_position, streaming = start_step * accum, isinstance(dataset, stream.ShardStream)
     start = ckpt["data_position"]["ranks"][d.rank] if streaming and ckpt is not None else data_position

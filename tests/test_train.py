@@ -264,7 +264,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 # ----------------------------------------------------------------------------- flags and user errors
 
-def test_presets_flags_and_help_from_the_config_comments(capsys):
+def test_presets_flags_and_help_from_the_config_comments(capsys, tmp_path):
     cfg = train.parse_args(["--res", "256"])
     assert (cfg.model, cfg.encoder, cfg.batch, cfg.lr, cfg.ema_decay) == ("sid-b-256", "dinov2-b14", 2048, 2e-4, 0.9999)
     assert train.parse_args(["--res", "256", "--lr", "1e-3"]).lr == 1e-3  # explicit flags beat the preset
@@ -275,7 +275,7 @@ def test_presets_flags_and_help_from_the_config_comments(capsys):
     assert not train.parse_args(["--encoder", "dinov2-s14"]).random_encoder  # not a random DINOv2 without a word
     assert train.parse_args(["--encoder", "dinov2-s14", "--random-encoder"]).random_encoder
     with pytest.raises(runs.UserError, match="--toy-encoder trains --encoder tiny itself"):
-        runs.check_paths(train.parse_args(["--toy-encoder", "--encoder", "dinov2-s14"]))
+        runs.check_paths(train.parse_args(["--toy-encoder", "--encoder", "dinov2-s14", "--out", str(tmp_path / "r")]))
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
