@@ -17,6 +17,8 @@ Notation: x data in [-1, 1]; eps ~ N(0, I); logsnr = lambda = log(alpha^2 / sigm
 alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda); a sampler step goes from t to s < t.
 Shapes: x, z_t, eps, v are (B, C, H, W); t and logsnr are (B,) or scalars.
 
+Toy-preset deviation: `sigmoid_bias` weights the eps-space loss by sigmoid(b - lambda) (Kingma & Gao 2023,
+arXiv 2303.00848; SiD2, arXiv 2410.19324), which favours low SNR; the paper's loss is the unweighted one.
 Not implemented (not needed by the paper at 256/512 px as described): simple diffusion's
 interpolated schedule and multiscale loss, other samplers (DDIM, DPM-Solver).
 Formulas and their numerical checks: tests/test_diffusion.py.
@@ -106,13 +108,16 @@ def eps_from_v(z_t, v, alpha, sigma):
 
 # ----------------------------------------------------------------------------- training loss
 
-def diffusion_loss(v_fn, x, *, noise_size=NOISE_SIZE, t=None, eps=None, generator=None):
+def diffusion_loss(v_fn, x, *, noise_size=NOISE_SIZE, t=None, eps=None, generator=None, sigmoid_bias=None):
     """Semantica's training loss: v-prediction with the loss in eps space (§3.1, §6.1).
 
     t ~ U(0, 1), z_t = alpha x + sigma eps (Eq. 1), v_hat = v_fn(z_t, t), eps_hat = sigma z_t + alpha v_hat,
     loss = mean ||eps - eps_hat||^2, which equals the Eq. 1 x-loss with w(t) = SNR(t).
+    sigmoid_bias b (DEVIATION, the CPU preset only): each example's mean squared eps error is weighted by
+    sigmoid(b - lambda_t) before the batch mean (the sigmoid weighting of Kingma & Gao 2023, with t still drawn
+    uniformly under this schedule), which down-weights low noise; None: the paper's unweighted loss.
     `t` and `eps` may be given (tests, exact DDP checks); otherwise drawn from `generator`.
-    The network's output may be bf16; the loss is formed in float32.
+    The network's output may be bf16; the loss is formed in float32. -> scalar.
     """
     dtype = _math_dtype(x)
     x = x.to(dtype)
@@ -121,11 +126,15 @@ def diffusion_loss(v_fn, x, *, noise_size=NOISE_SIZE, t=None, eps=None, generato
         t = torch.rand(b, generator=generator, device=x.device, dtype=dtype)  # t ~ U(0, 1)
     if eps is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)
-    alpha, sigma = alpha_sigma(logsnr_schedule(t, x.shape[-1], noise_size))
+    logsnr = logsnr_schedule(t, x.shape[-1], noise_size)
+    alpha, sigma = alpha_sigma(logsnr)
     z_t = _expand(alpha, x) * x + _expand(sigma, x) * eps  # Eq. 1
     v_hat = v_fn(z_t, t).to(dtype)
     eps_hat = eps_from_v(z_t, v_hat, alpha, sigma)
-    return (eps - eps_hat).square().mean()  # eps-space loss = SNR(t)-weighted x-loss
+    if sigmoid_bias is None:
+        return (eps - eps_hat).square().mean()  # eps-space loss = SNR(t)-weighted x-loss
+    per_example = (eps - eps_hat).square().flatten(1).mean(1)
+    return (torch.sigmoid(sigmoid_bias - logsnr) * per_example).mean()  # Kingma & Gao 2023 sigmoid weighting
 
 
 # ----------------------------------------------------------------------------- sampler

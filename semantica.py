@@ -129,19 +129,19 @@ class Semantica(nn.Module):
         return torch.where(keep, cond, self.null_cond.to(cond.dtype))
 
     # -- training
-    def loss(self, target_images, cond, generator=None, t=None, eps=None):
+    def loss(self, target_images, cond, generator=None, t=None, eps=None, sigmoid_bias=None):
         """eps-space diffusion loss (§3.1, §6.1) of targets (B, 3, S, S) in [-1, 1] given cond images or tensors.
 
         The condition is dropped to the null first (p_uncond), then diffusion.diffusion_loss draws t and eps
-        from `generator` unless given.
+        from `generator` unless given; sigmoid_bias: its toy-preset loss weighting (None: the paper's loss).
         """
         cond = self.drop_condition(self.as_cond(cond), generator)
         return diffusion.diffusion_loss(lambda z_t, t_: self.net(z_t, t_, cond), target_images, t=t, eps=eps,
-                                        generator=generator)
+                                        generator=generator, sigmoid_bias=sigmoid_bias)
 
-    def forward(self, target_images, cond, generator=None):
+    def forward(self, target_images, cond, generator=None, sigmoid_bias=None):
         """The training loss; what DDP / FSDP wrap."""
-        return self.loss(target_images, cond, generator)
+        return self.loss(target_images, cond, generator, sigmoid_bias=sigmoid_bias)
 
     # -- sampling
     def as_images(self, pictures):

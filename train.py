@@ -6,7 +6,7 @@ Recipe (§6.1): Adam (beta1 0.9, beta2 0.99, eps 1e-12), lr 2e-4, batch 2048, EM
 averaging") 0.9999, v-prediction with eps-space loss, ~300K steps; pairs filtered by encoder
 cosine similarity (§5, App. C: DINOv2 [0.3, 0.9], SigLIP/CLIP 0.65).
 
-    python train.py                                            # tiny-32 on synthetic pages, CPU, 3-11 min
+    python train.py                                            # the CPU default job (tiny-32-p2, toy encoder), 9.5-13 min
     python train.py --res 256 --data DIR --encoder-weights dinov2_vitb14_pretrain.pth   # §6.1 baseline
     torchrun --standalone --nproc_per_node=8 train.py --res 256 --data DIR --encoder-weights ...
     torchrun --standalone --nproc_per_node=8 train.py --res 512 --data DIR --encoder-weights ...  # FSDP
@@ -67,6 +67,7 @@ class TrainConfig:
     num_pages: int = 2048              # number of synthetic pages (DESIGN)
     filter_low: Optional[float] = None   # pair filter lower cosine threshold; default: the encoder's (App. C: DINOv2 0.3, SigLIP/CLIP 0.65); -1 with 1 = no filter
     filter_high: Optional[float] = None  # pair filter upper threshold (drops near-duplicates); default: the encoder's (App. C: 0.9)
+    select_pairs: bool = False         # draw the §5 pair selection's kept pairs even with the band [-1, 1] (a page weighted by its pairs, as a filtered run weights it: App. C's unfiltered arm); off: an unfiltered run draws pages uniformly
     steps: int = 300_000               # optimiser steps (§6.1: "around 300K steps")
     batch: int = 2048                  # global batch = micro-batch x accumulation x world (§6.1: 2048)
     micro_batch: int = 0               # per-device batch per forward pass; 0 = batch / world (no accumulation)
@@ -75,6 +76,7 @@ class TrainConfig:
     beta2: float = 0.99                # Adam beta2 (§6.1)
     adam_eps: float = 1e-12            # Adam epsilon (§6.1)
     ema_decay: float = 0.9999          # EMA decay (§6.1: "Polyak averaging with a decay factor of 0.9999")
+    sigmoid_bias: Optional[float] = None  # weight the eps-space loss by sigmoid(b - logSNR) (Kingma & Gao 2023; SiD2): favours low SNR, the CPU preset's DEVIATION; none: §3.1's unweighted loss
     p_uncond: float = 0.1              # condition dropout rate for guidance (INTERPRETATION: not stated in the paper)
     guidance: float = 0.5              # guidance weight of the variation grids (§6.1)
     sample_steps: int = 256            # DDPM steps of the variation grids (DESIGN)
@@ -101,14 +103,16 @@ class TrainConfig:
 
 # Applied before explicit flags. Unlisted fields keep the paper defaults above.
 RES_PRESETS = {
-    # DEVIATION: CPU default job (docs/results.md, "The default job"): 32 px, ~9 min on 2 cores. The tiny-32-p2
+    # DEVIATION: CPU default job (docs/results.md, "The default job"): 32 px, 9.5-13 min on 2 cores. The tiny-32-p2
     # denoiser (0.31 GFLOP per image forward + backward, 2x2 patchify stem as §6.1's 512 px model), the toy
     # encoder (pages/toy_encoder.py: the tiny ViT trained SigLIP-style on held-out pages, committed in weights/)
     # whose tokens are encoded once into OUT/cond (§3.2), 512 synthetic pages, no filter; batch 32 instead of
     # 2048, lr 1e-3 (2e-3 drew no more kinds at 64 000 images, batch 64 fewer), EMA 0.99 because the run is
-    # short (0.9999 would still hold the random init), 4 000 steps (128 000 images).
+    # short (0.9999 would still hold the random init), 4 000 steps (128 000 images), and the eps-space loss
+    # weighted by sigmoid(-1 - logSNR) (Kingma & Gao 2023; SiD2): kind accuracy 0.31 -> 0.61 at 64 000 images.
     32: dict(model="tiny-32-p2", encoder="tiny", toy_encoder=True, cond_cache="encode", num_pages=512,
-             filter_low=-1.0, filter_high=1.0, steps=4000, batch=32, lr=1e-3, ema_decay=0.99, sample_steps=64,
+             filter_low=-1.0, filter_high=1.0, steps=4000, batch=32, lr=1e-3, ema_decay=0.99, sigmoid_bias=-1.0,
+             sample_steps=64,
              log_every=25, ckpt_every=500, sample_every=1000, num_workers=0, out="runs/tiny"),
     # §6.1 baseline: SiD-B U-ViT at 256 px, DINOv2-B/14 tokens, filter [0.3, 0.9], batch 2048.
     # DESIGN: micro_batch 32 per GPU (8 GPUs -> accumulation 8); the paper used 256 TPUv3 chips.
@@ -135,7 +139,8 @@ def parse_args(argv=None):
     res = known.res
     defaults = {**asdict(TrainConfig()), **RES_PRESETS[res], "res": res}
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
-    flags.add_flags(parser, TrainConfig, os.path.abspath(__file__), defaults, CHOICES, {"device": flags.device})
+    types = {"device": flags.device, "sigmoid_bias": flags.finite_or_none}
+    flags.add_flags(parser, TrainConfig, os.path.abspath(__file__), defaults, CHOICES, types)
     cfg = TrainConfig(**vars(parser.parse_args(argv)))  # unknown flags: argparse error, exit 2
     preset = RES_PRESETS[res]
     if preset.get("toy_encoder") and (cfg.encoder != preset["encoder"] or cfg.encoder_weights or known.random_encoder) \
@@ -238,7 +243,7 @@ def build_dataset(cfg, image_size, encoder, d, ckpt):
         if cache == "encode":
             cache = encode_conditions(cfg, pages, encoder, d)
         pairs = None
-        if cfg.pairs == "page" and (cfg.filter_low > -1 or cfg.filter_high < 1):
+        if cfg.pairs == "page" and (cfg.select_pairs or cfg.filter_low > -1 or cfg.filter_high < 1):
             for turn in ((0, 1) if d.kind == "ddp" and d.world > 1 else (0,)):  # rank 0 fills the cache first
                 if (d.rank == 0) == (turn == 0):
                     pairs, report = data.build_pairs(pages, encoder, os.path.join(cfg.out, "cache"), cfg.filter_low,
@@ -406,7 +411,7 @@ def main(cfg):
                     raise UserError(f"--data {cfg.data}: {e}") from e
                 backends.seed_micro_step(gen, micro_step_seed(cfg.seed, d.rank, step, k), d)
                 with backends.grad_sync(model, cfg, d, last=k == accum - 1), autocast:
-                    loss = model(x, cond, generator=gen) / accum  # Eq. 3 in eps space (§6.1)
+                    loss = model(x, cond, generator=gen, sigmoid_bias=cfg.sigmoid_bias) / accum  # Eq. 3, eps space (§6.1)
                 loss.backward()
                 running += loss.detach()  # stays on the device: no host sync per step
             step, n_running, data_position = step + 1, n_running + 1, data_position + accum

@@ -5,7 +5,8 @@ same U-ViT preset (tiny-32) and the same frozen encoder, differing only in their
 their conditioning:
   - reconstruction      cond = target (Eq. 2, §4)
   - pages+filter        cond and target from one page, cosine-filtered (Eq. 3, §5, App. C)
-  - pages               the same without the filter (App. C's ablation)
+  - pages               the same pair selection with the band [-1, 1]: no filter (App. C's ablation; every
+                        page-pair setting draws its selected pairs uniformly, so only the band differs)
   - pages+filter FiLM   the CLS token by FiLM instead of tokens by cross-attention (App. D)
 They are evaluated with sample.py's K-shot evaluation (the project's sampler) and metrics.py, on test
 pages that nobody trained on, and a copy model (returns its conditioning image) is scored alongside.
@@ -277,6 +278,7 @@ def train_config(cc, name, out, train_source, encoder_path):
     return dict(res=32, model=cc.model, encoder="tiny", encoder_weights=encoder_path, random_encoder=False,
                 data=train_source, num_pages=cc.train_pages, pairs=s["pairs"], conditioning=s["conditioning"],
                 filter_low=FILTER[0] if s["filter"] else -1.0, filter_high=FILTER[1] if s["filter"] else 1.0,
+                select_pairs=s["pairs"] == "page",   # App. C: the unfiltered arm differs by the band only
                 steps=cc.steps, batch=cc.batch, lr=cc.lr, ema_decay=cc.ema_decay, seed=cc.train_seed,
                 sample_steps=cc.sample_steps, grid_images=2, grid_n=3, log_every=max(1, cc.steps // 8),
                 ckpt_every=cc.steps, sample_every=cc.steps, num_workers=cc.num_workers,
@@ -331,7 +333,7 @@ def earlier_run_clash(cc, out, data_arg="synthetic"):
         except Exception as e:                           # noqa: BLE001 (any unreadable file: one line)
             return f"{path} is not a readable train.py checkpoint ({type(e).__name__}); delete it to retrain"
         ours = ("steps", "model", "batch", "lr", "ema_decay", "seed", "sample_steps", "num_pages", "pairs",
-                "conditioning", "filter_low", "filter_high")
+                "conditioning", "filter_low", "filter_high", "select_pairs")
         if "data" in stored and (stored["data"] == "synthetic") != (data_arg == "synthetic"):
             return (f"{want['out']} was trained on --data {'synthetic' if stored['data'] == 'synthetic' else 'files'} "
                     f"(this run: --data {data_arg}); rerun with that run's --data or choose another --out")

@@ -10,6 +10,7 @@ Writes OUT/curve.json and, with matplotlib, OUT/curve.png; `--peer FILE` adds ex
 
     python experiments/job_curve.py --out runs/curve --every 1000 --segments 4
     python experiments/job_curve.py --out runs/curve --peer runs/peer.json --peer-rate 34 --plot-only   # redraw
+    python experiments/job_curve.py --wall-log runs/tiny/log.jsonl --plot-only    # ours at an uninterrupted run's seconds
 """
 import argparse
 import json
@@ -25,14 +26,15 @@ import outputs  # noqa: E402  (experiments/outputs.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def plot(rows, peer, path, peer_rate=0.0):
-    """Kind accuracy against training minutes: the job, and the peer when given (at its own seconds, or at
-    images / peer_rate when it ran beside other work and peer_rate is its idle img/s). Needs matplotlib."""
+def plot(rows, peer, path, peer_rate=0.0, wall=None):
+    """Kind accuracy against training minutes: the job (at its segments' seconds, or at wall[step], an
+    uninterrupted run's seconds), and the peer when given (at its own seconds, or at images / peer_rate when it
+    ran beside other work and peer_rate is its idle img/s). Needs matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([r["train_s"] / 60 for r in rows], [r["sample_accuracy"] for r in rows], "o-",
+    ax.plot([(wall[r["step"]] if wall else r["train_s"]) / 60 for r in rows], [r["sample_accuracy"] for r in rows], "o-",
             label="ours: python train.py (toy encoder tokens)")
     if peer:
         ax.plot([(r["images"] / peer_rate if peer_rate else r["train_s"]) / 60 for r in peer], [r["accuracy"] for r in peer], "s--",
@@ -58,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--peer", default="", help="experiments/peer.py --json output to draw beside ours")
     ap.add_argument("--peer-rate", type=float, default=0.0, help="the peer's idle img/s: place its points at "
                     "images / rate, for a peer run beside other work (0: its own training seconds)")
+    ap.add_argument("--wall-log", default="", help="log.jsonl of an uninterrupted `train.py` of the same job: "
+                    "draw ours at its elapsed seconds at each step (segments pay extra start-ups)")
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT/curve.png from OUT/curve.json")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if min(a.every, a.segments, a.pages, a.n) < 1:
@@ -69,7 +73,11 @@ def main(argv=None):
         ap.error(bad)
     if a.peer and not os.path.isfile(a.peer):
         ap.error(f"--peer {a.peer}: no such file")
+    if a.wall_log and not os.path.isfile(a.wall_log):
+        ap.error(f"--wall-log {a.wall_log}: no such file")
     peer = json.load(open(a.peer))["rows"] if a.peer else None
+    wall = {r["step"]: r["elapsed_s"] for r in map(json.loads, open(a.wall_log)) if "elapsed_s" in r} \
+        if a.wall_log else None
     path = os.path.join(a.out, "curve.json")
     if a.plot_only:
         if not os.path.isfile(path):
@@ -93,8 +101,11 @@ def main(argv=None):
         with open(path + ".tmp", "w") as f:
             json.dump(dict(command=" ".join(sys.argv), extra=extra, classifier=rep, rows=rows), f, indent=1)
         os.replace(path + ".tmp", path)
+    missing = [r["step"] for r in rows if wall is not None and r["step"] not in wall]
+    if missing:
+        ap.error(f"--wall-log {a.wall_log} has no elapsed_s at steps {missing}")
     try:
-        plot(rows, peer, os.path.join(a.out, "curve.png"), a.peer_rate)
+        plot(rows, peer, os.path.join(a.out, "curve.png"), a.peer_rate, wall)
         print(f"wrote {os.path.join(a.out, 'curve.png')}")
     except ImportError:
         print("matplotlib is not installed: no curve.png (pip install matplotlib)")

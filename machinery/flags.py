@@ -58,6 +58,11 @@ def number(kind, low=None, high=None):
     return parse
 
 
+def finite_or_none(text):
+    """A flag type: a finite number, or "none" for None (an Optional[float] setting a preset turns on)."""
+    return None if text.strip().lower() == "none" else number(float)(text)
+
+
 def numbers(text):
     """A flag type: comma-separated finite numbers, "0,0.5" -> [0.0, 0.5]."""
     return [number(float)(v) for v in text.split(",") if v]

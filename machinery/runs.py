@@ -115,6 +115,9 @@ def check_paths(cfg):
     if cfg.cond_cache == "encode" and shards.is_pattern(cfg.data):
         raise UserError("--cond-cache encode reads a folder, manifest or synthetic --data; page shards carry their "
                         "tokens (data.py filter --image-size, then --cond-cache shards)")
+    if cfg.select_pairs and (cfg.pairs != "page" or shards.is_pattern(cfg.data)):
+        raise UserError("--select-pairs selects page pairs (--pairs page) from a folder, manifest or synthetic --data; "
+                        "page shards carry the pairs of their data.py filter band")
     if cfg.toy_encoder and (cfg.encoder != "tiny" or cfg.encoder_weights or cfg.random_encoder):
         raise UserError("--toy-encoder trains --encoder tiny itself: it takes no --encoder-weights or --random-encoder "
                         f"(got --encoder {cfg.encoder}{' --encoder-weights' if cfg.encoder_weights else ''}"

@@ -278,6 +278,21 @@ def test_eps_space_loss_by_hand(dtype):
     assert loss.item() == pytest.approx((1 / 65) ** 2, rel=1e-9 if dtype == torch.float64 else 1e-4)
 
 
+def test_sigmoid_weighted_loss_by_hand():
+    """The CPU preset's loss: each example's eps-space loss times sigmoid(b - lambda_t) (Kingma & Gao 2023), then
+    the batch mean; b = None is the paper's unweighted loss."""
+    g = torch.Generator().manual_seed(5)
+    x, eps, v_hat = (torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.1, 0.5, 0.95], dtype=torch.float64)
+    v_fn = lambda z, tt: v_hat                               # noqa: E731
+    for b in (-1.0, 2.5):
+        want = sum(_ref_loss(x[i:i + 1], eps[i:i + 1], t[i:i + 1], v_hat[i:i + 1])
+                   / (1 + math.exp(ref_logsnr(float(t[i]), 4) - b)) for i in range(3)) / 3
+        assert D.diffusion_loss(v_fn, x, t=t, eps=eps, sigmoid_bias=b).item() == pytest.approx(want, rel=1e-9)
+    assert D.diffusion_loss(v_fn, x, t=t, eps=eps, sigmoid_bias=None).item() == pytest.approx(
+        _ref_loss(x, eps, t, v_hat), rel=1e-9)
+
+
 def test_loss_draws_t_uniform_and_eps_gaussian_from_the_generator():
     seen = []
 

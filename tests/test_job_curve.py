@@ -32,11 +32,17 @@ def test_segments_resume_one_job_and_score_each(tmp_path, monkeypatch, capsys):
     os.remove(tmp_path / "curve.png")
     job_curve.main(["--out", str(tmp_path), "--plot-only", "--peer", str(peer)])
     assert (tmp_path / "curve.png").stat().st_size > 1000
+    seen = {}
+    monkeypatch.setattr(job_curve, "plot", lambda rows, peer, path, rate, wall: seen.update(wall=wall))
+    job_curve.main(["--out", str(tmp_path), "--plot-only", "--wall-log", str(tmp_path / "job" / "log.jsonl")])
+    elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, open(tmp_path / "job" / "log.jsonl"))}
+    assert seen["wall"] == elapsed and set(elapsed) == {1, 2}    # ours drawn at the run's own seconds per step
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     for argv, say in ((["--every", "0"], "must be >= 1"), (["--peer", str(tmp_path / "no.json")], "no such file"),
-                      (["--out", str(tmp_path), "--plot-only"], "no ")):
+                      (["--out", str(tmp_path), "--plot-only"], "no "),
+                      (["--wall-log", str(tmp_path / "no.jsonl")], "no such file")):
         with pytest.raises(SystemExit) as e:
             job_curve.main(argv)
         assert e.value.code == 2 and say in capsys.readouterr().err

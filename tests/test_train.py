@@ -268,6 +268,8 @@ def test_presets_flags_and_help_from_the_config_comments(capsys, tmp_path):
     cfg = train.parse_args(["--res", "256"])
     assert (cfg.model, cfg.encoder, cfg.batch, cfg.lr, cfg.ema_decay) == ("sid-b-256", "dinov2-b14", 2048, 2e-4, 0.9999)
     assert train.parse_args(["--res", "256", "--lr", "1e-3"]).lr == 1e-3  # explicit flags beat the preset
+    assert cfg.sigmoid_bias is None and train.parse_args([]).sigmoid_bias == -1.0   # §3.1's loss; the CPU job's weighting
+    assert train.parse_args(["--sigmoid-bias", "none"]).sigmoid_bias is None     # the CPU job with the paper's loss
     job = train.parse_args([])
     assert (job.toy_encoder, job.random_encoder, job.model) == (True, False, "tiny-32-p2")   # the default job's encoder
     for flags in (["--encoder", "dinov2-s14"], ["--encoder-weights", "x.pth"], ["--random-encoder"]):
@@ -510,3 +512,35 @@ def test_the_default_job_conditions_on_the_toy_encoder_through_a_cond_cache_it_e
         train.main(train.parse_args(flags + ["--data", str(tmp_path / "{000000..000001}.tar"), "--cond-cache", "encode",
                                              "--out", str(tmp_path / "s")]))
     assert train.parse_args(["--data", "d/{000000..000001}.tar"]).cond_cache == ""   # the preset's, not for shards
+
+
+def test_select_pairs_draws_every_pair_of_a_page_through_the_filters_selection(tmp_path, monkeypatch):
+    """App. C's unfiltered arm differs from the filtered one by the band only: with --select-pairs and the band
+    [-1, 1] the dataset draws uniformly from every ordered pair (page, i, j), i != j, so a page with n images
+    weighs n (n - 1), as the kept pairs of a filtered run weigh it; without the flag it draws pages uniformly."""
+    from pages import synthetic
+    seen = []
+    real = data.PagePairs
+    monkeypatch.setattr(data, "PagePairs", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    flags = ["--batch", "4", "--num-pages", "6", "--sample-steps", "1", "--grid-images", "1", "--grid-n", "1",
+             "--device", "cpu", "--steps", "1", "--filter-low", "-1", "--filter-high", "1"]
+    train.main(train.parse_args(flags + ["--out", str(tmp_path / "a"), "--select-pairs"]))
+    pages = synthetic.SyntheticPages(6, 32, seed=0)
+    want = {(p, i, j) for p in range(6) for i in range(pages.count(p)) for j in range(pages.count(p)) if i != j}
+    got = [tuple(r) for r in seen[-1]["pairs"].tolist()]
+    assert len(got) == len(want) == sum(pages.count(p) * (pages.count(p) - 1) for p in range(6)) and set(got) == want
+    train.main(train.parse_args(flags + ["--out", str(tmp_path / "b")]))
+    assert seen[-1]["pairs"] is None
+    for bad in (["--pairs", "same"], ["--data", str(tmp_path / "{000000..000001}.tar"), "--cond-cache", ""]):
+        with pytest.raises(runs.UserError, match="--select-pairs"):
+            train.main(train.parse_args(flags + ["--out", str(tmp_path / "c"), "--select-pairs", *bad]))
+
+
+def test_the_loop_weights_its_loss_as_sigmoid_bias_says(tmp_path, monkeypatch):
+    """The 32 px preset trains with the sigmoid-weighted eps loss (b = -1); --sigmoid-bias none restores §3.1's."""
+    import diffusion
+    seen, real = [], diffusion.diffusion_loss
+    monkeypatch.setattr(diffusion, "diffusion_loss", lambda *a, **kw: seen.append(kw["sigmoid_bias"]) or real(*a, **kw))
+    run(tmp_path / "a", "--steps", "2")
+    run(tmp_path / "b", "--steps", "1", "--sigmoid-bias", "none")
+    assert seen == [-1.0, -1.0, None]
