@@ -112,8 +112,7 @@ RES_PRESETS = {
     # weighted by sigmoid(-1 - logSNR) (Kingma & Gao 2023; SiD2): kind accuracy 0.31 -> 0.61 at 64 000 images.
     32: dict(model="tiny-32-p2", encoder="tiny", toy_encoder=True, cond_cache="encode", num_pages=512,
              filter_low=-1.0, filter_high=1.0, steps=4000, batch=32, lr=1e-3, ema_decay=0.99, sigmoid_bias=-1.0,
-             sample_steps=64,
-             log_every=25, ckpt_every=500, sample_every=1000, num_workers=0, out="runs/tiny"),
+             sample_steps=64, log_every=25, ckpt_every=500, sample_every=1000, num_workers=0, out="runs/tiny"),
     # §6.1 baseline: SiD-B U-ViT at 256 px, DINOv2-B/14 tokens, filter [0.3, 0.9], batch 2048.
     # DESIGN: micro_batch 32 per GPU (8 GPUs -> accumulation 8); the paper used 256 TPUv3 chips.
     256: dict(model="sid-b-256", encoder="dinov2-b14", micro_batch=32, out="runs/semantica-256",

@@ -79,9 +79,14 @@ def main(argv=None):
     wall = {r["step"]: r["elapsed_s"] for r in map(json.loads, open(a.wall_log)) if "elapsed_s" in r} \
         if a.wall_log else None
     path = os.path.join(a.out, "curve.json")
+    if a.plot_only and not os.path.isfile(path):
+        ap.error(f"--plot-only: no {path}")
+    steps = [r["step"] for r in json.load(open(path))["rows"]] if a.plot_only else \
+        [k * a.every for k in range(1, a.segments + 1)]
+    missing = [s for s in steps if wall is not None and s not in wall]
+    if missing:   # before any training: the segments' work would be lost to a one-line error
+        ap.error(f"--wall-log {a.wall_log} has no elapsed_s at steps {missing}")
     if a.plot_only:
-        if not os.path.isfile(path):
-            ap.error(f"--plot-only: no {path}")
         rows = json.load(open(path))["rows"]
     else:
         os.makedirs(a.out, exist_ok=True)
@@ -101,9 +106,6 @@ def main(argv=None):
         with open(path + ".tmp", "w") as f:
             json.dump(dict(command=" ".join(sys.argv), extra=extra, classifier=rep, rows=rows), f, indent=1)
         os.replace(path + ".tmp", path)
-    missing = [r["step"] for r in rows if wall is not None and r["step"] not in wall]
-    if missing:
-        ap.error(f"--wall-log {a.wall_log} has no elapsed_s at steps {missing}")
     try:
         plot(rows, peer, os.path.join(a.out, "curve.png"), a.peer_rate, wall)
         print(f"wrote {os.path.join(a.out, 'curve.png')}")

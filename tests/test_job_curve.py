@@ -40,9 +40,13 @@ def test_segments_resume_one_job_and_score_each(tmp_path, monkeypatch, capsys):
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "one.jsonl").write_text(json.dumps({"step": 1, "elapsed_s": 3.0}) + "\n")
     for argv, say in ((["--every", "0"], "must be >= 1"), (["--peer", str(tmp_path / "no.json")], "no such file"),
                       (["--out", str(tmp_path), "--plot-only"], "no "),
-                      (["--wall-log", str(tmp_path / "no.jsonl")], "no such file")):
+                      (["--wall-log", str(tmp_path / "no.jsonl")], "no such file"),
+                      (["--out", str(tmp_path / "c"), "--every", "1", "--segments", "2", "--wall-log",
+                        str(tmp_path / "one.jsonl")], "no elapsed_s at steps [2]")):   # refused before training
         with pytest.raises(SystemExit) as e:
             job_curve.main(argv)
         assert e.value.code == 2 and say in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
