@@ -313,7 +313,7 @@ class VisionEncoder(nn.Module):
 
     def encode(self, images):
         """[-1, 1] float images (B, 3, H, W) -> (global (B, E), tokens (B, T, D)), float32; with autograd,
-        for the rare caller that trains an encoder (experiments/features.py). ValueError for other inputs."""
+        for the rare caller that trains an encoder (pages/toy_encoder.py). ValueError for other inputs."""
         self._check(images)
         B, _, H, W = images.shape
         p, c = self.patch_size, self.config
@@ -622,8 +622,8 @@ def from_checkpoint(path, heads=None, act=None):
 
 def random_encoder(config, name, seed=0):
     """A frozen encoder of `config` (EncoderConfig, a preset's or another) with random weights, deterministic in
-    `seed` (`.seed`) and independent of the global RNG: load_encoder's weight-less path; e.g. the tiny ViT at
-    another patch size (experiments/features.py), then written with save_dinov2. The seed is part of the
+    `seed` (`.seed`) and independent of the global RNG: load_encoder's weight-less path (the start of
+    pages/toy_encoder.py's training, then written with save_dinov2). The seed is part of the
     network's definition (like a weights file), hence a fixed default: (name, seed) is always the same network."""
     enc = _random_init(_build(config, name), seed)
     enc.seed = seed

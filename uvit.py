@@ -98,12 +98,13 @@ PRESETS = {
     # at 32x32 and 16x16 as at 256 px. INTERPRETATION: DINOv2-L/14 tokens (Table 1's best encoder). 4.035B
     "semantica-512": UViTConfig(image_size=512, patch_size=2, channels=(128, 256, 1024, 2048),
                                 blocks=(2, 3, 3, 3), width=4096, depth=12, cond_dim=1024),
-    # DESIGN: CPU default job (train.py, 32 px, 3-11 min on 2 cores): 32/64-channel conv levels at 32/16 px,
+    # DESIGN: CPU toy runs (docs/study.md, the CPU benchmarks): 32/64-channel conv levels at 32/16 px,
     # a 128-wide 4-block cross-attention transformer at 8x8; "tiny" encoder tokens (128-dim). 2.01M
     "tiny-32": UViTConfig(image_size=32, channels=(32, 64), blocks=(1, 1), transformer_levels=0,
                           width=128, depth=4, head_dim=32, cond_dim=128, dropout=0.0),
-    # DESIGN (docs/study.md): tiny-32 with a 2x2 patchify stem, as §6.1's 512 px model: conv levels at 16 and
-    # 8 px, the transformer at 4x4. Measured ~3x tiny-32's training and ~4x its sampling speed on a CPU. 2.00M
+    # DESIGN (docs/study.md): the CPU default job's and the claims' model. tiny-32 with a 2x2 patchify stem, as
+    # §6.1's 512 px model: conv levels at 16 and 8 px, the transformer at 4x4. Measured ~3x tiny-32's training
+    # and ~4x its sampling speed on a CPU. 2.00M
     "tiny-32-p2": UViTConfig(image_size=32, patch_size=2, channels=(32, 64), blocks=(1, 1), transformer_levels=0,
                              width=128, depth=4, head_dim=32, cond_dim=128, dropout=0.0),
     # DESIGN: 64 px toy experiments: conv levels 32, 64 channels at 64, 32 px; a 128-wide transformer level

@@ -1,8 +1,8 @@
 """Reproduce Semantica's central claims at small scale, end to end on a CPU, and write RESULTS.md.
 
 Semantica (arXiv 2405.14857). Four diffusion models are trained with train.py on the same pages, the
-same U-ViT preset (tiny-32) and the same frozen encoder, differing only in their training pairs or
-their conditioning:
+default job's recipe (train.py --res 32: U-ViT tiny-32-p2, its loss weighting) and its frozen encoder
+(pages/toy_encoder.py), differing only in their training pairs or their conditioning:
   - reconstruction      cond = target (Eq. 2, §4)
   - pages+filter        cond and target from one page, cosine-filtered (Eq. 3, §5, App. C)
   - pages               the same pair selection with the band [-1, 1]: no filter (App. C's ablation; every
@@ -16,19 +16,18 @@ The claims, each reported as holds / does not hold with its numbers:
   3. §7: the copy model gets near-perfect full-set FID/recall and a collapsing one-shot recall.
   4. on one-shot FID: page pairs beat reconstruction (§8.2); filtering helps (App. C / Fig. 8);
      cross-attention beats FiLM (§6.2 / App. D / Fig. 9).
-The frozen encoder and the metric features come from experiments/features.py (trained on held-out
-synthetic pages, as DINOv2 and Inception were trained elsewhere). This file is the pipeline (pages,
+The frozen encoder (pages/toy_encoder.py) and the metric features (experiments/features.py) are trained on
+held-out synthetic pages, as DINOv2 / SigLIP and Inception were trained elsewhere. This file is the pipeline (pages,
 networks, train.py, sample.py, scores) and its command line; the presets, settings and criteria are
 claims_setup.py, the verdicts and RESULTS.md claims_report.py.
 
-    python experiments/claims.py            # full run (seed 0: 18.3 min on a 2-core AVX-512 Xeon, 67 min without AVX-512) -> experiments/RESULTS.md
+    python experiments/claims.py            # full run (seed 0: ~26 min on a 2-core EPYC without AVX-512) -> experiments/RESULTS.md
     python experiments/claims.py --quick    # smoke run (~1-2 min) -> OUT/RESULTS.md
     python experiments/claims.py --data DIR # train and test on a pages folder ROOT/<page>/<image>
     python experiments/claims.py --report   # rewrite RESULTS.md from the last run's results.json (seconds)
-    python experiments/claims.py --steps 2000  # the same at 4x the training -> experiments/RESULTS-steps2000.md
-    python experiments/claims.py --steps 4000  # 8x (89 min on that Xeon); both lengths' numbers: docs/study.md
+    python experiments/claims.py --steps 3000  # the same at 2x the training -> experiments/RESULTS-steps3000.md
     python experiments/claims.py --train-seeds 0,1,2   # also retrain the denoisers with train.py seeds 1, 2:
-                                            # each claim's verdict per seed (training variance), ~20 min a seed
+                                            # each claim's verdict per seed (training variance), ~26 min a seed
 
 Everything is seeded; trained networks, checkpoints and samples are cached under --out (reruns reuse
 them, and RESULTS.md counts a reused phase with the time of the run that computed it; delete the folder for a
@@ -63,7 +62,7 @@ import kinds  # noqa: E402  (experiments/kinds.py: the object-kind classifier)
 import metrics  # noqa: E402
 import outputs  # noqa: E402  (experiments/outputs.py: output paths refused in one line)
 import semantica  # noqa: E402
-from pages import synthetic  # noqa: E402
+from pages import synthetic, toy_encoder  # noqa: E402
 from claims_report import grids_folder, jsonable, judge, seed_summary, write_results  # noqa: E402  (RESULTS.md)
 from claims_setup import (FILTER, PRESETS, SETTINGS, SWEEP, TEST_COPY_RMSE, TEST_PAGES_SEED,  # noqa: E402
                           W_ABLATION, ClaimsConfig, default_command, load_samples, steps_suffix)
@@ -297,8 +296,8 @@ def train_setting(cfg):
         def here(v):   # a path inside the work folder it was trained in (its manifest, encoder): the same file now
             return os.path.join(new, os.path.relpath(v, old)) if isinstance(v, str) and old and \
                 v.startswith(old + os.sep) else v
-        def same(k, then, now):   # the encoder's file name is the hash of its recipe (features.pretrained): the same
-            # name is the same encoder wherever its folder is now (--train-seeds: seed k's lives in seed 0's OUT)
+        def same(k, then, now):   # the encoder's file name is the hash of its recipe (toy_encoder.pretrained): the
+            # same name is the same encoder wherever its folder is now (a moved or another clone)
             if k == "encoder_weights" and isinstance(then, str) and isinstance(now, str):
                 return os.path.basename(then) == os.path.basename(now)
             return here(then) == now
@@ -515,8 +514,8 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
         os.replace(os.path.join(out, "data_split.json.tmp"), os.path.join(out, "data_split.json"))
 
     log("== 1/4 pretrained networks (held-out synthetic pages)")
-    enc_path, feat_path = features.pretrained(net_dir, cc.encoder_steps, cc.feature_steps,
-                                              cc.bank_pages, cc.seed, log=log)
+    enc_path = toy_encoder.pretrained(os.path.join(ROOT, "weights"), log=log)   # the default job's encoder
+    feat_path = features.pretrained_feature_net(net_dir, cc.feature_steps, cc.bank_pages, cc.seed, log=log)
     feat_net = features.load_feature_net(feat_path)
     real_img, page = test_images(cc, test_source)
     real_small = metric_size(real_img)                   # what the 32 px metric networks see

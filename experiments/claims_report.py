@@ -229,13 +229,13 @@ def write_results(r, path, real_img, page):
           "encoders.from_checkpoint / train.py --encoder-weights).", ""]
     if r["data"] != "synthetic":
         L[-1:] = ["- With --data: the conditioning encoder, the feature CNN and the filter band are this script's own, "
-                  "trained (features.py) and set (FILTER in claims_setup.py) on synthetic pages, not DINOv2 / Inception and the paper's "
+                  "trained (pages/toy_encoder.py, features.py) and set (FILTER in claims_setup.py) on synthetic pages, not DINOv2 / Inception and the paper's "
                   "band: the numbers measure the pipeline on these pages, not the paper's setting (for that, train.py "
                   "--encoder-weights and sample.py --features inception).", ""]
     if r["spaces"]:
         L += ["## Why these feature spaces carry meaning", "",
-              "Both networks are trained on held-out synthetic pages (experiments/features.py): the encoder "
-              "self-supervised (InfoNCE between two images of a page, the §5 hypothesis), the feature CNN "
+              "Both networks are trained on held-out synthetic pages: the encoder (pages/toy_encoder.py, the default "
+              "job's) SigLIP-style against the alt text of its images, the feature CNN (experiments/features.py) "
               "supervised on object kind + page identity (as Inception on ImageNet labels). On the test pages:", "",
               "| space | kind accuracy of the nearest image on another page | same-page retrieval@1 |",
               "| --- | --- | --- |"]

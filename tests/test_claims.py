@@ -290,12 +290,12 @@ def test_steps_flag_runs_another_length_in_its_own_folder_and_report(tmp_path, m
     monkeypatch.setattr(claims, "earlier_run_clash", lambda *a: None)   # whatever runs/ holds on this machine
     runs, here = os.path.join(ROOT, "runs"), os.path.join(ROOT, "experiments")
     claims.main(["--steps", "2000"])
-    claims.main(["--steps", "500"])
+    claims.main(["--steps", "1500"])
     claims.main(["--quick", "--steps", "30", "--out", str(tmp_path / "q")])
     assert calls == [
         (2000, "full", os.path.join(runs, "claims-steps2000"), os.path.join(here, "RESULTS-steps2000.md"),
          "python experiments/claims.py --steps 2000"),
-        (500, "full", os.path.join(runs, "claims"), os.path.join(here, "RESULTS.md"), "python experiments/claims.py"),
+        (1500, "full", os.path.join(runs, "claims"), os.path.join(here, "RESULTS.md"), "python experiments/claims.py"),
         (30, "quick", str(tmp_path / "q"), str(tmp_path / "q" / "RESULTS.md"),
          f"python experiments/claims.py --quick --steps 30 --out {tmp_path / 'q'}")]
     for bad in ("0", "-5", "x", "1.5"):
@@ -454,7 +454,7 @@ def test_reports_of_one_preset_at_other_lengths_link_each_other(tmp_path):
     assert claims_report.other_lengths(str(tmp_path / "RESULTS.md"), "full") == [
         ("RESULTS-steps2000.md", 2000), ("RESULTS-steps8000.md", 8000)]
     assert claims_report.other_lengths(str(tmp_path / "RESULTS-steps8000.md"), "full") == [
-        ("RESULTS.md", 500), ("RESULTS-steps2000.md", 2000)]
+        ("RESULTS.md", 1500), ("RESULTS-steps2000.md", 2000)]
     assert claims_report.other_lengths(str(tmp_path / "RESULTS-gpu.md"), "gpu") == [("RESULTS-gpu-steps50.md", 50)]
     assert claims_report.other_lengths(str(tmp_path / "my report.md"), "full") == []
     assert claims_report.other_lengths(str(tmp_path / "RESULTS.md"), "quick") == []
@@ -478,7 +478,7 @@ def test_a_new_report_at_another_length_is_linked_from_the_existing_ones(tmp_pat
         "(8000 steps).\n\n## Claims\n\nbody\n")
     assert (tmp_path / "RESULTS-steps2000.md").read_text() == head + (
         "The same claims at other training lengths: [RESULTS-steps40.md](RESULTS-steps40.md) (40 steps), "
-        "[RESULTS.md](RESULTS.md) (500 steps), [RESULTS-steps8000.md](RESULTS-steps8000.md) (8000 steps)."
+        "[RESULTS.md](RESULTS.md) (1500 steps), [RESULTS-steps8000.md](RESULTS-steps8000.md) (8000 steps)."
         "\n\n## Claims\n\nbody 2\n")
     assert (tmp_path / "RESULTS-steps40.md").read_text() == "not a report"
 
@@ -526,7 +526,7 @@ def test_report_refuses_a_results_file_of_other_flags(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text(json.dumps(r))
     monkeypatch.setattr(claims, "judge", lambda *a: [])
     monkeypatch.setattr(claims, "write_results", lambda *a: pytest.fail("wrote a report"))
-    with pytest.raises(SystemExit, match="is a quick run of 12 steps on --data synthetic, not the full run of 500 steps"):
+    with pytest.raises(SystemExit, match="is a quick run of 12 steps on --data synthetic, not the full run of 1500 steps"):
         claims.main(["--report", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="not the quick run of 12 steps on --data .*pages"):
         (tmp_path / "pages" / "p").mkdir(parents=True)
@@ -783,36 +783,39 @@ def test_fid_vs_test_size_restricts_both_sets_to_the_first_pages():
         assert r["fid"] == pytest.approx(float(want), rel=1e-4, abs=1e-6) and r["fid_std"] > 0
 
 
-def test_zero_encoder_steps_is_the_random_encoder():
-    """The encoder recipe starts from the random tiny encoder of its seed: 0 steps gives the weights of
-    encoders.load_encoder("tiny", seed=0) (RESULTS.md's "same ViT, random weights" row); a network name other
-    than "encoder" or "features" is a ValueError."""
-    import encoders
-    import features
-    images, page, _ = features.page_bank(4, features.ENCODER_PAGES_SEED)
-    got = features.train_encoder(images, page, 0, log=lambda *a: None).state_dict()
-    want = encoders.load_encoder("tiny", seed=0).state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    with pytest.raises(ValueError, match="'encoder' or 'features'"):
-        features.pretrained_network("/nonexistent", "encoders", 1, 4)
-
-
-def test_encoder_file_names_keep_their_recipe_hash(monkeypatch, tmp_path):
-    """A network's file is named by a hash of its recipe: the claims run's encoder on the framed pages is
-    tiny_dinov2_encoder_9c87a0ba39.pth (RESULTS.md, from the free-pose pages, quotes 8b9d5dc466), its recipe
-    written beside it; another training length is another file."""
+def test_feature_net_file_names_keep_their_recipe_hash(monkeypatch, tmp_path):
+    """The feature network's file is named by a hash of its recipe (feature_cnn_66c1e7bd8e.pt for the full
+    preset; a changed recipe retrains instead of reusing a stale file), its recipe written beside it; another
+    training length is another file, and an existing file is reused, not retrained."""
     import claims
-    import encoders
     import features
-    monkeypatch.setattr(features, "train_encoder", lambda *a, **k: encoders.load_encoder("tiny"))   # names only
+    trained = []
+    monkeypatch.setattr(features, "train_feature_net", lambda *a, **k: trained.append(a[3]) or features.feature_cnn())
     monkeypatch.setattr(features, "page_bank", lambda *a, **k: (None, None, None))
     cc = claims.ClaimsConfig()
-    path = features.pretrained_network(str(tmp_path), "encoder", cc.encoder_steps, cc.bank_pages, cc.seed,
-                                       log=lambda *a: None)
-    assert os.path.basename(path) == "tiny_dinov2_encoder_9c87a0ba39.pth"
-    assert json.load(open(path + ".json"))["steps"] == cc.encoder_steps == 250
-    other = features.pretrained_network(str(tmp_path), "encoder", 10, cc.bank_pages, cc.seed, log=lambda *a: None)
+    path = features.pretrained_feature_net(str(tmp_path), cc.feature_steps, cc.bank_pages, cc.seed, log=lambda *a: None)
+    assert os.path.basename(path) == "feature_cnn_66c1e7bd8e.pt"
+    assert json.load(open(path + ".json"))["steps"] == cc.feature_steps == 500
+    other = features.pretrained_feature_net(str(tmp_path), 10, cc.bank_pages, cc.seed, log=lambda *a: None)
     assert os.path.basename(other) != os.path.basename(path)
+    features.pretrained_feature_net(str(tmp_path), cc.feature_steps, cc.bank_pages, cc.seed, log=lambda *a: None)
+    assert trained == [500, 10]
+
+
+def test_claims_condition_on_the_default_jobs_encoder_and_model():
+    """The four denoisers are the default job's (train.py --res 32): its U-ViT preset and its committed toy
+    encoder, given as train.py --encoder-weights (loaded as a user loads DINOv2); the page settings draw
+    selected pairs, filtered only in the filtered ones."""
+    import claims
+    import train
+    cc = claims.ClaimsConfig()
+    assert cc.model == train.RES_PRESETS[32]["model"] == "tiny-32-p2"
+    path = os.path.join(ROOT, "weights", "tiny_siglip_eef3e2a8d1.pth")
+    for name in claims.SETTINGS:
+        cfg = claims.train_config(cc, name, "/o", "synthetic", path)
+        assert cfg["encoder_weights"] == path and cfg["model"] == "tiny-32-p2" and cfg["res"] == 32
+        assert cfg["select_pairs"] == (name != "reconstruction")
+        assert (cfg["filter_low"], cfg["filter_high"]) == ((0.3, 0.995) if "filter" in name else (-1.0, 1.0))
 
 
 def test_machine_line_names_cpu_simd_and_threads(monkeypatch):

@@ -181,7 +181,7 @@ def test_frozen_and_bf16_autocast():
 
 
 def test_encode_is_forward_with_autograd():
-    """encode() (for training an encoder, experiments/features.py) equals the frozen forward()."""
+    """encode() (for training an encoder, pages/toy_encoder.py) equals the frozen forward()."""
     enc = E.load_encoder("tiny").requires_grad_(True)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     g, tokens = enc.encode(x)
