@@ -692,7 +692,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run of every code path (numbers meaningless)")
     ap.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="cpu: 32 px tiny-32 (<= 45 min on 2 "
-                    "cores); gpu: 64 px small-64 with 20x the training images (<= 8 min on one H100/H200)")
+                    "cores); gpu: 64 px small-64 with 6.7x the training images (<= 8 min on one H100/H200)")
     ap.add_argument("--data", default="synthetic", help="pages folder ROOT/<page>/<image> or manifest; "
                     "default: synthetic pages. Needs more than test_pages pages with >= per_page decodable images "
                     "(held out as the test set; cpu: 20 pages of 10, gpu: 50 of 10, --quick: 4 of 5)")

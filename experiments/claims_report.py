@@ -439,7 +439,7 @@ def _millions(preset):
 
 
 SCALE_NOTES = """\
-- Scale: a {params}M-parameter {size} px U-ViT ({model}) trained for minutes, a 4-block ViT encoder trained for about a minute, and
+- Scale: a {params}M-parameter {size} px U-ViT ({model}) trained for minutes, a 4-block ViT encoder trained for ~13 minutes (once, committed), and
   N = {n} test images instead of SiD-B/L at 256 px, DINOv2-B/L, ~300K steps at batch 2048 and 10K-50K images.
   FID at N = {n} in a 128-d space has a large bias and noise (see the ± column); only differences well
   beyond the bootstrap noise mean something, and one training seed per setting is not an ablation.

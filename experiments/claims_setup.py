@@ -68,8 +68,8 @@ PRESETS = {
                           sample_steps=6, guidances=(0.0, 0.5, 1.5), feature_steps=6,
                           bank_pages=40, bootstrap=5, classifier_steps=6,
                           classifier_pages=30),
-    # DESIGN: the same claims at 64 px (small-64, 10.2M) on one H100/H200 in <= 8 min, with >= 20x the
-    # training images of "full" (2500 x 128 = 320K vs 500 x 32 = 16K seen; 40 960 pages vs 2 048).
+    # DESIGN: the same claims at 64 px (small-64, 10.2M) on one H100/H200 in <= 8 min, with 6.7x the training
+    # images of "full" (2500 x 128 = 320K vs 1500 x 32 = 48K seen) and 20x its pages (40 960 vs 2 048).
     # Metric features, classifier and encoder stay the 32 px networks (inputs downsampled, DESIGN).
     "gpu": ClaimsConfig(preset="gpu", model="small-64", size=64, train_pages=40960, steps=2500, batch=128,
                         lr=5e-4, ema_decay=0.999, test_pages=50, per_page=10, sample_steps=64, sample_batch=500,
