@@ -185,8 +185,7 @@ def load_frozen_encoder(cfg, identity=None):
         if identity is not None:
             return semantica.build_encoder(identity, weights=cfg.encoder_weights or None)
         if cfg.toy_encoder:                                     # trained once, then cached by its recipe
-            weights = toy_encoder.pretrained(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"),
-                                             log=runs.say)
+            weights = toy_encoder.pretrained(log=runs.say)     # the committed file in weights/
             return encoders.load_encoder(cfg.encoder, weights=weights)
         if cfg.encoder_weights:
             return encoders.load_encoder(cfg.encoder, weights=cfg.encoder_weights, act=cfg.encoder_act or None)

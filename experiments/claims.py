@@ -514,7 +514,7 @@ def run(cc, out, data_arg, results_path, networks=None, others=(), command=None,
         os.replace(os.path.join(out, "data_split.json.tmp"), os.path.join(out, "data_split.json"))
 
     log("== 1/4 pretrained networks (held-out synthetic pages)")
-    enc_path = toy_encoder.pretrained(os.path.join(ROOT, "weights"), log=log)   # the default job's encoder
+    enc_path = toy_encoder.pretrained(log=log)   # the default job's encoder (weights/)
     feat_path = features.pretrained_feature_net(net_dir, cc.feature_steps, cc.bank_pages, cc.seed, log=log)
     feat_net = features.load_feature_net(feat_path)
     real_img, page = test_images(cc, test_source)

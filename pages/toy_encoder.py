@@ -9,7 +9,7 @@ between its global (CLS) embedding and a bag-of-words embedding of the image's a
 (synthetic.SyntheticPages.alt_text: kind, texture, colour, background). Then it is frozen and saved in the
 official DINOv2 backbone layout, so it loads exactly as dinov2_vitb14_pretrain.pth does:
 
-    path = toy_encoder.pretrained("weights")   # the committed file; trained (~13 min on 2 cores) if the recipe changed
+    path = toy_encoder.pretrained()            # the committed file (WEIGHTS_DIR); trained (~13 min on 2 cores) if the recipe changed
     encoder = encoders.load_encoder("tiny", weights=path)
 
 DESIGN throughout (no paper source); docs/differences.md has the row. Left out: SigLIP's text transformer
@@ -32,6 +32,7 @@ PAGES = 1500       # DESIGN: ~7 500 images
 STEPS = 2000       # DESIGN: Adam steps of batch BATCH
 BATCH = 64
 LR = 1e-3
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")  # committed here
 EMBED = 64         # width of the shared image-text space (a projection of the CLS, as SigLIP's head)
 
 
@@ -84,7 +85,7 @@ def recipe(steps=STEPS, num_pages=PAGES, batch=BATCH, lr=LR, seed=0):
                 words=list(synthetic.WORDS), style=synthetic.SyntheticPages(1).style(), v=1)
 
 
-def pretrained(cache_dir, log=print, **kw):
+def pretrained(cache_dir=WEIGHTS_DIR, log=print, **kw):
     """Train once (or reuse) the toy encoder -> the path of its DINOv2-layout .pth in `cache_dir` (absolute).
 
     The file is named by a hash of its recipe, so a changed recipe retrains; written atomically, with the
